@@ -1,0 +1,30 @@
+"""Jobs, resources, schedules and sensors around the assets of the ``assets`` package.
+
+Every asset module under ``assets/`` is picked up automatically, so a new asset only needs its own
+module; the main job materialises the whole graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+import assets as asset_package
+from assets.resources import PipelineWorkspace
+
+all_assets = dg.load_assets_from_package_module(asset_package)
+all_checks = dg.load_asset_checks_from_package_module(asset_package)
+
+bagel_example_job = dg.define_asset_job(
+    name="bagel_example_job",
+    selection=dg.AssetSelection.all(),
+    description="The whole pipeline on the built-in example: fetch, extract, register, validate, ...",
+)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_checks,
+    jobs=[bagel_example_job],
+    resources={"workspace": PipelineWorkspace(root=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"))},
+)

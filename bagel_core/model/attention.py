@@ -1,0 +1,365 @@
+"""Packed attention for BAGEL behind one interface: ``sdpa`` (dense mask, CPU), ``flex``, ``flash``.
+
+A pack holds several samples (documents), each a sequence of *splits* with a mode (data-format.md
+9.3): ``causal`` text, ``full`` images (bidirectional inside, see all earlier context) and
+``noise`` images (like ``full``, but hidden from every later token). ``visible`` is the single
+definition of that rule; the dense mask of ``sdpa`` and the block mask of ``flex`` both evaluate
+it, and the varlen plan of ``flash`` is checked against it in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Backend = Literal["sdpa", "flex", "flash"]
+BACKENDS: tuple[str, ...] = ("sdpa", "flex", "flash")
+SPLIT_MODES = ("causal", "full", "noise")
+
+
+@dataclass
+class PackedLayout:
+    """Per-token description of a pack: which document and split each token is in, and the mode."""
+
+    sample_lens: list[int]
+    split_lens: list[int]
+    split_modes: list[str]
+    doc_ids: Tensor  # int32 [L]
+    split_ids: Tensor  # int32 [L], unique over the pack
+    full: Tensor  # bool [L]: the token's split is full or noise (bidirectional inside)
+    noise: Tensor  # bool [L]: the token's split is noise (invisible to other splits)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        return int(self.doc_ids.numel())
+
+    @classmethod
+    def from_splits(
+        cls,
+        sample_lens: list[int],
+        split_lens: list[int],
+        attn_modes: list[str],
+        device: torch.device | str | None = None,
+    ) -> PackedLayout:
+        """Build from the flex-mode batch fields (data-format.md 11); splits must tile the samples."""
+        if len(split_lens) != len(attn_modes):
+            raise ValueError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
+        bad = sorted(set(attn_modes) - set(SPLIT_MODES))
+        if bad:
+            raise ValueError(f"unknown attention modes {bad}; expected {SPLIT_MODES}")
+        doc_of_split: list[int] = []
+        doc, filled = 0, 0
+        for n in split_lens:
+            if doc >= len(sample_lens):
+                raise ValueError("split_lens cover more tokens than sample_lens")
+            doc_of_split.append(doc)
+            filled += n
+            if filled > sample_lens[doc]:
+                raise ValueError(f"a split crosses the end of sample {doc} (sample_lens={sample_lens})")
+            if filled == sample_lens[doc]:
+                doc, filled = doc + 1, 0
+        if doc != len(sample_lens) or filled:
+            raise ValueError("split_lens do not add up to sample_lens")
+        lens = torch.tensor(split_lens, dtype=torch.long)
+        split_ids = torch.repeat_interleave(torch.arange(len(split_lens), dtype=torch.int32), lens)
+        doc_ids = torch.repeat_interleave(torch.tensor(doc_of_split, dtype=torch.int32), lens)
+        modes = torch.tensor([SPLIT_MODES.index(m) for m in attn_modes], dtype=torch.long)
+        mode_tok = torch.repeat_interleave(modes, lens)
+        return cls(
+            sample_lens=list(sample_lens),
+            split_lens=list(split_lens),
+            split_modes=list(attn_modes),
+            doc_ids=doc_ids.to(device),
+            split_ids=split_ids.to(device),
+            full=(mode_tok > 0).to(device),
+            noise=(mode_tok == 2).to(device),
+        )
+
+    @classmethod
+    def documents(cls, lens: list[int], mode: str, device: torch.device | str | None = None) -> PackedLayout:
+        """One split per document, all in ``mode`` (e.g. ``full`` per image for the ViT)."""
+        return cls.from_splits(list(lens), list(lens), [mode] * len(lens), device)
+
+    @classmethod
+    def from_nested_masks(
+        cls, sample_lens: list[int], masks: list[Tensor], device: torch.device | str | None = None
+    ) -> PackedLayout:
+        """Non-flex batches: per-sample float masks (0 visible, -inf hidden); usable by ``sdpa`` only."""
+        if len(masks) != len(sample_lens):
+            raise ValueError(f"{len(masks)} nested_attention_masks for {len(sample_lens)} samples")
+        layout = cls.from_splits(list(sample_lens), list(sample_lens), ["causal"] * len(sample_lens), device)
+        layout._cache["dense"] = [(m == 0).to(device) for m in masks]
+        layout._cache["nested"] = True
+        return layout
+
+    def doc_bounds(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for n in self.sample_lens:
+            out.append((start, start + n))
+            start += n
+        return out
+
+
+def visible(layout: PackedLayout, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """The attention rule (data-format.md 9.3): may the query at ``q_idx`` see the key at ``kv_idx``?
+
+    Same document, and (key not after the query, or both in the same full/noise split), and the
+    key is not in a noise split other than the query's. Works elementwise with broadcasting and
+    inside a flex ``mask_mod``.
+    """
+    same_doc = layout.doc_ids[q_idx] == layout.doc_ids[kv_idx]
+    same_split = layout.split_ids[q_idx] == layout.split_ids[kv_idx]
+    ordered = kv_idx <= q_idx
+    bidir = same_split & layout.full[q_idx]
+    hidden_noise = layout.noise[kv_idx] & ~same_split
+    return same_doc & (ordered | bidir) & ~hidden_noise
+
+
+def dense_mask(layout: PackedLayout, start: int = 0, end: int | None = None) -> Tensor:
+    """Boolean [n, n] mask (True = visible) of the tokens ``start:end`` evaluated with ``visible``."""
+    end = layout.length if end is None else end
+    idx = torch.arange(start, end, device=layout.doc_ids.device)
+    return visible(layout, idx[:, None], idx[None, :])
+
+
+# ---------------------------------------------------------------- backends
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, backend: str = "sdpa") -> Tensor:
+    """Attention over a pack. q [L, nh, hd]; k, v [L, nkv, hd] (GQA); returns [L, nh, hd]."""
+    if backend == "sdpa":
+        return _sdpa_packed(q, k, v, layout)
+    if backend != "sdpa" and layout._cache.get("nested"):
+        raise ValueError(f"backend {backend!r} needs split_lens/attn_modes, not nested_attention_masks")
+    if backend == "flex":
+        return _flex_packed(q, k, v, layout)
+    if backend == "flash":
+        return _flash_packed(q, k, v, layout)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """SDPA on [n, h, d] tensors with GQA; mask is boolean [nq, nk] (True = visible)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=causal,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
+def _sdpa_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+    """One SDPA call per document with its dense mask (no cross-document work)."""
+    masks = layout._cache.get("dense")
+    if masks is None:
+        masks = []
+        for (s, e), modes in zip(layout.doc_bounds(), _splits_per_doc(layout)):
+            if modes == ["full"]:
+                masks.append("full")
+            elif all(m == "causal" for m in modes):
+                masks.append("causal")
+            else:
+                masks.append(dense_mask(layout, s, e))
+        layout._cache["dense"] = masks
+    outs = []
+    for (s, e), mask in zip(layout.doc_bounds(), masks):
+        if isinstance(mask, str):
+            outs.append(_sdpa(q[s:e], k[s:e], v[s:e], causal=mask == "causal"))
+        else:
+            outs.append(_sdpa(q[s:e], k[s:e], v[s:e], mask=mask))
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def _splits_per_doc(layout: PackedLayout) -> list[list[str]]:
+    out: list[list[str]] = []
+    i = 0
+    for n in layout.sample_lens:
+        modes, filled = [], 0
+        while filled < n:
+            modes.append(layout.split_modes[i])
+            filled += layout.split_lens[i]
+            i += 1
+        out.append(modes)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+FLEX_BLOCK_SIZE = 128
+
+
+def flex_block_mask(layout: PackedLayout):
+    """BlockMask of ``visible`` (block 128, as upstream); cached on the layout."""
+    bm = layout._cache.get("flex")
+    if bm is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visible(layout, q_idx, kv_idx)
+
+        n = layout.length
+        bm = create_block_mask(
+            mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=layout.doc_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE
+        )
+        layout._cache["flex"] = bm
+    return bm
+
+
+def _flex_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+    """FlexAttention over the whole pack; compiled on GPU, eager (no backward) on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        block_mask=flex_block_mask(layout),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------- flash (varlen) plan
+
+
+@dataclass
+class VarlenGroup:
+    """Segments that run in one varlen call: queries of some splits and the keys each may see."""
+
+    causal: bool
+    q_index: Tensor  # long [sum q]
+    k_index: Tensor  # long [sum k]
+    cu_q: Tensor  # int32 [n_seg + 1]
+    cu_k: Tensor  # int32 [n_seg + 1]
+    max_q: int
+    max_k: int
+
+
+def varlen_plan(layout: PackedLayout) -> list[VarlenGroup]:
+    """Express ``visible`` as variable-length segments for flash-attn.
+
+    Each split is one query segment; its keys are the earlier non-noise splits of its document
+    followed by its own tokens. Causal splits then need bottom-right causal alignment (flash-attn's
+    convention when q_len < k_len); full/noise splits need none. One group per causality.
+    """
+    cached = layout._cache.get("varlen")
+    if cached is not None:
+        return cached
+    groups: dict[bool, dict[str, list]] = {
+        c: {"q": [], "k": [], "lq": [], "lk": []} for c in (True, False)
+    }
+    pos = 0
+    split = 0
+    for n_doc in layout.sample_lens:
+        filled, visible_prefix = 0, []
+        while filled < n_doc:
+            n, mode = layout.split_lens[split], layout.split_modes[split]
+            own = list(range(pos, pos + n))
+            keys = visible_prefix + own
+            g = groups[mode == "causal"]
+            g["q"].extend(own)
+            g["k"].extend(keys)
+            g["lq"].append(n)
+            g["lk"].append(len(keys))
+            if mode != "noise":
+                visible_prefix = visible_prefix + own
+            pos += n
+            filled += n
+            split += 1
+    device = layout.doc_ids.device
+    plan = []
+    for causal, g in groups.items():
+        if not g["lq"]:
+            continue
+        cu_q = torch.tensor([0] + g["lq"], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = torch.tensor([0] + g["lk"], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        plan.append(
+            VarlenGroup(
+                causal=causal,
+                q_index=torch.tensor(g["q"], dtype=torch.long, device=device),
+                k_index=torch.tensor(g["k"], dtype=torch.long, device=device),
+                cu_q=cu_q.to(device),
+                cu_k=cu_k.to(device),
+                max_q=max(g["lq"]),
+                max_k=max(g["lk"]),
+            )
+        )
+    layout._cache["varlen"] = plan
+    return plan
+
+
+def bottom_right_causal(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean [n_q, n_k]: query i sees keys j <= i + (n_k - n_q) (flash-attn's alignment)."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return j <= i + (n_k - n_q)
+
+
+def varlen_reference(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+    """Run ``varlen_plan`` with SDPA per segment: the CPU check of what the flash path computes."""
+    out = torch.empty_like(q)
+    for g in varlen_plan(layout):
+        cq, ck = g.cu_q.tolist(), g.cu_k.tolist()
+        for a in range(len(cq) - 1):
+            qi = g.q_index[cq[a] : cq[a + 1]]
+            ki = g.k_index[ck[a] : ck[a + 1]]
+            mask = bottom_right_causal(len(qi), len(ki), q.device) if g.causal else None
+            out[qi] = _sdpa(q[qi], k[ki], v[ki], mask=mask)
+    return out
+
+
+def _flash_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+    """flash-attn varlen kernels (``gpu`` extra), one call per causality group of ``varlen_plan``."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise RuntimeError(
+            "attention backend 'flash' needs flash-attn: pip install 'bagel-pipeline[gpu]' "
+            "(CUDA only); use 'flex' or 'sdpa' otherwise"
+        ) from exc
+    out = torch.empty_like(q)
+    for g in varlen_plan(layout):
+        res = flash_attn_varlen_func(
+            q[g.q_index],
+            k[g.k_index],
+            v[g.k_index],
+            cu_seqlens_q=g.cu_q,
+            cu_seqlens_k=g.cu_k,
+            max_seqlen_q=g.max_q,
+            max_seqlen_k=g.max_k,
+            causal=g.causal,
+        )
+        out[g.q_index] = res
+    return out
+
+
+# ---------------------------------------------------------------- inference with a KV cache
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, n_new: int, causal: bool) -> Tensor:
+    """New queries [n_new, nh, hd] against cached + new keys [n_kv, nkv, hd] (batch 1).
+
+    Every cached key is visible; among the new tokens attention is causal (bottom-right aligned,
+    as flash-attn does upstream) for text and full for image chunks (inference.md 3).
+    """
+    n_kv = k.shape[0]
+    if not causal:
+        return _sdpa(q, k, v)
+    if n_kv == n_new:
+        return _sdpa(q, k, v, causal=True)
+    return _sdpa(q, k, v, mask=bottom_right_causal(n_new, n_kv, q.device))

@@ -1,0 +1,147 @@
+"""Assets that fetch the example archive, extract it safely and register its datasets."""
+
+
+import dagster as dg
+
+from assets.resources import PipelineWorkspace
+from bagel_core.config.discover import default_dataset_config, discover_registry
+from bagel_core.config.validate import validate_registry
+from bagel_core.data.example_generator import ExampleConfig
+from bagel_core.data.fetch import (
+    ARCHIVE_NAME,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_TOTAL_BYTES,
+    OFFICIAL_EXAMPLE_URL,
+    fetch_archive,
+    safe_extract,
+    summarize_tree,
+)
+
+
+class ExampleSourceConfig(dg.Config):
+    """Where the example comes from. ``builtin`` works offline; the official URL needs internet."""
+
+    source: str = "builtin"
+    sha256: str | None = None
+    t2i_files: int = 10
+    t2i_rows_per_file: int = 10
+    edit_files: int = 10
+    vlm_lines: int = 100
+    seed: int = 0
+
+
+class ExtractConfig(dg.Config):
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_files: int = DEFAULT_MAX_FILES
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"file"},
+    description=f"The example archive `{ARCHIVE_NAME}`: generated (`builtin`) or downloaded "
+    f"(e.g. {OFFICIAL_EXAMPLE_URL}), checksum-verified.",
+)
+def example_zip(context: dg.AssetExecutionContext, config: ExampleSourceConfig,
+                workspace: PipelineWorkspace) -> dg.MaterializeResult:
+    builtin = ExampleConfig(
+        t2i_files=config.t2i_files, t2i_rows_per_file=config.t2i_rows_per_file, edit_files=config.edit_files,
+        vlm_lines=config.vlm_lines, seed=config.seed,
+    )
+    result = fetch_archive(config.source, workspace.example_dir, config.sha256, builtin_config=builtin,
+                           progress=False)
+    context.log.info(f"{config.source} -> {result.path} ({result.bytes} bytes)")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(result.path)),
+            "source": config.source,
+            "bytes": result.bytes,
+            "sha256": result.sha256,
+            "resumed_from_bytes": result.resumed_from,
+        },
+        data_version=dg.DataVersion(result.sha256),
+    )
+
+
+@dg.asset(
+    group_name="data",
+    deps=[example_zip],
+    kinds={"file"},
+    description="The extracted `bagel_example/` folder (zip-slip, link and size-bomb safe; idempotent).",
+)
+def example_dataset(context: dg.AssetExecutionContext, config: ExtractConfig,
+                    workspace: PipelineWorkspace) -> dg.MaterializeResult:
+    archive = workspace.example_dir / ARCHIVE_NAME
+    extracted = safe_extract(archive, workspace.example_dir, max_total_bytes=config.max_total_bytes,
+                             max_files=config.max_files)
+    root = workspace.example_dir / "bagel_example"
+    per_task = summarize_tree(root)
+    rows = [
+        dg.TableRecord({"folder": task, "files": info["files"], "bytes": info["bytes"]})
+        for task, info in per_task.items()
+    ]
+    context.log.info(f"extracted {extracted.files} files to {root} (skipped={extracted.skipped})")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(root)),
+            "files": extracted.files,
+            "bytes": extracted.bytes,
+            "unchanged_archive_skipped": extracted.skipped,
+            "per_task": dg.MetadataValue.table(
+                rows,
+                schema=dg.TableSchema(columns=[
+                    dg.TableColumn("folder", "string"), dg.TableColumn("files", "int"),
+                    dg.TableColumn("bytes", "int"),
+                ]),
+            ),
+            **{f"{task}/files": info["files"] for task, info in per_task.items()},
+            **{f"{task}/bytes": info["bytes"] for task, info in per_task.items()},
+        }
+    )
+
+
+@dg.asset(
+    group_name="data",
+    deps=[example_dataset],
+    kinds={"yaml"},
+    check_specs=[dg.AssetCheckSpec("registry_valid", asset="dataset_registry", blocking=True,
+                                   description="No placeholder, missing path or parquet_info mismatch")],
+    description="Dataset registry (upstream DATASET_INFO fields) and dataset-group YAML (upstream "
+    "example.yaml schema) for the extracted example.",
+)
+def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorkspace):
+    registry = discover_registry(workspace.example_dir, parquet_info_dir=workspace.registry_path.parent / "parquet_info")
+    registry.source = workspace.registry_path
+    registry.save(workspace.registry_path)
+    groups = default_dataset_config(registry)
+    groups.save(workspace.dataset_config_path)
+    findings = validate_registry(registry)
+    for finding in findings:
+        (context.log.error if finding.severity == "error" else context.log.warning)(str(finding))
+    table = [
+        dg.TableRecord({
+            "group": e.group, "dataset": e.name, "files": e.num_files if e.num_files is not None else -1,
+            "samples": e.num_total_samples if e.num_total_samples is not None else -1, "data_dir": str(e.data_dir),
+        })
+        for e in registry.entries
+    ]
+    yield dg.MaterializeResult(
+        metadata={
+            "registry": dg.MetadataValue.path(str(workspace.registry_path)),
+            "dataset_config": dg.MetadataValue.path(str(workspace.dataset_config_path)),
+            "datasets": len(registry.entries),
+            "dagster/row_count": len(registry.entries),
+            "entries": dg.MetadataValue.table(table, schema=dg.TableSchema(columns=[
+                dg.TableColumn("group", "string"), dg.TableColumn("dataset", "string"),
+                dg.TableColumn("files", "int"), dg.TableColumn("samples", "int"),
+                dg.TableColumn("data_dir", "string"),
+            ])),
+        }
+    )
+    errors = [str(f) for f in findings if f.severity == "error"]
+    yield dg.AssetCheckResult(
+        check_name="registry_valid",
+        passed=not errors,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"errors": dg.MetadataValue.json(errors),
+                  "warnings": dg.MetadataValue.json([str(f) for f in findings if f.severity == "warning"])},
+    )

@@ -1,0 +1,174 @@
+"""``bagel``: the command line of bagel-pipeline.
+
+    bagel example                      run the whole pipeline on the built-in example (Dagster job)
+    bagel data download                fetch the example zip (builtin / URL) and extract it safely
+    bagel data registry                write the dataset registry + dataset-group YAML for a folder
+    bagel data check                   validate a registry before anything runs
+    bagel data index | stats | plan    validate+index samples, token statistics, sampling manifest
+    bagel infer                        text-to-image / understanding with a BAGEL checkpoint
+
+Subcommands of other parts of the library register themselves through ``add_parser`` functions,
+imported lazily so ``bagel --help`` stays fast and a missing optional piece never breaks the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bagel_core.config.errors import ConfigError, DataError
+
+#: (module, function) pairs that add subcommands to ``bagel data`` / ``bagel``.
+DATA_PLUGINS = [("bagel_core.index.cli", "add_parser"), ("bagel_core.index.stats_cli", "add_parser")]
+TOP_PLUGINS = [("bagel_core.inference.cli", "add_parser"), ("bagel_core.train.cli", "add_parser")]
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from bagel_core.data.example_generator import ExampleConfig
+    from bagel_core.data.fetch import fetch_archive, safe_extract, summarize_tree
+
+    builtin = ExampleConfig(t2i_files=args.t2i_files, vlm_lines=args.vlm_lines) if args.source == "builtin" else None
+    fetched = fetch_archive(args.source, args.out, args.sha256, builtin_config=builtin, progress=not args.quiet)
+    extracted = safe_extract(fetched.path, args.out, max_total_bytes=args.max_bytes, max_files=args.max_files)
+    print(f"archive   {fetched.path}  ({fetched.bytes:,} bytes, sha256 {fetched.sha256})")
+    state = "already extracted (unchanged archive)" if extracted.skipped else f"{extracted.files} files"
+    print(f"extracted {Path(args.out).resolve()}/{', '.join(extracted.top_level)}  [{state}]")
+    for top in extracted.top_level:
+        for task, info in summarize_tree(Path(args.out) / top).items():
+            print(f"  {task:<10} {info['files']:>7} files {info['bytes']:>14,} bytes")
+    return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from bagel_core.config.discover import default_dataset_config, discover_registry
+    from bagel_core.config.validate import require_valid
+
+    out = Path(args.out)
+    registry = discover_registry(args.root, parquet_info_dir=out.parent / "parquet_info")
+    registry.source = out
+    warnings = require_valid(registry)
+    registry.save(out)
+    print(f"registry  {out}  ({len(registry.entries)} datasets)")
+    for entry in registry.entries:
+        print(f"  {entry.group}/{entry.name}: files={entry.num_files} samples={entry.num_total_samples}")
+    if args.groups_out:
+        default_dataset_config(registry).save(args.groups_out)
+        print(f"groups    {args.groups_out}")
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from bagel_core.config.dataset_config import load_dataset_config
+    from bagel_core.config.registry import Registry
+    from bagel_core.config.validate import validate_registry
+
+    registry = Registry.load(args.registry)
+    findings = validate_registry(registry)
+    if args.dataset_config:
+        load_dataset_config(args.dataset_config).check_against(registry)
+    for finding in findings:
+        print(finding)
+    errors = sum(f.severity == "error" for f in findings)
+    print(f"{len(registry.entries)} datasets checked: {errors} error(s), {len(findings) - errors} warning(s)")
+    return 1 if errors else 0
+
+
+def dagster_home_for(workspace: Path) -> Path:
+    """A persistent DAGSTER_HOME beside the workspace, so `dagster dev` later shows these runs."""
+    home = Path(os.environ.get("DAGSTER_HOME") or workspace / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    workspace = Path(args.workspace).resolve()
+    env = dict(os.environ, BAGEL_WORKSPACE=str(workspace), DAGSTER_HOME=str(dagster_home_for(workspace)))
+    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or shutil.which("dagster")
+    if dagster is None:
+        raise ConfigError("the `dagster` command is not installed in this environment; run `pip install -e .`")
+    command = [dagster, "job", "execute", "-m", "pipelines", "-j", "bagel_example_job"]
+    for config in args.config or []:
+        command += ["-c", config]
+    print("running:", " ".join(command), f"(workspace {workspace}, DAGSTER_HOME {env['DAGSTER_HOME']})")
+    return subprocess.call(command, env=env)
+
+
+def _load_plugins(subparsers, plugins: list[tuple[str, str]]) -> None:
+    for module_name, function in plugins:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # that part of the library is not present
+                continue
+            raise
+        getattr(module, function)(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bagel",
+        description="Prepare data for, train and run BAGEL with a Dagster pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `bagel example` for the whole pipeline on the built-in example.",
+    )
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    example = top.add_parser("example", help="run the main Dagster job on the built-in example")
+    example.add_argument("--workspace", default=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"),
+                         help="folder for everything the pipeline writes (default: %(default)s)")
+    example.add_argument("-c", "--config", action="append", help="extra Dagster run-config YAML (repeatable)")
+    example.set_defaults(func=_cmd_example)
+
+    data = top.add_parser("data", help="fetch, register, validate, index and plan datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    download = data_sub.add_parser("download", help="fetch the example zip and extract it safely")
+    download.add_argument("--source", default="builtin",
+                          help="'builtin' (generated locally), an http(s):// or file:// URL, or a path "
+                               "(official: https://lf3-static.bytednsdoc.com/obj/eden-cn/nuhojubrps/bagel_example.zip)")
+    download.add_argument("--out", required=True, help="writes OUT/bagel_example.zip and OUT/bagel_example/")
+    download.add_argument("--sha256", help="expected sha256 of the archive; a mismatch fails")
+    download.add_argument("--max-bytes", type=int, default=20 * 1024**3, help="refuse archives larger unpacked")
+    download.add_argument("--max-files", type=int, default=200_000, help="refuse archives with more files")
+    download.add_argument("--t2i-files", type=int, default=10, help="builtin only: number of T2I shards")
+    download.add_argument("--vlm-lines", type=int, default=100, help="builtin only: number of VLM lines")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.set_defaults(func=_cmd_download)
+
+    registry = data_sub.add_parser("registry", help="write a dataset registry for an extracted example folder")
+    registry.add_argument("--root", required=True, help="the extracted bagel_example folder (or its parent)")
+    registry.add_argument("--out", required=True, help="registry YAML to write (upstream DATASET_INFO fields)")
+    registry.add_argument("--groups-out", help="also write a dataset-group YAML (upstream example.yaml schema)")
+    registry.set_defaults(func=_cmd_registry)
+
+    check = data_sub.add_parser("check", help="validate a registry (exit 1 on errors)")
+    check.add_argument("--registry", required=True)
+    check.add_argument("--dataset-config", help="also check a dataset-group YAML against the registry")
+    check.set_defaults(func=_cmd_check)
+
+    _load_plugins(data_sub, DATA_PLUGINS)
+    _load_plugins(top, TOP_PLUGINS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

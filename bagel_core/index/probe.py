@@ -1,0 +1,141 @@
+"""Image probing for the indexer: size and mode from the header, a full decode only when needed.
+
+Why not decode everything: decoding costs ~5-50x a header parse and the index only needs
+``(width, height, mode)`` to count tokens. A header alone cannot prove the pixel data is intact, so
+two cheap extra checks run per image:
+
+* the **pixel cap** is checked on the declared size *before* any decode, which turns a
+  decompression bomb (a few bytes declaring 100k x 100k pixels) into a quarantine entry;
+* the **trailer** of PNG (``IEND``) and JPEG (``EOI``) is checked; only when it is missing (a
+  truncated file, or a file with trailing junk) is the image fully decoded to tell the two apart.
+
+Formats whose header Pillow does not fully trust (anything outside :data:`HEADER_FORMATS`) are
+always decoded. Failures raise :class:`ProbeError` with a stable ``reason`` class for quarantine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import BinaryIO, NamedTuple
+
+from PIL import Image, ImageFile
+
+#: Upstream sets ``Image.MAX_IMAGE_PIXELS = 200_000_000``; anything above is refused before decode.
+DEFAULT_MAX_PIXELS = 200_000_000
+
+#: Formats whose header gives size and mode reliably (no decode needed to trust them).
+HEADER_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM"})
+
+# Reason classes (stable strings: tests, checks and dashboards group by them).
+IMAGE_MISSING = "image_missing"
+IMAGE_EMPTY = "image_empty"
+IMAGE_CORRUPT = "image_corrupt"
+IMAGE_TRUNCATED = "image_truncated"
+IMAGE_TOO_LARGE = "image_too_large"
+
+_PNG_IEND = b"IEND\xaeB`\x82"
+_JPEG_EOI = b"\xff\xd9"
+
+
+class ProbeError(Exception):
+    """An image that cannot be used; ``reason`` is the quarantine class, the message the detail."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class ImageInfo(NamedTuple):
+    width: int
+    height: int
+    mode: str
+    format: str
+    nbytes: int
+
+
+def _tail(fp: BinaryIO, size: int, n: int) -> bytes:
+    fp.seek(max(0, size - n))
+    return fp.read(n)
+
+
+def _trailer_ok(fmt: str, fp: BinaryIO, size: int) -> bool:
+    """True when the file ends like a complete PNG/JPEG (other formats: not checked)."""
+    if fmt == "PNG":
+        return _PNG_IEND in _tail(fp, size, 32)
+    if fmt in ("JPEG", "MPO"):
+        # EOI is normally the last two bytes; tolerate a little zero/space padding.
+        return _JPEG_EOI in _tail(fp, size, 64).rstrip(b"\x00\r\n ")[-2:]
+    return True
+
+
+def _full_decode(fp: BinaryIO, fmt_hint: str) -> None:
+    """Decode every pixel with truncation treated as an error (whatever another module set)."""
+    fp.seek(0)
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                im.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def probe_stream(fp: BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
+    """Probe an image held in a seekable binary stream of ``size`` bytes."""
+    if size == 0:
+        raise ProbeError(IMAGE_EMPTY, "image has 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                width, height = im.size
+                mode, fmt = im.mode, (im.format or "unknown")
+    except Image.DecompressionBombError as exc:
+        raise ProbeError(IMAGE_TOO_LARGE, f"decompression bomb refused by Pillow: {exc}") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ProbeError(IMAGE_CORRUPT, f"cannot read image header: {type(exc).__name__}: {exc}") from None
+    if width <= 0 or height <= 0:
+        raise ProbeError(IMAGE_CORRUPT, f"image declares a non-positive size {width}x{height}")
+    if width * height > max_pixels:
+        raise ProbeError(
+            IMAGE_TOO_LARGE,
+            f"{fmt} image declares {width}x{height} = {width * height:,} pixels, above the cap of "
+            f"{max_pixels:,} (decompression bomb guard; raise max_pixels if this is intended)",
+        )
+    needs_decode = full_decode or fmt not in HEADER_FORMATS
+    if not needs_decode and not _trailer_ok(fmt, fp, size):
+        needs_decode = True
+    if needs_decode:
+        try:
+            _full_decode(fp, fmt)
+        except Exception as exc:
+            reason = IMAGE_TRUNCATED if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else IMAGE_CORRUPT
+            if reason == IMAGE_CORRUPT and fmt in ("PNG", "JPEG", "MPO") and not _trailer_ok(fmt, fp, size):
+                reason = IMAGE_TRUNCATED
+            raise ProbeError(reason, f"{fmt} {width}x{height} fails to decode: {type(exc).__name__}: {exc}") from None
+    return ImageInfo(width, height, mode, fmt, size)
+
+
+def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
+    """Probe encoded image bytes (a parquet ``image`` cell); ``None`` is a missing image."""
+    if data is None:
+        raise ProbeError(IMAGE_MISSING, "image cell is null")
+    return probe_stream(io.BytesIO(data), len(data), max_pixels, full_decode)
+
+
+def probe_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
+    """Probe an image file on disk (VLM image folder); reads the header and the last bytes only."""
+    try:
+        fp = open(path, "rb")
+    except FileNotFoundError:
+        raise ProbeError(IMAGE_MISSING, f"image file {path} does not exist") from None
+    except OSError as exc:
+        raise ProbeError(IMAGE_MISSING, f"image file {path} cannot be opened: {exc}") from None
+    with fp:
+        size = os.fstat(fp.fileno()).st_size
+        return probe_stream(fp, size, max_pixels, full_decode)

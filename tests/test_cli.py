@@ -1,0 +1,53 @@
+"""The `bagel` command line: download -> registry -> check on the built-in example."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from bagel_core.cli import main
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "bagel_core.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("example", "data"):
+        assert command in out
+    data_help = subprocess.run([sys.executable, "-m", "bagel_core.cli", "data", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for command in ("download", "registry", "check"):
+        assert command in data_help
+
+
+def test_download_registry_check(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["data", "download", "--source", "builtin", "--out", str(out), "--t2i-files", "2",
+                 "--vlm-lines", "5", "--quiet"]) == 0
+    assert (out / "bagel_example.zip").is_file() and (out / "bagel_example" / "t2i" / "chunk_1.parquet").is_file()
+    printed = capsys.readouterr().out
+    assert "t2i" in printed and "vlm" in printed and "sha256" in printed
+
+    registry, groups = tmp_path / "reg" / "dataset_info.yaml", tmp_path / "reg" / "example.yaml"
+    assert main(["data", "registry", "--root", str(out / "bagel_example"), "--out", str(registry),
+                 "--groups-out", str(groups)]) == 0
+    body = yaml.safe_load(registry.read_text())
+    assert body["t2i_pretrain"]["t2i"]["num_files"] == 2
+    assert Path(body["unified_edit"]["seedxedit_multi"]["parquet_info_path"]).is_file()
+    assert yaml.safe_load(groups.read_text())["vlm_sft"]["num_used_data"] == [5]
+
+    assert main(["data", "check", "--registry", str(registry), "--dataset-config", str(groups)]) == 0
+    assert "0 error(s)" in capsys.readouterr().out
+
+
+def test_check_reports_placeholder_and_exits_nonzero(tmp_path, capsys):
+    registry = tmp_path / "dataset_info.yaml"
+    registry.write_text(yaml.safe_dump({"t2i_pretrain": {"t2i": {"data_dir": "your_data_path/bagel_example/t2i"}}}))
+    assert main(["data", "check", "--registry", str(registry)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: t2i_pretrain/t2i.data_dir: still contains the 'your_data_path' placeholder" in out
+
+
+def test_config_errors_exit_2_with_message(tmp_path, capsys):
+    assert main(["data", "check", "--registry", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

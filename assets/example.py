@@ -119,8 +119,8 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
         (context.log.error if finding.severity == "error" else context.log.warning)(str(finding))
     table = [
         dg.TableRecord({
-            "group": e.group, "dataset": e.name, "files": e.num_files if e.num_files is not None else -1,
-            "samples": e.num_total_samples if e.num_total_samples is not None else -1, "data_dir": str(e.data_dir),
+            "group": e.group, "dataset": e.name, "files": e.num_files, "samples": e.num_total_samples,
+            "data_dir": str(e.data_dir),
         })
         for e in registry.entries
     ]

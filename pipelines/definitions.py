@@ -12,6 +12,7 @@ import dagster as dg
 
 import assets as asset_package
 from assets.resources import PipelineWorkspace
+from pipelines.automation import registered_data_changed, weekly_refresh
 
 all_assets = dg.load_assets_from_package_module(asset_package)
 all_checks = dg.load_asset_checks_from_package_module(asset_package)
@@ -26,5 +27,7 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[bagel_example_job],
+    sensors=[registered_data_changed],
+    schedules=[weekly_refresh],
     resources={"workspace": PipelineWorkspace(root=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"))},
 )

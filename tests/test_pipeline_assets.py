@@ -71,3 +71,24 @@ def test_job_execute_cli_runs_the_main_job(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
     assert (tmp_path / "ws" / "registry" / "dataset_info.yaml").is_file()
+
+
+def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):
+    from pipelines.automation import registered_data_changed
+
+    workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+        assert isinstance(registered_data_changed(ctx), dg.SkipReason)  # no registry yet
+        assert dg.materialize([example_zip, example_dataset, dataset_registry], instance=instance,
+                              resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG).success
+        first = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+        assert isinstance(registered_data_changed(first), dg.SkipReason) and first.cursor
+        same = dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"workspace": workspace})
+        assert "unchanged" in registered_data_changed(same).skip_message
+        shard = workspace.example_dir / "bagel_example" / "t2i" / "chunk_1.parquet"
+        shard.write_bytes(shard.read_bytes() + b"")
+        os.utime(shard, ns=(1, 1))
+        changed = dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"workspace": workspace})
+        request = registered_data_changed(changed)
+        assert isinstance(request, dg.RunRequest) and request.run_key == changed.cursor != first.cursor

@@ -23,6 +23,7 @@ Relative paths are resolved against the registry file's directory (one place: ``
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -120,6 +121,23 @@ class Registry:
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    def fingerprint(self) -> str:
+        """Hash of every data file's name, size and mtime: cheap (no reads), changes when data does.
+
+        Used by the re-training sensor; content-level identity (footer hashes) is the indexer's job.
+        """
+        digest = hashlib.sha256()
+        for entry in self.entries:
+            paths = entry.parquet_files() if entry.is_parquet else [entry.jsonl_path] if entry.jsonl_path else []
+            for path in paths:
+                try:
+                    info = path.stat()
+                except OSError:
+                    digest.update(f"{path}|missing".encode())
+                    continue
+                digest.update(f"{path}|{info.st_size}|{info.st_mtime_ns}".encode())
+        return digest.hexdigest()
 
     def _where(self) -> str:
         return str(self.source) if self.source else "<registry>"

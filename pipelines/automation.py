@@ -1,0 +1,39 @@
+"""Re-training triggers: a sensor that notices changed data and a weekly schedule (both start stopped)."""
+
+import dagster as dg
+
+from assets.resources import PipelineWorkspace
+from bagel_core.config.errors import ConfigError
+from bagel_core.config.registry import Registry
+
+JOB_NAME = "bagel_example_job"
+
+
+@dg.sensor(job_name=JOB_NAME, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Runs the pipeline again when any registered data file changes (name, size or mtime).")
+def registered_data_changed(context: dg.SensorEvaluationContext, workspace: PipelineWorkspace):
+    # Cheap by design (sensor ticks have a 60 s deadline): directory listings and stat() only.
+    if not workspace.registry_path.is_file():
+        return dg.SkipReason(f"no registry yet at {workspace.registry_path}; materialise dataset_registry first")
+    try:
+        fingerprint = Registry.load(workspace.registry_path).fingerprint()
+    except ConfigError as exc:
+        return dg.SkipReason(f"registry unreadable: {exc}")
+    if fingerprint == context.cursor:
+        return dg.SkipReason("registered data unchanged")
+    if context.cursor is None:
+        # First tick: remember the current state; the data as it is now has already been processed.
+        context.update_cursor(fingerprint)
+        return dg.SkipReason("recorded the current data fingerprint")
+    context.update_cursor(fingerprint)
+    return dg.RunRequest(run_key=fingerprint, tags={"bagel/trigger": "data_changed"})
+
+
+weekly_refresh = dg.ScheduleDefinition(
+    name="weekly_refresh",
+    job_name=JOB_NAME,
+    cron_schedule="0 3 * * 1",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Re-run the whole pipeline every Monday 03:00 UTC.",
+)

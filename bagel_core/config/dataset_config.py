@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.config.files import read_yaml
 from bagel_core.config.registry import GROUP_TASKS, Registry
 from bagel_core.data.transforms import DEFAULT_MAX_PIXELS, ImageTransformArgs
 
@@ -226,11 +227,5 @@ def parse_dataset_config(data: Any, source: Path | None = None) -> DatasetConfig
 
 
 def load_dataset_config(path: str | Path) -> DatasetConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"dataset config {path} does not exist; create one with `bagel data registry --groups-out`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_dataset_config(data, source=path)
+    data = read_yaml(path, "dataset config", "create one with `bagel data registry --groups-out`")
+    return parse_dataset_config(data, source=Path(path))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bagel_core.config.dataset_config import DatasetConfig, FrameSamplerArgs, GroupConfig
 from bagel_core.config.errors import ConfigError
+from bagel_core.config.files import read_json
 from bagel_core.config.registry import DatasetEntry, Registry
 from bagel_core.config.validate import count_jsonl_lines, parquet_footer_counts
 from bagel_core.data.transforms import ImageTransformArgs
@@ -55,10 +56,7 @@ def parquet_info_from_footers(data_dir: Path, files: list[Path]) -> dict[str, di
 
 def rewrite_parquet_info(upstream_json: Path, data_dir: Path) -> dict[str, dict]:
     """Re-key an upstream parquet_info JSON (placeholder paths) by file name onto ``data_dir``."""
-    try:
-        raw = json.loads(upstream_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{upstream_json} is not valid JSON ({exc}); delete it to regenerate from the files") from exc
+    raw = read_json(upstream_json, "parquet_info", "delete the reference to regenerate it from the files")
     if not isinstance(raw, dict):
         raise ConfigError(f"{upstream_json} must be a JSON object keyed by parquet path")
     return {f"{str(data_dir).rstrip('/')}/{Path(key).name}": value for key, value in raw.items()}

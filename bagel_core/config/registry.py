@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.config.files import read_yaml
 
 PLACEHOLDER = "your_data_path"
 
@@ -177,12 +178,7 @@ class Registry:
     @classmethod
     def load(cls, path: str | Path) -> Registry:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"registry file {path} does not exist; create it with `bagel data registry`")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path, "registry file", "create it with `bagel data registry`")
         return cls.from_dict(data or {}, source=path, base_dir=path.parent.resolve())
 
 

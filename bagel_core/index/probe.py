@@ -97,7 +97,7 @@ def probe_stream(fp: BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, 
                 mode, fmt = im.mode, (im.format or "unknown")
     except Image.DecompressionBombError as exc:
         raise ProbeError(IMAGE_TOO_LARGE, f"decompression bomb refused by Pillow: {exc}") from None
-    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ...)
         raise ProbeError(IMAGE_CORRUPT, f"cannot read image header: {type(exc).__name__}: {exc}") from None
     if width <= 0 or height <= 0:
         raise ProbeError(IMAGE_CORRUPT, f"image declares a non-positive size {width}x{height}")
@@ -113,7 +113,7 @@ def probe_stream(fp: BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, 
     if needs_decode:
         try:
             _full_decode(fp, fmt)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any decoder error means unusable pixels
             reason = IMAGE_TRUNCATED if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else IMAGE_CORRUPT
             if reason == IMAGE_CORRUPT and fmt in ("PNG", "JPEG", "MPO") and not _trailer_ok(fmt, fp, size):
                 reason = IMAGE_TRUNCATED
@@ -131,11 +131,12 @@ def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, full_d
 def probe_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
     """Probe an image file on disk (VLM image folder); reads the header and the last bytes only."""
     try:
-        fp = open(path, "rb")
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            return probe_stream(fp, size, max_pixels, full_decode)
     except FileNotFoundError:
         raise ProbeError(IMAGE_MISSING, f"image file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ProbeError(IMAGE_MISSING, f"image path {path} is a directory") from None
     except OSError as exc:
-        raise ProbeError(IMAGE_MISSING, f"image file {path} cannot be opened: {exc}") from None
-    with fp:
-        size = os.fstat(fp.fileno()).st_size
-        return probe_stream(fp, size, max_pixels, full_decode)
+        raise ProbeError(IMAGE_CORRUPT, f"image file {path} cannot be read: {exc}") from None

@@ -10,6 +10,7 @@ it, and the varlen plan of ``flash`` is checked against it in the tests.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -202,6 +203,13 @@ def _compiled_flex():
 FLEX_BLOCK_SIZE = 128
 
 
+@functools.lru_cache(maxsize=1)
+def _compiled_block_mask_builder():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
 def flex_block_mask(layout: PackedLayout):
     """BlockMask of ``visible`` (block 128, as upstream); cached on the layout."""
     bm = layout._cache.get("flex")
@@ -212,9 +220,10 @@ def flex_block_mask(layout: PackedLayout):
             return visible(layout, q_idx, kv_idx)
 
         n = layout.length
-        bm = create_block_mask(
-            mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=layout.doc_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE
-        )
+        device = layout.doc_ids.device
+        # On GPU the compiled builder avoids materialising the full [L, L] predicate.
+        builder = _compiled_block_mask_builder() if device.type == "cuda" else create_block_mask
+        bm = builder(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
         layout._cache["flex"] = bm
     return bm
 
@@ -223,14 +232,16 @@ def _flex_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tenso
     """FlexAttention over the whole pack; compiled on GPU, eager (no backward) on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    out = fn(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        block_mask=flex_block_mask(layout),
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    kwargs = {"block_mask": flex_block_mask(layout), "enable_gqa": q.shape[1] != k.shape[1]}
+    if q.is_cuda:
+        out = _compiled_flex()(*args, **kwargs)
+    else:
+        # CPU flex is the unfused reference path (no-grad checks only); its "use torch.compile"
+        # warning is expected here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(*args, **kwargs)
     return out[0].transpose(0, 1)
 
 
@@ -260,9 +271,7 @@ def varlen_plan(layout: PackedLayout) -> list[VarlenGroup]:
     cached = layout._cache.get("varlen")
     if cached is not None:
         return cached
-    groups: dict[bool, dict[str, list]] = {
-        c: {"q": [], "k": [], "lq": [], "lk": []} for c in (True, False)
-    }
+    groups: dict[bool, dict[str, list]] = {c: {"q": [], "k": [], "lq": [], "lk": []} for c in (True, False)}
     pos = 0
     split = 0
     for n_doc in layout.sample_lens:

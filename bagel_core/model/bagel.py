@@ -69,6 +69,31 @@ class Bagel(nn.Module):
         self.language_model.copy_init_moe()
         return self
 
+    def init_weights(self) -> Bagel:
+        """Initialise every tensor, e.g. after ``to_empty`` of a model built on ``meta``.
+
+        Default torch initialisers per module, then the fixed parts: sin-cos tables, zero
+        ``llm2vae``, identical experts.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if self.cfg.visual_gen:
+            nn.init.zeros_(self.llm2vae.weight)
+            nn.init.zeros_(self.llm2vae.bias)
+        return self.init_fresh()
+
+    def shard_units(self) -> list[nn.Module]:
+        """Modules to wrap one by one with FSDP (training.md 7), innermost first; the root keeps
+        ``embed_tokens``, the final norms, ``lm_head``, ``vae2llm`` and ``llm2vae``."""
+        units: list[nn.Module] = list(self.language_model.model.layers)
+        if self.cfg.visual_und:
+            units += list(self.vit_model.vision_model.encoder.layers)
+            units += [self.vit_model.vision_model, self.connector, self.vit_pos_embed]
+        if self.cfg.visual_gen:
+            units += [self.time_embedder, self.latent_pos_embed]
+        return units
+
     @property
     def dtype(self) -> torch.dtype:
         return self.language_model.lm_head.weight.dtype

@@ -122,7 +122,7 @@ def weights_file(model_dir: str | Path, which: str | None = None) -> Path:
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def _listing(keys: list[str]) -> str:
@@ -161,7 +161,7 @@ def _check_tables(path: Path, cfg: BagelConfig, found: dict[str, tuple[int, ...]
     key = "latent_pos_embed.pos_embed"
     if cfg.visual_gen and key in found and found[key][0] != cfg.max_latent_size**2:
         rows = found[key][0]
-        side = int(round(rows**0.5))
+        side = round(rows**0.5)
         raise ConfigError(
             f"{path}: {key} has {rows} rows (max_latent_size {side}), but the model is built with "
             f"max_latent_size {cfg.max_latent_size} ({cfg.max_latent_size**2} rows). The released "
@@ -204,7 +204,9 @@ def load_model_dir(
     return model
 
 
-def load_vae(model_dir: str | Path, cfg: BagelConfig | None = None, device: torch.device | str = "cpu") -> AutoEncoder:
+def load_vae(
+    model_dir: str | Path, cfg: BagelConfig | None = None, device: torch.device | str = "cpu"
+) -> AutoEncoder:
     """FLUX VAE from ``ae.safetensors`` (kept in the file's dtype, frozen, eval mode)."""
     cfg = cfg or read_config(model_dir)
     path = Path(model_dir) / VAE_WEIGHTS

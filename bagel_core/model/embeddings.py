@@ -58,7 +58,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t.float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -91,7 +93,9 @@ def patchify(image: Tensor, patch_size: int) -> Tensor:
     """
     c, h, w = image.shape
     x = image.reshape(c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return x.permute(1, 3, 2, 4, 0).reshape((h // patch_size) * (w // patch_size), patch_size * patch_size * c)
+    return x.permute(1, 3, 2, 4, 0).reshape(
+        (h // patch_size) * (w // patch_size), patch_size * patch_size * c
+    )
 
 
 def grid_position_ids(rows: int, cols: int, side: int, device: torch.device | str | None = None) -> Tensor:
@@ -101,7 +105,9 @@ def grid_position_ids(rows: int, cols: int, side: int, device: torch.device | st
     return (r * side + c).reshape(-1)
 
 
-def interpolated_position_ids(rows: int, cols: int, side: int, device: torch.device | str | None = None) -> Tensor:
+def interpolated_position_ids(
+    rows: int, cols: int, side: int, device: torch.device | str | None = None
+) -> Tensor:
     """2-D ids for ``interpolate_pos``: buckets of the fractional coordinates among 1/M..(M-1)/M."""
     bounds = torch.arange(1, side, device=device, dtype=torch.float64) / side
 

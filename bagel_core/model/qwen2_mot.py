@@ -69,11 +69,18 @@ class Routing:
     def only_gen(self) -> bool:
         return self.gen is not None and self.und is None
 
-    def apply(self, x: Tensor, f_und: Callable[[Tensor], Tensor], f_gen: Callable[[Tensor], Tensor] | None) -> Tensor:
+    def apply(
+        self, x: Tensor, f_und: Callable[[Tensor], Tensor], f_gen: Callable[[Tensor], Tensor] | None
+    ) -> Tensor:
         """Run ``f_und`` on understanding rows and ``f_gen`` on generation rows of ``x`` [n, ...]."""
         if f_gen is None or self.gen is None:
             out = f_und(x)
-            return out.detach() if self.detach_und else out
+            if not self.detach_und:
+                return out
+            if self.gen is None:
+                return out.detach()
+            # One shared module: keep gradients only on the generation rows.
+            return out.detach().index_copy(0, self.gen, out.index_select(0, self.gen))
         if self.und is None:
             return f_gen(x)
         out_und = f_und(x.index_select(0, self.und))
@@ -84,10 +91,13 @@ class Routing:
         return out.index_copy(0, self.und, out_und).index_copy(0, self.gen, out_gen.to(out_und.dtype))
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos/sin [n, hd] in fp32 from packed RoPE ids, cast to ``dtype``; inv_freq recomputed (never stored)."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
     )
     freqs = position_ids.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -153,7 +163,9 @@ class Qwen2Attention(nn.Module):
         return torch.cat([q, k, v], dim=1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, route: Routing, attn: AttnFn) -> Tensor:
-        qkv = route.apply(x, lambda t: self._qkv(t, False), (lambda t: self._qkv(t, True)) if self.mot else None)
+        qkv = route.apply(
+            x, lambda t: self._qkv(t, False), (lambda t: self._qkv(t, True)) if self.mot else None
+        )
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -190,8 +202,11 @@ class _DecoderLayerBase(nn.Module):
             # MoE: shared post-norm, expert-wise MLP.
             h = self.post_attention_layernorm(x)
             return x + route.apply(h, self.mlp, gen_mlp)
-        return x + route.apply(x, lambda t: self.mlp(self.post_attention_layernorm(t)),
-                               (lambda t: gen_mlp(gen_post(t))) if gen_mlp is not None else None)
+        return x + route.apply(
+            x,
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            (lambda t: gen_mlp(gen_post(t))) if gen_mlp is not None else None,
+        )
 
 
 class Qwen2DecoderLayer(_DecoderLayerBase):

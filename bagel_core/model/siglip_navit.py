@@ -7,7 +7,6 @@ indexed by row*70+col, and attention is full within each image and never across 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,7 +86,9 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa") -> Tensor:
+    def forward(
+        self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa"
+    ) -> Tensor:
         layout = PackedLayout.documents(seqlens, "full", device=patches.device)
         x = self.embeddings(patches, position_ids)
         for layer in self.encoder.layers:
@@ -103,6 +104,8 @@ class SiglipVisionModel(nn.Module):
         self.cfg = cfg
         self.vision_model = SiglipVisionTransformer(cfg)
 
-    def forward(self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa") -> Tensor:
+    def forward(
+        self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa"
+    ) -> Tensor:
         """patches [N, 588], ids [N] (row*70+col), seqlens patches per image -> features [N, D]."""
         return self.vision_model(patches, position_ids, seqlens, backend)

@@ -1,0 +1,955 @@
+"""Validate and index every sample of every registered dataset (DuckDB scan + Pillow header probes).
+
+Why: broken shards, wrong column types and bad samples must be found *before* GPU time is spent,
+counted, and quarantined with a reason instead of crashing training at step N.
+
+Outputs under ``out_dir`` (all parquet, streamed; nothing holds a whole dataset in memory):
+
+* ``index.parquet`` -- one row per sample; schema (the token-statistics step relies on it):
+
+  ============  ====================  ===========================================================
+  column        type                  meaning
+  ============  ====================  ===========================================================
+  dataset       string                registry dataset name
+  group         string                ``t2i_pretrain`` | ``unified_edit`` | ``vlm_sft``
+  task          string                ``t2i`` | ``edit`` | ``vlm``
+  source_file   string                absolute path of the parquet / JSONL file
+  row_group     int32                 parquet row group; -1 for JSONL
+  row_index     int64                 row within the row group (upstream resume cursor); JSONL: 0-based line
+  file_row      int64                 row within the file (JSONL: the line number again)
+  image_sizes   list<list<int32>>     ``[width, height]`` per image in sample order; ``[-1, -1]`` when unreadable
+  num_images    int32                 images referenced by the sample
+  image_modes   list<string>          Pillow mode per image ("" when unreadable)
+  image_bytes   int64                 encoded bytes of the sample's images
+  num_texts     int32                 T2I captions / edit phrasings / VLM turns
+  text_chars    int64                 characters over those texts
+  image_paths   list<string>          VLM: resolved image (or video) paths; empty otherwise
+  status        string                ``ok`` | ``quarantined``
+  reason        string                quarantine reason class; null when ok
+  message       string                detail naming the column/key; null when ok
+  ============  ====================  ===========================================================
+
+* ``quarantine.parquet`` -- every quarantined sample plus one row per file that could not be opened
+  (``row_group``/``row_index``/``file_row`` = -1, reason ``file_unreadable``).
+* ``files.parquet`` -- per file: identity (size, mtime, footer hash), footer facts, rows read,
+  ok, quarantined, status; the accounting invariant ``ok + quarantined == rows_read`` holds per
+  file, and equals the footer's row count when the footer is readable.
+* ``parquet_info/<dataset>.json`` -- upstream ``parquet_info`` (see :mod:`bagel_core.index.parquet_info`).
+* ``datasets/<group>/<name>/`` -- the same three tables per dataset (the unit Dagster partitions
+  on) and ``parts/``, one index part per source file, reused when the file's identity is unchanged.
+
+Parallelism: the unit of work is a parquet row group or a JSONL line range, spread over a process
+pool (``workers``); results stream back in order and are written per file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from bisect import bisect_right
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Self
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bagel_core.config.errors import DataError
+from bagel_core.config.registry import DatasetEntry, Registry
+from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
+from bagel_core.index.probe import DEFAULT_MAX_PIXELS
+
+INDEX_VERSION = 1
+
+# File / row-group level reason classes.
+FILE_UNREADABLE = "file_unreadable"
+ROW_GROUP_UNREADABLE = "row_group_unreadable"
+MISSING_COLUMN = "missing_column"
+COLUMN_TYPE = "column_type"
+
+#: Columns each parquet task reads, and the DuckDB types accepted for them.
+PARQUET_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    "t2i": {"image": ("BLOB",), "captions": ("VARCHAR", "BLOB")},
+    "edit": {"image_list": ("BLOB[]",), "instruction_list": ("VARCHAR[][]", "BLOB[][]")},
+}
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("group", pa.string()),
+        ("task", pa.string()),
+        ("source_file", pa.string()),
+        ("row_group", pa.int32()),
+        ("row_index", pa.int64()),
+        ("file_row", pa.int64()),
+        ("image_sizes", pa.list_(pa.list_(pa.int32()))),
+        ("num_images", pa.int32()),
+        ("image_modes", pa.list_(pa.string())),
+        ("image_bytes", pa.int64()),
+        ("num_texts", pa.int32()),
+        ("text_chars", pa.int64()),
+        ("image_paths", pa.list_(pa.string())),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("group", pa.string()),
+        ("task", pa.string()),
+        ("source_file", pa.string()),
+        ("row_group", pa.int32()),
+        ("row_index", pa.int64()),
+        ("file_row", pa.int64()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+FILES_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("group", pa.string()),
+        ("task", pa.string()),
+        ("source_file", pa.string()),
+        ("kind", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("footer_hash", pa.string()),
+        ("deps_digest", pa.string()),
+        ("options_digest", pa.string()),
+        ("num_row_groups", pa.int32()),
+        ("num_columns", pa.int32()),
+        ("footer_rows", pa.int64()),
+        ("rows_read", pa.int64()),
+        ("ok", pa.int64()),
+        ("quarantined", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("reused", pa.bool_()),
+        ("part", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Knobs that change what the index says (they are part of the cache key) and how it runs."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    full_decode: bool = False
+    workers: int | None = None  # None: every CPU this process may use
+    batch_rows: int = 512
+    unit_rows: int = 4096  # parquet row groups are merged up to this many rows per unit
+    unit_bytes: int = 256 << 20  # ... and this many (uncompressed) bytes
+    jsonl_chunk_bytes: int = 4 << 20
+    force: bool = False  # ignore the incremental cache
+
+    def digest(self) -> str:
+        key = {"v": INDEX_VERSION, "max_pixels": self.max_pixels, "full_decode": self.full_decode}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved_workers(self) -> int:
+        if self.workers is not None:
+            return max(1, self.workers)
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - non-Linux
+            return max(1, os.cpu_count() or 1)
+
+
+# ---- units of work ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """A run of parquet row groups or one JSONL byte range: what a worker process indexes.
+
+    Small row groups are merged into one unit so the fixed cost of a DuckDB query is amortised.
+    """
+
+    dataset: str
+    group: str
+    task: str
+    path: str
+    kind: str  # "parquet" | "jsonl"
+    row_groups: tuple[tuple[int, int, int], ...] = ()  # parquet: (row group id, first file row, rows)
+    start: int = 0  # jsonl: byte range [start, end)
+    end: int = 0
+    first_line: int = 0
+    data_dir: str = ""
+    columns: tuple[str, ...] = ()
+
+    @property
+    def first_row(self) -> int:
+        return self.row_groups[0][1] if self.row_groups else 0
+
+    @property
+    def num_rows(self) -> int:
+        return sum(n for _, _, n in self.row_groups)
+
+
+class _Rows:
+    """Column buffers for index rows of one unit."""
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_SCHEMA}
+
+    def add(self, row_group: int, row_index: int, file_row: int, res: SampleResult) -> None:
+        c = self.cols
+        u = self.unit
+        c["dataset"].append(u.dataset)
+        c["group"].append(u.group)
+        c["task"].append(u.task)
+        c["source_file"].append(u.path)
+        c["row_group"].append(row_group)
+        c["row_index"].append(row_index)
+        c["file_row"].append(file_row)
+        c["image_sizes"].append([list(s) for s in res.sizes])
+        c["num_images"].append(len(res.sizes) if u.task != "vlm" else len(res.image_paths))
+        c["image_modes"].append(res.modes)
+        c["image_bytes"].append(res.image_bytes)
+        c["num_texts"].append(res.num_texts)
+        c["text_chars"].append(res.text_chars)
+        c["image_paths"].append(res.image_paths)
+        reason = res.reason
+        c["status"].append("ok" if reason is None else "quarantined")
+        c["reason"].append(reason)
+        c["message"].append(res.message)
+
+    def add_failed(self, row_group: int, row_index: int, file_row: int, reason: str, message: str) -> None:
+        res = SampleResult()
+        res.fail(reason, message)
+        self.add(row_group, row_index, file_row, res)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.cols, schema=INDEX_SCHEMA)
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+_CON: tuple[int, duckdb.DuckDBPyConnection] | None = None
+
+
+def _worker_con() -> duckdb.DuckDBPyConnection:
+    """One single-threaded DuckDB connection per process (connecting costs ~15 ms)."""
+    global _CON
+    if _CON is None or _CON[0] != os.getpid():
+        _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
+    return _CON[1]
+
+
+def _duckdb_batches(unit: Unit, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Rows of the unit's row groups through DuckDB (row groups are pruned on ``file_row_number``)."""
+    con = _worker_con()
+    cols = ", ".join(f'"{c}"' for c in unit.columns)
+    lo, hi = unit.first_row, unit.first_row + unit.num_rows
+    rel = con.sql(
+        f"SELECT file_row_number, {cols} FROM read_parquet({_sql_str(unit.path)}, file_row_number=true) "
+        f"WHERE file_row_number >= {lo} AND file_row_number < {hi}"
+    )
+    yield from rel.to_arrow_reader(batch_rows)
+
+
+def _arrow_batches(unit: Unit, batch_rows: int, seen: set[int], errors: list[str]) -> Iterator[pa.RecordBatch]:
+    """Fallback reader (pyarrow) for row groups DuckDB refuses, e.g. invalid UTF-8 in a string column.
+
+    Strings are read as binary so a bad value is quarantined per row instead of failing the group;
+    row groups are read one at a time and a group that pyarrow cannot read either is left missing.
+    """
+    pf = pq.ParquetFile(unit.path)
+    for rg_id, first_row, num_rows in unit.row_groups:
+        if all(fr in seen for fr in range(first_row, first_row + num_rows)):
+            continue
+        try:
+            table = pf.read_row_group(rg_id, columns=list(unit.columns))
+            arrays = [table.column(name).cast(_stringless(table.column(name).type)) for name in unit.columns]
+        except Exception as exc:  # noqa: BLE001 - any reader error makes this group's rows quarantined
+            errors.append(f"pyarrow, row group {rg_id}: {type(exc).__name__}: {exc}")
+            continue
+        table = pa.table(dict(zip(unit.columns, arrays)))
+        rows = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
+        yield from table.add_column(0, "file_row_number", rows).to_batches(max_chunksize=batch_rows)
+
+
+def _stringless(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(_stringless(t.value_type))
+    return t
+
+
+def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
+    rows = _Rows(unit)
+    check = check_t2i if unit.task == "t2i" else check_edit
+    starts = [first for _, first, _ in unit.row_groups]
+    seen: set[int] = set()
+    errors: list[str] = []
+
+    def consume(batches: Iterable[pa.RecordBatch]) -> None:
+        for batch in batches:
+            file_rows = batch.column(0).to_pylist()
+            a = batch.column(1).to_pylist()
+            b = batch.column(2).to_pylist()
+            for fr, x, y in zip(file_rows, a, b):
+                if fr in seen:
+                    continue
+                seen.add(fr)
+                k = bisect_right(starts, fr) - 1
+                rg_id, first, _ = unit.row_groups[k]
+                rows.add(rg_id, fr - first, fr, check(x, y, opts.max_pixels, opts.full_decode))
+
+    try:
+        consume(_duckdb_batches(unit, opts.batch_rows))
+    except Exception as exc:  # noqa: BLE001 - DuckDB refuses a group: pyarrow per row group instead
+        errors.append(f"duckdb: {type(exc).__name__}: {exc}")
+        try:
+            consume(_arrow_batches(unit, opts.batch_rows, seen, errors))
+        except Exception as exc2:  # noqa: BLE001 - rows left unseen are quarantined below
+            errors.append(f"pyarrow: {type(exc2).__name__}: {exc2}")
+    for rg_id, first, num_rows in unit.row_groups:
+        missing = [fr for fr in range(first, first + num_rows) if fr not in seen]
+        if not missing:
+            continue
+        if not errors:
+            try:  # name the actual error of this row group
+                pq.ParquetFile(unit.path).read_row_group(rg_id, columns=list(unit.columns))
+                errors.append("rows declared by the footer were not returned")
+            except Exception as exc:  # noqa: BLE001 - only used for the message
+                errors.append(f"{type(exc).__name__}: {exc}")
+        detail = "; ".join(errors)[:500]
+        for fr in missing:
+            seen.add(fr)
+            rows.add_failed(rg_id, fr - first, fr, ROW_GROUP_UNREADABLE, f"row group {rg_id} cannot be read: {detail}")
+    if len(seen) != unit.num_rows:
+        raise DataError(
+            f"{unit.path}: row groups {[g for g, _, _ in unit.row_groups]} returned rows outside the "
+            f"footer's {unit.num_rows} rows"
+        )
+    table = rows.table()
+    return table.sort_by("file_row") if table.num_rows > 1 else table
+
+
+def _index_jsonl_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
+    rows = _Rows(unit)
+    with open(unit.path, "rb") as fp:
+        fp.seek(unit.start)
+        data = fp.read(unit.end - unit.start)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the range's last line
+    for k, raw in enumerate(lines):
+        line_no = unit.first_line + k
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        rows.add(-1, line_no, line_no, check_vlm_line(raw, unit.data_dir, opts.max_pixels, opts.full_decode))
+    return rows.table()
+
+
+def index_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
+    """Index one unit (runs in a worker process); returns index rows sorted by file row."""
+    if unit.kind == "parquet":
+        return _index_parquet_unit(unit, opts)
+    return _index_jsonl_unit(unit, opts)
+
+
+# ---- planning: identity, footer facts, units -------------------------------------------------------
+@dataclass
+class FileRecord:
+    """One row of ``files.parquet`` while it is being built."""
+
+    entry: DatasetEntry
+    path: str
+    kind: str
+    size: int = -1
+    mtime_ns: int = -1
+    footer_hash: str = ""
+    deps_digest: str = ""
+    num_row_groups: int = -1
+    num_columns: int = -1
+    footer_rows: int = -1
+    rows_read: int = 0
+    ok: int = 0
+    quarantined: int = 0
+    status: str = "ok"
+    error: str | None = None
+    reused: bool = False
+    part: str = ""
+    seconds: float = 0.0
+    reasons: Counter = field(default_factory=Counter)
+    units: list[Unit] = field(default_factory=list)
+    pre_rows: pa.Table | None = None  # rows known without reading data (schema errors)
+
+
+def file_identity(path: str, kind: str) -> tuple[int, int, str]:
+    """(size, mtime_ns, footer hash): what decides whether a file must be re-read."""
+    st = os.stat(path)
+    h = hashlib.sha1()
+    with open(path, "rb") as fp:
+        if kind == "parquet" and st.st_size >= 12:
+            fp.seek(st.st_size - 8)
+            tail = fp.read(8)
+            footer_len = int.from_bytes(tail[:4], "little")
+            if tail[4:] == b"PAR1" and footer_len + 8 <= st.st_size:
+                fp.seek(st.st_size - 8 - footer_len)
+                h.update(fp.read(footer_len + 8))
+                return st.st_size, st.st_mtime_ns, "footer:" + h.hexdigest()
+        # no parquet footer (or JSONL): head and tail
+        h.update(fp.read(1 << 16))
+        fp.seek(max(0, st.st_size - (1 << 16)))
+        h.update(fp.read(1 << 16))
+    return st.st_size, st.st_mtime_ns, "headtail:" + h.hexdigest()
+
+
+def _plan_parquet(rec: FileRecord, con: duckdb.DuckDBPyConnection, opts: IndexOptions) -> None:
+    entry, path = rec.entry, rec.path
+    try:
+        groups = con.sql(
+            "SELECT row_group_id, any_value(row_group_num_rows), any_value(row_group_bytes) "
+            f"FROM parquet_metadata({_sql_str(path)}) GROUP BY row_group_id ORDER BY row_group_id"
+        ).fetchall()
+        info = con.sql(f"SELECT num_rows FROM parquet_file_metadata({_sql_str(path)})").fetchall()
+        described = con.sql(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(path)})").fetchall()
+    except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
+        rec.status, rec.error = "unreadable", f"cannot open parquet footer: {type(exc).__name__}: {exc}"
+        return
+    types = {row[0]: row[1] for row in described}
+    rec.num_columns = len(types)
+    rec.num_row_groups = len(groups)
+    rec.footer_rows = int(info[0][0]) if info else sum(int(g[1]) for g in groups)
+    first = 0
+    spans: list[tuple[int, int, int]] = []
+    sizes: list[int] = []
+    for rg_id, num_rows, nbytes in groups:
+        spans.append((int(rg_id), first, int(num_rows)))
+        sizes.append(int(nbytes or 0))
+        first += int(num_rows)
+    if first != rec.footer_rows:
+        rec.error = f"row groups hold {first} rows but the footer declares {rec.footer_rows}"
+    expected = PARQUET_COLUMNS[entry.task]
+    problem: tuple[str, str] | None = None
+    for col, accepted in expected.items():
+        if col not in types:
+            problem = (
+                MISSING_COLUMN,
+                (f"column '{col}' is missing (found: {', '.join(types) or 'none'}); "
+                 f"a {entry.group} file needs columns {', '.join(expected)}"),
+            )
+            break
+        if types[col] not in accepted:
+            problem = (
+                COLUMN_TYPE,
+                f"column '{col}' has type {types[col]}, expected {' or '.join(accepted)}",
+            )
+            break
+    if problem is not None:
+        # Every row is known from the footer: quarantine each one without reading data.
+        rows = _Rows(Unit(entry.name, entry.group, entry.task, path, "parquet"))
+        for rg_id, first_row, num_rows in spans:
+            for r in range(num_rows):
+                rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
+        rec.pre_rows = rows.table()
+        rec.status = "schema_error"
+        rec.error = problem[1]
+        return
+    run: list[tuple[int, int, int]] = []
+    run_rows = run_bytes = 0
+    for span, nbytes in zip(spans, sizes):
+        if not span[2]:
+            continue
+        if run and (run_rows + span[2] > opts.unit_rows or run_bytes + nbytes > opts.unit_bytes):
+            rec.units.append(Unit(entry.name, entry.group, entry.task, path, "parquet", tuple(run), columns=tuple(expected)))
+            run, run_rows, run_bytes = [], 0, 0
+        run.append(span)
+        run_rows += span[2]
+        run_bytes += nbytes
+    if run:
+        rec.units.append(Unit(entry.name, entry.group, entry.task, path, "parquet", tuple(run), columns=tuple(expected)))
+
+
+def _plan_jsonl(rec: FileRecord, opts: IndexOptions) -> None:
+    """Cut the JSONL into line-aligned byte ranges; count lines so each range knows its first line."""
+    entry = rec.entry
+    try:
+        _scan_jsonl(rec, entry, opts)
+    except OSError as exc:
+        rec.status, rec.error = "unreadable", f"cannot read JSONL: {exc}"
+        rec.units.clear()
+    rec.num_row_groups = -1
+    rec.num_columns = -1
+
+
+def _scan_jsonl(rec: FileRecord, entry: DatasetEntry, opts: IndexOptions) -> None:
+    with open(rec.path, "rb") as fp:
+        start, line, pos = 0, 0, 0
+        lines_in_range = 0
+        while True:
+            block = fp.read(1 << 20)
+            if not block:
+                break
+            search_from = 0
+            while True:
+                nl = block.find(b"\n", search_from)
+                if nl < 0:
+                    break
+                lines_in_range += 1
+                search_from = nl + 1
+                end = pos + nl + 1
+                if end - start >= opts.jsonl_chunk_bytes:
+                    rec.units.append(_jsonl_unit(entry, rec.path, start, end, line))
+                    line += lines_in_range
+                    lines_in_range, start = 0, end
+            pos += len(block)
+        if pos > start:
+            rec.units.append(_jsonl_unit(entry, rec.path, start, pos, line))
+
+
+def _jsonl_unit(entry: DatasetEntry, path: str, start: int, end: int, first_line: int) -> Unit:
+    return Unit(entry.name, entry.group, entry.task, path, "jsonl", start=start, end=end,
+                first_line=first_line, data_dir=str(entry.data_dir))
+
+
+def _deps_digest(image_paths: Iterable[str]) -> str:
+    """Digest of the stat of every image a JSONL references (VLM rows depend on those files too)."""
+    h = hashlib.sha1()
+    for p in sorted(set(image_paths)):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _part_image_paths(part: str) -> Iterator[str]:
+    pf = pq.ParquetFile(part)
+    for batch in pf.iter_batches(columns=["image_paths"], batch_size=65536):
+        for paths in batch.column(0).to_pylist():
+            yield from paths
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+def dataset_key(entry: DatasetEntry) -> str:
+    """Stable folder / partition name of a dataset."""
+    return f"{entry.group}.{entry.name}"
+
+
+def dataset_dir(out_dir: Path, entry: DatasetEntry) -> Path:
+    return Path(out_dir) / "datasets" / entry.group / entry.name
+
+
+@dataclass
+class DatasetSummary:
+    """Numbers reported for one dataset (CLI table, Dagster metadata)."""
+
+    dataset: str
+    group: str
+    task: str
+    files: int = 0
+    files_reindexed: int = 0
+    files_reused: int = 0
+    files_unreadable: int = 0
+    rows: int = 0
+    ok: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
+    image_bytes: int = 0
+    seconds: float = 0.0
+    index_path: str = ""
+    quarantine_path: str = ""
+    files_path: str = ""
+    invariant_ok: bool = True
+    invariant_failures: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rows_per_s"] = self.rows_per_s
+        return d
+
+
+class _Pool:
+    """In-order results over a process pool with a bounded number of units in flight."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor: ProcessPoolExecutor | None = None
+        if workers > 1:
+            self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+
+    def map(self, units: list[Unit], opts: IndexOptions) -> Iterator[tuple[Unit, pa.Table]]:
+        if self.executor is None:
+            for unit in units:
+                yield unit, index_unit(unit, opts)
+            return
+        pending: deque[tuple[Unit, Future[pa.Table]]] = deque()
+        it = iter(units)
+        limit = 2 * self.workers + 2
+        for unit in it:
+            pending.append((unit, self.executor.submit(index_unit, unit, opts)))
+            if len(pending) >= limit:
+                break
+        while pending:
+            unit, fut = pending.popleft()
+            table = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, self.executor.submit(index_unit, nxt, opts)))
+            yield unit, table
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+ProgressFn = Callable[[str, int], None]  # (event, count): ("units_total", n) / ("unit_done", rows)
+
+
+def _load_previous(files_path: Path) -> dict[str, dict[str, Any]]:
+    if not files_path.is_file():
+        return {}
+    try:
+        table = pq.read_table(files_path)
+    except Exception:  # noqa: BLE001 - a damaged cache only means re-reading everything
+        return {}
+    return {row["source_file"]: row for row in table.to_pylist()}
+
+
+def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions) -> bool:
+    if prev is None or opts.force:
+        return False
+    if (prev["size"], prev["mtime_ns"], prev["footer_hash"], prev["options_digest"]) != (
+        rec.size, rec.mtime_ns, rec.footer_hash, opts.digest()
+    ):
+        return False
+    if prev["status"] == "unreadable":
+        return True
+    part = prev["part"]
+    if not part or not Path(part).is_file():
+        return False
+    return rec.kind != "jsonl" or prev["deps_digest"] == _deps_digest(_part_image_paths(part))
+
+
+def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
+    if entry.is_parquet:
+        if not entry.data_dir.is_dir():
+            raise DataError(
+                f"{entry.group}.{entry.name}: data_dir {entry.data_dir} is not a directory; "
+                "fix data_dir in the registry"
+            )
+        files = [(str(p), "parquet") for p in entry.parquet_files()]
+        if not files:
+            raise DataError(
+                f"{entry.group}.{entry.name}: no *.parquet files directly in {entry.data_dir} "
+                "(upstream would divide by zero); point data_dir at the folder of shards"
+            )
+        return files
+    if entry.jsonl_path is None:
+        raise DataError(f"{entry.group}.{entry.name}: a vlm_sft entry needs 'jsonl_path' in the registry")
+    return [(str(entry.jsonl_path), "jsonl")]
+
+
+def index_dataset(
+    entry: DatasetEntry,
+    out_dir: str | Path,
+    opts: IndexOptions | None = None,
+    pool: _Pool | None = None,
+    progress: ProgressFn | None = None,
+) -> DatasetSummary:
+    """Index one dataset into ``out_dir/datasets/<group>/<name>/`` (incremental per file)."""
+    opts = opts or IndexOptions()
+    t0 = time.perf_counter()
+    ddir = dataset_dir(Path(out_dir), entry)
+    parts_dir = ddir / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    previous = _load_previous(ddir / "files.parquet")
+    summary = DatasetSummary(entry.name, entry.group, entry.task)
+
+    records: list[FileRecord] = []
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        for path, kind in _files_for(entry):
+            rec = FileRecord(entry=entry, path=path, kind=kind)
+            rec.part = str(parts_dir / (hashlib.sha1(path.encode()).hexdigest()[:20] + ".parquet"))
+            records.append(rec)
+            try:
+                rec.size, rec.mtime_ns, rec.footer_hash = file_identity(path, kind)
+            except OSError as exc:
+                rec.status, rec.error = "unreadable", f"cannot open: {exc}"
+                continue
+            prev = previous.get(path)
+            if _can_reuse(rec, prev, opts):
+                assert prev is not None
+                for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
+                            "quarantined", "status", "error", "part"):
+                    setattr(rec, key, prev[key])
+                rec.reused = True
+                continue
+            if kind == "parquet":
+                _plan_parquet(rec, con, opts)
+            else:
+                _plan_jsonl(rec, opts)
+    finally:
+        con.close()
+
+    if progress:
+        progress("units_total", sum(len(r.units) for r in records))
+    own_pool = pool is None
+    pool = pool or _Pool(min(opts.resolved_workers(), max(1, sum(len(r.units) for r in records))))
+    try:
+        all_units = [u for r in records for u in r.units]
+        by_path = {r.path: r for r in records}
+        writers: dict[str, pq.ParquetWriter] = {}
+        remaining = Counter(u.path for u in all_units)
+        # files without units (reused, unreadable, schema errors, empty) are finalised first
+        for rec in records:
+            if rec.reused or rec.status == "unreadable":
+                continue
+            if rec.pre_rows is not None:
+                pq.write_table(rec.pre_rows, rec.part)
+            elif not rec.units:
+                pq.write_table(INDEX_SCHEMA.empty_table(), rec.part)
+        for unit, table in pool.map(all_units, opts):
+            rec = by_path[unit.path]
+            t_unit = time.perf_counter()
+            writer = writers.get(unit.path)
+            if writer is None:
+                writer = writers[unit.path] = pq.ParquetWriter(rec.part, INDEX_SCHEMA)
+            writer.write_table(table)
+            remaining[unit.path] -= 1
+            rec.seconds += time.perf_counter() - t_unit
+            if remaining[unit.path] == 0:
+                writers.pop(unit.path).close()
+            if progress:
+                progress("unit_done", table.num_rows)
+        for w in writers.values():  # pragma: no cover - only on errors above
+            w.close()
+    finally:
+        if own_pool:
+            pool.close()
+
+    # accounting per file, from the parts actually written
+    for rec in records:
+        if rec.status == "unreadable" and not rec.reused:
+            rec.rows_read = rec.ok = rec.quarantined = 0
+            rec.part = ""
+        elif not rec.reused:
+            _account(rec)
+            if rec.kind == "jsonl":
+                rec.deps_digest = _deps_digest(_part_image_paths(rec.part))
+            if rec.status == "ok" and rec.quarantined == rec.rows_read and rec.rows_read:
+                rec.status = "all_quarantined"
+        summary.files += 1
+        summary.files_reused += int(rec.reused)
+        summary.files_reindexed += int(not rec.reused)
+        summary.files_unreadable += int(rec.status == "unreadable")
+        summary.file_bytes += max(rec.size, 0)
+        if rec.footer_rows >= 0 and rec.kind == "parquet" and rec.rows_read != rec.footer_rows:
+            summary.invariant_failures.append(f"{rec.path}: {rec.rows_read} rows read, footer declares {rec.footer_rows}")
+        if rec.ok + rec.quarantined != rec.rows_read:
+            summary.invariant_failures.append(f"{rec.path}: ok {rec.ok} + quarantined {rec.quarantined} != {rec.rows_read}")
+
+    _write_dataset_tables(ddir, entry, records, opts)
+    summary.index_path = str(ddir / "index.parquet")
+    summary.quarantine_path = str(ddir / "quarantine.parquet")
+    summary.files_path = str(ddir / "files.parquet")
+    _fill_counts(summary)
+    summary.invariant_ok = not summary.invariant_failures
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _account(rec: FileRecord) -> None:
+    pf = pq.ParquetFile(rec.part)
+    rec.rows_read = rec.ok = rec.quarantined = 0
+    for batch in pf.iter_batches(columns=["status"], batch_size=65536):
+        status = batch.column(0).to_pylist()
+        rec.rows_read += len(status)
+        ok = sum(1 for s in status if s == "ok")
+        rec.ok += ok
+        rec.quarantined += len(status) - ok
+
+
+def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> None:
+    """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
+    tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
+    with pq.ParquetWriter(tmp_index, INDEX_SCHEMA) as iw, pq.ParquetWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
+        for rec in records:
+            if rec.status == "unreadable":
+                qw.write_table(pa.Table.from_pylist([{
+                    "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
+                    "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
+                    "message": rec.error or "file cannot be opened",
+                }], schema=QUARANTINE_SCHEMA))
+                continue
+            pf = pq.ParquetFile(rec.part)
+            for batch in pf.iter_batches(batch_size=16384):
+                table = pa.Table.from_batches([batch]).cast(INDEX_SCHEMA)
+                iw.write_table(table)
+                quarantined = table.filter(pc.equal(table.column("status"), "quarantined"))
+                if quarantined.num_rows:
+                    qw.write_table(quarantined.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+    os.replace(tmp_index, ddir / "index.parquet")
+    os.replace(tmp_quar, ddir / "quarantine.parquet")
+    # remove parts of files that left the dataset
+    keep = {rec.part for rec in records if rec.part}
+    for part in (ddir / "parts").glob("*.parquet"):
+        if str(part) not in keep:
+            part.unlink()
+    digest = opts.digest()
+    rows = [{
+        "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": r.path, "kind": r.kind,
+        "size": r.size, "mtime_ns": r.mtime_ns, "footer_hash": r.footer_hash, "deps_digest": r.deps_digest,
+        "options_digest": digest, "num_row_groups": r.num_row_groups, "num_columns": r.num_columns,
+        "footer_rows": r.footer_rows, "rows_read": r.rows_read, "ok": r.ok, "quarantined": r.quarantined,
+        "status": r.status, "error": r.error, "reused": r.reused, "part": r.part, "seconds": r.seconds,
+    } for r in records]
+    tmp_files = ddir / f".files.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=FILES_SCHEMA), tmp_files)
+    os.replace(tmp_files, ddir / "files.parquet")
+
+
+def _fill_counts(summary: DatasetSummary) -> None:
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        idx = _sql_str(summary.index_path)
+        ok, quarantined, image_bytes = con.sql(
+            f"SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status <> 'ok'), "
+            f"coalesce(sum(image_bytes), 0) FROM read_parquet({idx})"
+        ).fetchall()[0]
+        reasons = con.sql(
+            f"SELECT reason, count(*) FROM read_parquet({_sql_str(summary.quarantine_path)}) "
+            "GROUP BY reason ORDER BY 2 DESC, 1"
+        ).fetchall()
+    finally:
+        con.close()
+    summary.ok, summary.quarantined, summary.image_bytes = int(ok), int(quarantined), int(image_bytes)
+    summary.rows = summary.ok + summary.quarantined
+    summary.reasons = {str(r): int(n) for r, n in reasons}
+
+
+@dataclass
+class IndexResult:
+    """What :func:`index_registry` produced."""
+
+    out_dir: Path
+    datasets: list[DatasetSummary]
+    index_path: Path
+    quarantine_path: Path
+    files_path: Path
+    parquet_info: dict[str, Path]
+    registry_path: Path | None
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return sum(d.rows for d in self.datasets)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(d.quarantined for d in self.datasets)
+
+
+def index_registry(
+    registry: Registry,
+    out_dir: str | Path,
+    opts: IndexOptions | None = None,
+    datasets: Iterable[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> IndexResult:
+    """Index the selected datasets (default: all), then rebuild the combined outputs for all indexed ones.
+
+    ``datasets`` holds registry names or ``group.name`` keys. Datasets not selected keep their previous
+    per-dataset outputs, so one Dagster partition can re-index one dataset and still refresh the union.
+    """
+    from bagel_core.index.parquet_info import write_parquet_info_files  # local: avoid import cycle
+
+    opts = opts or IndexOptions()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(datasets) if datasets is not None else None
+    selected = [e for e in registry.entries if wanted is None or e.name in wanted or dataset_key(e) in wanted]
+    if wanted is not None:
+        known = {e.name for e in registry.entries} | {dataset_key(e) for e in registry.entries}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise DataError(f"unknown dataset(s) {unknown}; registered: {', '.join(registry.names())}")
+    summaries = []
+    units_total = 0
+    with _Pool(opts.resolved_workers()) as pool:
+        for entry in selected:
+            def _progress(event: str, n: int) -> None:
+                nonlocal units_total
+                if progress is None:
+                    return
+                if event == "units_total":
+                    units_total += n
+                    progress("units_total", units_total)
+                else:
+                    progress(event, n)
+            summaries.append(index_dataset(entry, out, opts, pool, _progress if progress else None))
+    combined = combine(registry, out)
+    infos = write_parquet_info_files(registry, out)
+    from bagel_core.index.parquet_info import registry_with_parquet_info
+
+    reg_path = out / "dataset_info.yaml"
+    registry_with_parquet_info(registry, infos).save(reg_path)
+    return IndexResult(out, summaries, combined["index"], combined["quarantine"], combined["files"], infos,
+                       reg_path, time.perf_counter() - t0)
+
+
+def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
+    """Union of the per-dataset tables (registry order) into ``out_dir/{index,quarantine,files}.parquet``.
+
+    Serialised with a file lock and written under temporary names, so concurrent per-dataset runs
+    (Dagster partitions in parallel) never leave a torn file and the last one includes every dataset.
+    """
+    out = Path(out_dir)
+    result: dict[str, Path] = {}
+    with open(out / ".combine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA), ("files", FILES_SCHEMA)):
+            tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for entry in registry.entries:
+                    src = dataset_dir(out, entry) / f"{name}.parquet"
+                    if not src.is_file():
+                        continue
+                    for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
+                        writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+            os.replace(tmp, out / f"{name}.parquet")
+            result[name] = out / f"{name}.parquet"
+    return result
+
+
+def clear_dataset(out_dir: str | Path, entry: DatasetEntry) -> None:
+    """Forget everything indexed for a dataset (next run re-reads every file)."""
+    shutil.rmtree(dataset_dir(Path(out_dir), entry), ignore_errors=True)

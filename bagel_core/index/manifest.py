@@ -1,0 +1,436 @@
+"""Sampling manifest (who reads what) and the packing simulation over it.
+
+Why: before launching, users should see which rank and worker read which files/rows, whether every
+worker gets data (upstream hangs otherwise), and how the data will pack. The manifest is the
+training loader's input: :func:`read_manifest` gives one worker its units in reading order.
+
+Files written by :func:`write_manifest` in ``out_dir``:
+
+* ``manifest.parquet``: one row per (group, rank, worker, position) with the unit (``source_file``,
+  ``row_group`` for edit, ``line`` for VLM) in the order the worker reads it;
+* ``manifest.json``: inputs (world size, workers, seed, config paths and hashes), per-group unit
+  counts, what was dropped at rank and worker level, listing notes, and ``problems`` (non-empty =
+  some worker would get no data; the reader refuses such a manifest).
+
+The packing simulation (:func:`simulate_packing`) replays the packer per (rank, worker) over the
+samples of its units, using the cost variants of ``token_stats.parquet``; see
+:mod:`bagel_core.data.packing`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bagel_core.config.dataset_config import DatasetConfig
+from bagel_core.config.errors import ConfigError, DataError
+from bagel_core.config.registry import Registry
+from bagel_core.data.packing import PackingParams, SimSample, WorkerSimulation, simulate_worker
+from bagel_core.data.sharding import (
+    DataUnit,
+    GroupUnits,
+    check_capacity,
+    list_group_units,
+    rank_slice,
+    shuffled_units,
+    worker_slice,
+)
+
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_JSON = "manifest.json"
+SIMULATION_JSON = "packing_simulation.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestCapacityError(ConfigError):
+    """Some group has fewer units than ranks x workers: a worker would get no data."""
+
+
+@dataclass
+class Manifest:
+    """Assignments per (group, rank, worker) plus the per-group accounting."""
+
+    world_size: int
+    num_workers: int
+    seed: int
+    assignments: dict[tuple[str, int, int], list[DataUnit]]
+    groups: dict[str, dict[str, Any]]
+    problems: list[str]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> list[int]:
+        return list(range(max(self.num_workers, 1)))
+
+
+def _sha256(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_manifest(
+    dataset_config: DatasetConfig,
+    registry: Registry,
+    world_size: int,
+    num_workers: int,
+    seed: int = 42,
+    strict: bool = True,
+) -> Manifest:
+    """List, sort, shuffle and split every group's units (12.1, 12.2) and check the 12.3 rule.
+
+    ``strict``: raise :class:`ManifestCapacityError` naming the numbers and the fix when any worker
+    would get no data; otherwise record the problems (the Dagster check blocks on them).
+    """
+    dataset_config.check_against(registry)
+    listings: dict[str, GroupUnits] = {name: list_group_units(g, registry) for name, g in dataset_config.groups.items()}
+    problems = check_capacity(dataset_config, listings, world_size, num_workers)
+    if problems and strict:
+        raise ManifestCapacityError("some workers would get no data:\n  " + "\n  ".join(problems))
+    assignments: dict[tuple[str, int, int], list[DataUnit]] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    workers = range(max(num_workers, 1))
+    for name, listing in listings.items():
+        shuffled = shuffled_units(listing.units, seed)
+        per_rank = len(shuffled) // world_size
+        per_worker = per_rank // num_workers if num_workers else per_rank
+        for rank in range(world_size):
+            mine = rank_slice(shuffled, world_size, rank)
+            for worker in workers:
+                assignments[(name, rank, worker)] = worker_slice(mine, num_workers, worker)
+        group = dataset_config.groups[name]
+        groups[name] = {
+            "task": listing.task,
+            "datasets": list(group.dataset_names),
+            "num_used_data": list(group.num_used_data),
+            "units": len(listing.units),
+            "distinct_units": len(set(listing.units)),
+            "per_rank": per_rank,
+            "per_worker": per_worker,
+            "dropped_at_rank_level": len(shuffled) - per_rank * world_size,
+            "dropped_at_worker_level": (per_rank - per_worker * num_workers) * world_size if num_workers else 0,
+            "weight": group.weight,
+            "is_mandatory": group.is_mandatory,
+            "notes": listing.notes,
+        }
+    inputs = {
+        "registry": str(registry.source) if registry.source else None,
+        "registry_sha256": _sha256(registry.source),
+        "dataset_config": str(dataset_config.source) if dataset_config.source else None,
+        "dataset_config_sha256": _sha256(dataset_config.source),
+    }
+    return Manifest(world_size, num_workers, seed, assignments, groups, problems, inputs)
+
+
+def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``manifest.parquet`` and ``manifest.json`` (deterministic bytes for the same inputs)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols: dict[str, list] = defaultdict(list)
+    for (group, rank, worker), units in sorted(manifest.assignments.items(), key=lambda kv: kv[0][1:] + (kv[0][0],)):
+        for position, unit in enumerate(units):
+            for key, value in (("group", group), ("task", manifest.groups[group]["task"]), ("dataset", unit.dataset),
+                               ("rank", rank), ("worker", worker), ("position", position),
+                               ("source_file", unit.source_file), ("row_group", unit.row_group),
+                               ("line", unit.line)):
+                cols[key].append(value)
+    schema = pa.schema([
+        ("group", pa.string()), ("task", pa.string()), ("dataset", pa.string()), ("rank", pa.int32()),
+        ("worker", pa.int32()), ("position", pa.int64()), ("source_file", pa.string()), ("row_group", pa.int32()),
+        ("line", pa.int64()),
+    ])
+    table = pa.table({name: cols.get(name, []) for name in schema.names}, schema=schema)
+    pq.write_table(table, out / MANIFEST_FILE)
+    meta = {
+        "version": MANIFEST_VERSION,
+        "world_size": manifest.world_size,
+        "num_workers": manifest.num_workers,
+        "seed": manifest.seed,
+        "ok": not manifest.problems,
+        "problems": manifest.problems,
+        "groups": manifest.groups,
+        "inputs": manifest.inputs,
+        "rows": table.num_rows,
+    }
+    (out / MANIFEST_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out / MANIFEST_FILE, out / MANIFEST_JSON
+
+
+def read_manifest_meta(manifest_dir: str | Path) -> dict[str, Any]:
+    path = Path(manifest_dir) / MANIFEST_JSON
+    if not path.is_file():
+        raise DataError(f"no manifest at {manifest_dir} (missing {MANIFEST_JSON}); run `bagel data plan`")
+    return json.loads(path.read_text())
+
+
+def read_manifest(
+    manifest_dir: str | Path,
+    rank: int,
+    worker: int,
+    world_size: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, list[DataUnit]]:
+    """The units one worker reads, per group, in reading order (what the training loader consumes).
+
+    ``world_size``/``num_workers``, when given, must match the manifest (a resume-state mismatch
+    otherwise). A manifest with capacity problems is refused.
+    """
+    meta = read_manifest_meta(manifest_dir)
+    if meta.get("problems"):
+        raise ManifestCapacityError(
+            f"{manifest_dir}: manifest has empty workers; rebuild it:\n  " + "\n  ".join(meta["problems"])
+        )
+    for name, given in (("world_size", world_size), ("num_workers", num_workers)):
+        if given is not None and given != meta[name]:
+            raise ConfigError(
+                f"{manifest_dir}: manifest was built for {name}={meta[name]}, training runs with {given}; "
+                "rebuild it with `bagel data plan`"
+            )
+    if not (0 <= rank < meta["world_size"]) or not (0 <= worker < max(meta["num_workers"], 1)):
+        raise ConfigError(f"rank {rank} / worker {worker} outside the manifest's {meta['world_size']} x "
+                          f"{meta['num_workers']} layout")
+    frame = pl.read_parquet(Path(manifest_dir) / MANIFEST_FILE).filter(
+        (pl.col("rank") == rank) & (pl.col("worker") == worker)
+    ).sort(["group", "position"])
+    out: dict[str, list[DataUnit]] = {g: [] for g in meta["groups"]}
+    for rec in frame.iter_rows(named=True):
+        out[rec["group"]].append(
+            DataUnit(rec["group"], rec["dataset"], rec["source_file"], rec["row_group"], rec["line"])
+        )
+    return out
+
+
+def format_manifest_table(manifest: Manifest) -> str:
+    """Per-group table for the CLI."""
+    head = f"{'group':<14} {'task':<5} {'units':>7} {'per rank':>9} {'per worker':>11} {'dropped':>8}  notes"
+    lines = [f"world_size {manifest.world_size}  num_workers {manifest.num_workers}  seed {manifest.seed}",
+             head, "-" * len(head)]
+    for name, g in manifest.groups.items():
+        dropped = g["dropped_at_rank_level"] + g["dropped_at_worker_level"]
+        lines.append(f"{name:<14} {g['task']:<5} {g['units']:>7} {g['per_rank']:>9} {g['per_worker']:>11} "
+                     f"{dropped:>8}  {'; '.join(g['notes'])}")
+    for problem in manifest.problems:
+        lines.append(f"ERROR: {problem}")
+    return "\n".join(lines)
+
+
+# ---- packing simulation ----------------------------------------------------------------------------
+def _norm(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _samples_by_unit(stats: pl.DataFrame) -> dict[tuple[str, int, int], list[SimSample]]:
+    """Counted samples keyed by unit: (file, -1, -1) for T2I, (file, rg, -1) edit, (file, -1, line) VLM."""
+    out: dict[tuple[str, int, int], list[SimSample]] = defaultdict(list)
+    ordered = stats.sort(["source_file", "row_group", "row_index"])
+    for rec in ordered.select(["dataset", "task", "source_file", "row_group", "row_index", "variant_prob",
+                               "variant_est", "variant_total"]).iter_rows():
+        dataset, task, source, rg, row, probs, ests, totals = rec
+        running, cum = 0.0, []
+        for p in probs:
+            running += p
+            cum.append(running)
+        sample = SimSample(dataset, (source, rg, row), tuple(cum), tuple(ests), tuple(totals))
+        path = _norm(source)
+        key = (path, -1, -1) if task == "t2i" else (path, rg, -1) if task == "edit" else (path, -1, row)
+        out[key].append(sample)
+    return out
+
+
+def _unit_key(task: str, unit: DataUnit) -> tuple[str, int, int]:
+    path = _norm(unit.source_file)
+    return (path, -1, -1) if task == "t2i" else (path, unit.row_group, -1) if task == "edit" else (path, -1, unit.line)
+
+
+@dataclass
+class PackingReport:
+    """The simulation summarised over all ranks and workers."""
+
+    params: dict[str, int]
+    workers: list[dict[str, Any]]
+    packs: int
+    steps_per_epoch: int
+    mean_fill: float
+    mean_length: float
+    min_length: int
+    max_length: int
+    flex_padding_fraction: float
+    negative_padding_packs: int
+    overflow_flushes: int
+    skipped_over_cap: int
+    skipped_over_cap_mandatory: int
+    discarded_on_overflow: int
+    buffered: int
+    group_share: list[dict[str, Any]]
+    dataset_share: list[dict[str, Any]]
+    truncated_workers: int
+    pack_lengths: list[int] = field(repr=False, default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("pack_lengths")
+        return out
+
+
+def simulate_packing(
+    manifest: Manifest,
+    dataset_config: DatasetConfig,
+    stats: pl.DataFrame,
+    params: PackingParams,
+    seed: int | None = None,
+    max_packs_per_worker: int = 100_000,
+) -> PackingReport:
+    """Replay the packer for every (rank, worker) of the manifest over token counts only.
+
+    An *epoch* of a worker ends at the first pack flushed after each of its groups has been read once;
+    ``steps_per_epoch`` = max over ranks of (workers x the slowest worker's packs), since the
+    DataLoader takes one pack per step from its workers in turn. Samples that were quarantined or
+    skipped by the statistics are absent, as upstream skips them.
+    """
+    if manifest.problems:
+        raise ManifestCapacityError("cannot simulate packing:\n  " + "\n  ".join(manifest.problems))
+    by_unit = _samples_by_unit(stats)
+    names = list(dataset_config.groups)
+    weights = [dataset_config.groups[g].weight for g in names]
+    mandatory = [dataset_config.groups[g].is_mandatory for g in names]
+    sims: list[WorkerSimulation] = []
+    for rank in range(manifest.world_size):
+        for worker in manifest.workers:
+            samples = []
+            for name in names:
+                task = manifest.groups[name]["task"]
+                units = manifest.assignments[(name, rank, worker)]
+                samples.append([s for u in units for s in by_unit.get(_unit_key(task, u), [])])
+            sims.append(simulate_worker(params, names, weights, mandatory, samples,
+                                        manifest.seed if seed is None else seed, rank, worker, max_packs_per_worker))
+    return _report(sims, manifest, dataset_config, params)
+
+
+def _report(sims: list[WorkerSimulation], manifest: Manifest, dataset_config: DatasetConfig,
+            params: PackingParams) -> PackingReport:
+    lengths = [n for s in sims for n in s.pack_lengths]
+    packs = len(lengths)
+    steps = 0
+    for rank in range(manifest.world_size):
+        mine = [len(s.pack_lengths) for s in sims if s.rank == rank]
+        steps = max(steps, len(mine) * max(mine))
+    tokens_by_group: dict[str, int] = defaultdict(int)
+    tokens_by_dataset: dict[str, int] = defaultdict(int)
+    samples_by_group: dict[str, int] = defaultdict(int)
+    for s in sims:
+        for k, v in s.tokens_by_group.items():
+            tokens_by_group[k] += v
+        for k, v in s.tokens_by_dataset.items():
+            tokens_by_dataset[k] += v
+        for k, v in s.samples_by_group.items():
+            samples_by_group[k] += v
+    total_tokens = sum(tokens_by_group.values()) or 1
+    total_weight = sum(g.weight for g in dataset_config.groups.values())
+    group_share = [
+        {"group": name, "weight_share": g.weight / total_weight, "mandatory": g.is_mandatory,
+         "token_share": tokens_by_group.get(name, 0) / total_tokens, "tokens": tokens_by_group.get(name, 0),
+         "samples": samples_by_group.get(name, 0)}
+        for name, g in dataset_config.groups.items()
+    ]
+    group_of = {d: name for name, g in dataset_config.groups.items() for d in g.dataset_names}
+    dataset_share = [
+        {"dataset": d, "group": group_of.get(d, "?"), "tokens": t, "token_share": t / total_tokens,
+         "group_weight_share": dataset_config.groups[group_of[d]].weight / total_weight if d in group_of else None}
+        for d, t in sorted(tokens_by_dataset.items())
+    ]
+    pads = [params.max_num_tokens - n for n in lengths]
+    workers = [
+        {"rank": s.rank, "worker": s.worker, "packs": len(s.pack_lengths), "overflow_flushes": s.overflow_flushes,
+         "packed_samples": s.packed_samples, "skipped_over_cap": s.skipped_cap,
+         "discarded_on_overflow": s.discarded_overflow, "max_buffer": s.max_buffer,
+         "first_pass_pack": s.first_pass_pack, "truncated": s.truncated}
+        for s in sims
+    ]
+    return PackingReport(
+        params=asdict(params), workers=workers, packs=packs, steps_per_epoch=steps,
+        mean_fill=(sum(lengths) / packs / params.expected_num_tokens) if packs else 0.0,
+        mean_length=(sum(lengths) / packs) if packs else 0.0,
+        min_length=min(lengths) if lengths else 0, max_length=max(lengths) if lengths else 0,
+        flex_padding_fraction=(sum(pads) / (packs * params.max_num_tokens)) if packs else 0.0,
+        negative_padding_packs=sum(1 for p in pads if p < 0),
+        overflow_flushes=sum(s.overflow_flushes for s in sims),
+        skipped_over_cap=sum(s.skipped_cap for s in sims),
+        skipped_over_cap_mandatory=sum(s.skipped_cap_mandatory for s in sims),
+        discarded_on_overflow=sum(s.discarded_overflow for s in sims),
+        buffered=sum(s.buffered for s in sims), group_share=group_share, dataset_share=dataset_share,
+        truncated_workers=sum(1 for s in sims if s.truncated), pack_lengths=lengths,
+    )
+
+
+def format_packing_table(report: PackingReport) -> str:
+    """The simulation as the CLI prints it (same numbers as the Dagster metadata)."""
+    p = report.params
+    lines = [
+        f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
+        f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
+        f"max_buffer_size {p['max_buffer_size']})",
+        f"  packs per epoch (all ranks/workers) {report.packs:>10}",
+        f"  steps per epoch                     {report.steps_per_epoch:>10}",
+        f"  mean fill vs expected_num_tokens    {report.mean_fill:>10.3f}",
+        f"  pack length mean / min / max        {report.mean_length:>10.1f} / {report.min_length} / {report.max_length}",
+        f"  flex padding waste                  {report.flex_padding_fraction:>10.3%}",
+        f"  packs over max_num_tokens           {report.negative_padding_packs:>10}",
+        f"  overflow flushes                    {report.overflow_flushes:>10}",
+        f"  samples skipped (over cap)          {report.skipped_over_cap:>10}  "
+        f"(mandatory fill: {report.skipped_over_cap_mandatory})",
+        f"  samples discarded on overflow flush {report.discarded_on_overflow:>10}",
+        f"  samples buffered                    {report.buffered:>10}",
+        f"  {'group':<14} {'weight share':>12} {'token share':>12} {'tokens':>12} {'samples':>9}",
+    ]
+    for g in report.group_share:
+        mark = " (mandatory)" if g["mandatory"] else ""
+        lines.append(f"  {g['group']:<14} {g['weight_share']:>12.3f} {g['token_share']:>12.3f} {g['tokens']:>12} "
+                     f"{g['samples']:>9}{mark}")
+    for d in report.dataset_share:
+        lines.append(f"    dataset {d['dataset']:<20} token share {d['token_share']:.3f}")
+    if report.truncated_workers:
+        lines.append(f"  WARNING: {report.truncated_workers} worker(s) hit the pack limit before an epoch ended")
+    return "\n".join(lines)
+
+
+def write_simulation(report: PackingReport, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / SIMULATION_JSON
+    path.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    return path
+
+
+def simulation_png(report: PackingReport) -> bytes:
+    """Pack-length histogram and token share vs weight share, as one small PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    a.hist(report.pack_lengths, bins=30)
+    a.axvline(report.params["expected_num_tokens"], color="green", linestyle="--", label="expected")
+    a.axvline(report.params["max_num_tokens"], color="red", linestyle="--", label="max")
+    a.set_xlabel("pack length (tokens)")
+    a.legend(fontsize=7)
+    names = [g["group"] for g in report.group_share]
+    xs = range(len(names))
+    b.bar([x - 0.2 for x in xs], [g["weight_share"] for g in report.group_share], width=0.4, label="weight")
+    b.bar([x + 0.2 for x in xs], [g["token_share"] for g in report.group_share], width=0.4, label="tokens")
+    b.set_xticks(list(xs), names, fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

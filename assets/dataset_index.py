@@ -16,7 +16,6 @@ Re-materialising re-reads only files whose identity (size, mtime, footer hash) c
 inside the step (they need the fresh results) and block downstream assets on failure.
 """
 
-from __future__ import annotations
 
 import base64
 import warnings

@@ -195,8 +195,13 @@ def test_vlm_line_numbers_across_chunks_and_crlf(tmp_path: Path) -> None:
     lines = [vlm_line("a.png") if i % 7 else '{"broken' for i in range(50)]
     img_dir, jsonl = write_vlm(tmp_path / "vlm", lines, images)
     jsonl.write_bytes(jsonl.read_bytes().replace(b"\n", b"\r\n"))
-    _, index, q, _ = run_index(registry_for(vlm={"data_dir": img_dir, "jsonl_path": jsonl}), tmp_path / "out",
-                               jsonl_chunk_bytes=300, workers=2)
+    _, index, q, _ = run_index(
+        registry_for(vlm={"data_dir": img_dir, "jsonl_path": jsonl}),
+        tmp_path / "out",
+        jsonl_chunk_bytes=300,
+        workers=2,
+        min_rows_for_pool=0,
+    )
     assert index.column("row_index").to_pylist() == list(range(50))
     assert q.column("file_row").to_pylist() == list(range(0, 50, 7))
     assert reasons(q) == {"json_invalid": 8}

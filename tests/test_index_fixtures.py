@@ -158,3 +158,33 @@ def test_probe_pixel_cap_is_configurable_and_jpeg_trailing_junk_is_fine() -> Non
     with pytest.raises(probe.ProbeError) as err:
         probe.probe_bytes(truncated_jpeg)
     assert err.value.reason == probe.IMAGE_TRUNCATED
+
+
+def _variants() -> list[tuple[str, bytes]]:
+    out = []
+    for fmt, mode, kw in [
+        ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "L", {}), ("PNG", "LA", {}), ("PNG", "P", {}),
+        ("PNG", "1", {}), ("PNG", "I;16", {}), ("PNG", "RGB", {"transparency": (1, 2, 3)}),
+        ("PNG", "L", {"transparency": 5}), ("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}),
+        ("JPEG", "RGB", {"progressive": True}), ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + b"\x00" * 5000}),
+        ("JPEG", "RGB", {"subsampling": 0, "quality": 95}),
+    ]:
+        img = Image.new(mode, (53, 29))
+        if mode == "P":
+            img = Image.new("RGB", (53, 29), (200, 10, 10)).quantize(colors=4)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        out.append((f"{fmt}-{mode}-{sorted(kw)}", buf.getvalue()))
+    return out
+
+
+@pytest.mark.parametrize("name,data", _variants(), ids=[n for n, _ in _variants()])
+def test_fast_header_agrees_with_pillow(name: str, data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as im:
+        expected = (im.width, im.height, im.mode)
+    fast = probe.fast_header(data)
+    if fast is not None:  # None means "let Pillow decide": allowed for unusual variants only
+        assert fast[:3] == expected, name
+    else:
+        assert any(k in name for k in ("-1-", "I;16")), f"{name}: common variant missed the fast path"
+    assert probe.probe_bytes(data)[:3] == expected

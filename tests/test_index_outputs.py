@@ -39,7 +39,7 @@ def _three_datasets(tmp_path: Path) -> Registry:
 
 def test_index_schema_is_the_published_contract(tmp_path: Path) -> None:
     reg = _three_datasets(tmp_path)
-    result, index, q, files = run_index(reg, tmp_path / "out")
+    result, index, q, _ = run_index(reg, tmp_path / "out")
     schema = pq.read_schema(result.index_path)
     expected = {
         "dataset": pa.string(), "group": pa.string(), "task": pa.string(), "source_file": pa.string(),
@@ -93,7 +93,7 @@ def test_parquet_info_matches_footers_and_registry_points_at_it(tmp_path: Path) 
 def test_incremental_reindex_reads_only_changed_files(tmp_path: Path) -> None:
     reg = _three_datasets(tmp_path)
     out = tmp_path / "out"
-    first, index1, _, files1 = run_index(reg, out)
+    _, index1, _, files1 = run_index(reg, out)
     assert not any(files1.column("reused").to_pylist())
 
     second, index2, _, files2 = run_index(reg, out)
@@ -107,7 +107,7 @@ def test_incremental_reindex_reads_only_changed_files(tmp_path: Path) -> None:
     (t2i_dir / "chunk_2.parquet").unlink()
     img_dir = reg.by_name("vlm").data_dir
     (img_dir / "a.png").write_bytes(b"broken now")
-    third, index3, q3, files3 = run_index(reg, out)
+    _, index3, q3, files3 = run_index(reg, out)
     reused = {(r["dataset"], Path(r["source_file"]).name): r["reused"] for r in files3.to_pylist()}
     assert reused == {("t2i", "chunk_0.parquet"): True, ("t2i", "chunk_1.parquet"): False,
                       ("edit_multi", "chunk_0.parquet"): True, ("edit_multi", "chunk_1.parquet"): True,
@@ -125,10 +125,15 @@ def test_incremental_reindex_reads_only_changed_files(tmp_path: Path) -> None:
 def test_partial_runs_keep_other_datasets_and_pool_path(tmp_path: Path) -> None:
     reg = _three_datasets(tmp_path)
     out = tmp_path / "out"
-    r1 = index_registry(reg, out, IndexOptions(workers=2, unit_rows=2), datasets=["t2i"])
+    r1 = index_registry(reg, out, IndexOptions(workers=2, unit_rows=2, min_rows_for_pool=0), datasets=["t2i"])
     assert [s.dataset for s in r1.datasets] == ["t2i"]
     assert pq.read_table(r1.index_path).num_rows == 15
-    r2 = index_registry(reg, out, IndexOptions(workers=2, unit_rows=2), datasets=["unified_edit.edit_multi", "vlm"])
+    r2 = index_registry(
+        reg,
+        out,
+        IndexOptions(workers=2, unit_rows=2, min_rows_for_pool=0),
+        datasets=["unified_edit.edit_multi", "vlm"],
+    )
     index = pq.read_table(r2.index_path)
     assert index.num_rows == 31
     assert index.column("dataset").to_pylist() == ["t2i"] * 15 + ["edit_multi"] * 12 + ["vlm"] * 4

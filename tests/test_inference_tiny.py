@@ -156,3 +156,44 @@ def test_cli_text_to_image_and_understanding(tiny_path, tmp_path, capsys):
         ]
     )
     assert args.func(args) == 0
+
+
+def test_kv_cached_prefill_equals_packed_forward():
+    """Text prefill + a latent chunk through the cache == one packed pass with the same layout."""
+    from bagel_core.model import build_model, preset
+    from bagel_core.model.attention import PackedLayout, packed_attention
+    from bagel_core.model.qwen2_mot import Routing
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 1000, (6,), generator=g)
+    lat = model.embed_latents(
+        torch.randn(4, 64, generator=g), torch.full((4,), 0.7), torch.tensor([0, 1, 64, 65])
+    )
+    marks = model.embed_text(torch.tensor([151652, 151653]))
+    image = torch.cat([marks[:1], lat, marks[1:]])
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.forward_cached(model.embed_text(text), torch.arange(6), Routing.all_und(6), cache, True, True)
+        gen_route = Routing.from_gen_indexes(torch.arange(1, 5), 6)
+        cached = model.forward_cached(image, torch.full((6,), 6), gen_route, cache, False, False)
+        layout = PackedLayout.from_splits([12], [6, 6], ["causal", "noise"])
+        packed = model.language_model.model(
+            torch.cat([model.embed_text(text), image]),
+            torch.cat([torch.arange(6), torch.full((6,), 6)]),
+            Routing.from_gen_indexes(torch.arange(7, 11), 12),
+            lambda _i, q, k, v: packed_attention(q, k, v, layout),
+        )
+    assert cache.length == 6
+    torch.testing.assert_close(cached, packed[6:], atol=1e-5, rtol=1e-5)
+
+
+def test_think_mode_prefills_system_prompt_and_plan(inferencer):
+    img = inferencer.generate(
+        "a dog", height=16, width=16, num_timesteps=2, seed=0, think=True, max_think_tokens=3
+    )
+    assert img.size == (16, 16)
+    answer = inferencer.understand(None, "why?", max_new_tokens=3, think=True)
+    assert isinstance(answer, str)

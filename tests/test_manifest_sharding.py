@@ -8,6 +8,7 @@ from collections import Counter
 
 import polars as pl
 import pytest
+from test_stats_fixtures import write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
@@ -27,7 +28,6 @@ from bagel_core.index.manifest import (
     write_manifest,
 )
 from bagel_core.index.stats_cli import main as cli_main
-from test_stats_fixtures import write_fixture
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_file_missing_from_parquet_info_is_dropped_and_reported(fx, tmp_path):
     config, registry = _load(fx)
     entry = registry.get("unified_edit", "seedx")
     info = json.loads(entry.parquet_info_path.read_text())
-    info.pop(sorted(info)[0])
+    info.pop(min(info))
     patched = tmp_path / "info.json"
     patched.write_text(json.dumps(info))
     text = fx.registry.read_text().replace(str(entry.parquet_info_path), str(patched))

@@ -10,6 +10,7 @@ from bagel_core.model.attention import (
     cached_attention,
     dense_mask,
     packed_attention,
+    varlen_plan,
     varlen_reference,
 )
 
@@ -83,6 +84,14 @@ def test_varlen_plan_for_flash_matches_dense_rule():
     layout = PackedLayout.from_splits(SAMPLE_LENS, SPLIT_LENS, MODES)
     q, k, v = _qkv(layout.length)
     torch.testing.assert_close(varlen_reference(q, k, v, layout), packed_attention(q, k, v, layout, "sdpa"))
+    # Multi-turn text after an image: adjacent causal splits merge into one causal segment.
+    turns = PackedLayout.from_splits(
+        [20, 7], [6, 3, 4, 2, 5, 3, 4], ["full", "causal", "causal", "noise", "causal", "causal", "causal"]
+    )
+    q, k, v = _qkv(turns.length, seed=1)
+    torch.testing.assert_close(varlen_reference(q, k, v, turns), packed_attention(q, k, v, turns, "sdpa"))
+    causal_group = next(g for g in varlen_plan(turns) if g.causal)
+    assert causal_group.cu_q.tolist() == [0, 7, 12, 19]
 
 
 def test_flash_without_flash_attn_says_how_to_install():

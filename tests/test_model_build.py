@@ -258,3 +258,39 @@ def test_meta_build_then_init_weights_is_usable():
     assert torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
     units = model.shard_units()
     assert len(units) == cfg.llm.num_hidden_layers + cfg.vit.num_hidden_layers + 5
+
+
+def test_flux_vae_structure_on_meta():
+    from bagel_core.model import AutoEncoder
+
+    with torch.device("meta"):
+        vae = AutoEncoder()
+    sd = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert 83_000_000 < sum(v.numel() for v in vae.state_dict().values()) < 85_000_000  # "about 84 M"
+    assert sd["encoder.conv_in.weight"] == (128, 3, 3, 3)
+    assert sd["encoder.down.1.block.0.nin_shortcut.weight"] == (256, 128, 1, 1)
+    assert sd["encoder.down.2.block.0.nin_shortcut.weight"] == (512, 256, 1, 1)
+    assert sd["encoder.mid.attn_1.proj_out.weight"] == (512, 512, 1, 1)
+    assert sd["encoder.conv_out.weight"] == (32, 512, 3, 3)
+    assert sd["decoder.conv_in.weight"] == (512, 16, 3, 3)
+    assert sd["decoder.up.1.block.0.nin_shortcut.weight"] == (256, 512, 1, 1)
+    assert sd["decoder.up.0.block.0.nin_shortcut.weight"] == (128, 256, 1, 1)
+    assert sd["decoder.up.3.upsample.conv.bias"] == (512,)
+    assert "decoder.up.0.upsample.conv.bias" not in sd and "encoder.down.3.downsample.conv.bias" not in sd
+    assert sum(k.startswith("decoder.up.0.block.") and k.endswith("conv1.weight") for k in sd) == 3
+    assert sd["decoder.conv_out.weight"] == (3, 128, 3, 3)
+
+
+def test_understanding_only_model_rejects_latents():
+    import pytest
+
+    cfg = preset("tiny")
+    cfg.visual_gen = False
+    model = build_model(cfg)
+    assert not any(
+        k.startswith(("vae2llm", "llm2vae", "time_embedder", "latent_pos")) for k in model.state_dict()
+    )
+    vlm = make_packed_batch(cfg, [[("vit", 2, 2), ("text", 4, True)]])
+    assert model(**vlm).mse is None
+    with pytest.raises(ValueError, match="visual_gen=False"):
+        model(**make_packed_batch(cfg, [[("text", 3, False), ("vae", 1, 2, True)]]))

@@ -136,6 +136,8 @@ def test_max_latent_size_mismatch_is_a_clear_error(tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model_dir(tmp_path / "nope")
     with pytest.raises(ConfigError, match="llm_config.json not found"):
         load_model_dir(tmp_path)
     cfg = preset("tiny")

@@ -7,17 +7,20 @@ import random
 
 import polars as pl
 import pytest
+from test_stats_fixtures import write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import Registry
 from bagel_core.data.packing import (
+    NO_DROPOUT,
     Buffered,
-    Flush,
+    CfgDropout,
     Packed,
     PackingParams,
     SimSample,
     Skipped,
+    _Draw,
     choose_group,
     cumulative_probs,
     pack_events,
@@ -25,7 +28,6 @@ from bagel_core.data.packing import (
 )
 from bagel_core.index.manifest import build_manifest, simulate_packing
 from bagel_core.index.token_stats import compute_token_stats
-from test_stats_fixtures import write_fixture
 
 
 def run(params, weights, mandatory, streams, n_events, seed=0):
@@ -125,6 +127,23 @@ def test_simulation_is_deterministic_and_counts_epochs():
     assert other.pack_lengths != r.pack_lengths or other.tokens_by_group != r.tokens_by_group
     with pytest.raises(DataError, match="no samples"):
         simulate_worker(p, ["a", "b"], [1, 1], [True, False], [a_samples, []], seed=1)
+    # a weight-0, non-mandatory group is never read: no data needed, and it does not hold the epoch open
+    r0 = simulate_worker(p, ["a", "z"], [1, 0], [False, False], [a_samples, []], seed=1)
+    assert set(r0.first_pass_pack) == {"a"} and not r0.truncated
+
+
+def test_cfg_dropout_shrinks_real_length_only():
+    sample = SimSample("t", ("t", 0), (1.0,), (4160,), (4160,), (((62,), (), ()),))
+    draw = _Draw(sample, 0)
+    assert draw.real_tokens(random.Random(0), NO_DROPOUT) == 4160
+    assert draw.real_tokens(random.Random(0), CfgDropout(1.0, 1.0, 1.0)) == 4098
+    rng = random.Random(0)
+    dropped = sum(draw.real_tokens(rng, CfgDropout()) == 4098 for _ in range(2000))
+    assert 150 < dropped < 250  # text dropped with probability 0.1
+    p = PackingParams(10_000, 10_000, 10_000, 0, 0)
+    full = simulate_worker(p, ["t"], [1], [False], [[sample] * 50], seed=0)
+    thin = simulate_worker(p, ["t"], [1], [False], [[sample] * 50], seed=0, dropout=CfgDropout(1.0, 0, 0))
+    assert max(thin.pack_lengths) < max(full.pack_lengths) or thin.packed_samples > full.packed_samples
 
 
 def test_simulation_over_manifest(tmp_path):

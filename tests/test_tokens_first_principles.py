@@ -16,12 +16,12 @@ from fractions import Fraction
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from test_stats_fixtures import image_size, write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer
 from bagel_core.index.token_stats import compute_token_stats
-from test_stats_fixtures import image_size, write_fixture
 
 
 def ref_resize(w, h, max_size, min_size, stride, max_pixels=1_806_336, img_num=1):
@@ -90,7 +90,7 @@ def test_reference_table_literals():
 
 
 def test_t2i_rows_match_first_principles(stats_run, tok):
-    fx, result, stats = stats_run
+    fx, _, stats = stats_run
     path = fx.t2i_files[1]
     pf = pq.ParquetFile(path)
     checked = 0
@@ -119,7 +119,7 @@ def test_t2i_rows_match_first_principles(stats_run, tok):
 
 
 def test_edit_rows_match_first_principles(stats_run, tok):
-    fx, result, stats = stats_run
+    fx, _, stats = stats_run
     path = fx.edit_files[0]
     rows = pq.ParquetFile(path).read_row_group(0).to_pylist()
 
@@ -135,7 +135,7 @@ def test_edit_rows_match_first_principles(stats_run, tok):
     # (1,2) 1/2; instruction 2 has two alternatives.
     sizes = [tuple(image_size(b)) for b in rows[1]["image_list"]]
     ins = rows[1]["instruction_list"]
-    n = lambda text: len(tok.encode(text))  # noqa: E731
+    n = lambda text: len(tok.encode(text))
     vae = [vae_cost(s)[0] for s in sizes]
     vit = [edit_vit_cost(s)[0] for s in sizes]
     totals: list[tuple[Fraction, int]] = []
@@ -165,7 +165,7 @@ def test_edit_rows_match_first_principles(stats_run, tok):
 def test_vlm_rows_match_first_principles(stats_run, tok):
     fx, result, stats = stats_run
     lines = fx.jsonl.read_text().splitlines()
-    n = lambda text: len(tok.encode(text))  # noqa: E731
+    n = lambda text: len(tok.encode(text))
 
     got = _row(stats, fx.jsonl, -1, 0)
     assert json.loads(lines[0])["id"] == "a0"

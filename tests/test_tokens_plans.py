@@ -44,7 +44,7 @@ def words(n: int) -> str:
 
 def test_t2i_worked_example():
     """7.4: 1024x1024 image, 60-token caption -> 62 + 4098 = 4160; estimate 4096 + 60 + 2*2 = 4160."""
-    (p, plan), = t2i_plan_variants('{"c": "%s"}' % words(60), (1024, 1024), VAE, fake_ids)
+    ((p, plan),) = t2i_plan_variants('{"c": "' + words(60) + '"}', (1024, 1024), VAE, fake_ids)
     count = count_tokens(plan)
     assert p == 1 and count.total == 4160 and count.estimate == 4160
     assert (count.text_tokens, count.vae_tokens, count.mse_tokens, count.ce_tokens) == (62, 4098, 4096, 0)
@@ -52,6 +52,7 @@ def test_t2i_worked_example():
     # caption dropped by CFG: only the 4098-token noise split remains; the estimate is unchanged
     dropped = count_tokens(plan, dropped=[0])
     assert dropped.total == 4098 and dropped.estimate == 4160
+    assert (count.cfg_text, count.cfg_vit, count.cfg_vae) == ((62,), (), ())  # only the caption is droppable
 
 
 def test_vlm_worked_example():
@@ -70,6 +71,7 @@ def test_edit_worked_example():
     assert [i.kind for i in plan.items] == [VAE_IMAGE, VIT_IMAGE, "text", VAE_IMAGE]
     assert [i.loss for i in plan.items] == [False, False, False, True]
     assert [i.enable_cfg for i in plan.items] == [True, True, True, False]
+    assert (count.cfg_text, count.cfg_vit, count.cfg_vae) == ((14,), (1371,), (4098,))
 
 
 def test_two_step_sequential_edit_exceeds_default_cap():
@@ -90,7 +92,7 @@ def test_edit_span_distribution_is_a_distribution(n):
 
 
 def test_edit_span_distribution_three_images():
-    dist = dict((s, p) for p, s in edit_span_distribution(3))
+    dist = {s: p for p, s in edit_span_distribution(3)}
     # start 0 (1/2): end 1 (1/4) or end 2 (1/4 -> concatenated 1/8, pulled back to end 1; sequential 1/8)
     assert dist == {
         EditSpan(0, 1, False): Fraction(1, 4),

@@ -19,8 +19,9 @@ from __future__ import annotations
 import bisect
 import random
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from bagel_core.config.errors import DataError
 
@@ -164,14 +165,35 @@ def pack_events(
 
 # ---- simulation over token counts -------------------------------------------------------------------
 @dataclass(frozen=True)
+class CfgDropout:
+    """Per-item CFG drop probabilities (section 10). Defaults: the model arguments used with
+    ``visual_gen`` (text 0.1, ViT 0.3, VAE 0.3); ``CfgDropout(0, 0, 0)`` disables dropout."""
+
+    text: float = 0.1
+    vit: float = 0.3
+    vae: float = 0.3
+
+
+NO_DROPOUT = CfgDropout(0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
 class SimSample:
-    """A sample as the simulation sees it: its cost variants (probabilities, estimates, exact totals)."""
+    """A sample as the simulation sees it: its cost variants (probabilities, estimates, exact totals).
+
+    ``cfg``: per variant, the exact tokens of its droppable (``enable_cfg``) text, ViT and VAE items.
+    """
 
     dataset: str
     key: tuple
     cum_probs: tuple[float, ...]
     estimates: tuple[int, ...]
     totals: tuple[int, ...]
+    cfg: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
+
+
+#: Placeholder sample of groups the packer never draws from (weight 0, not mandatory).
+_NEVER_READ = SimSample("", (), (1.0,), (0,), (0,))
 
 
 @dataclass
@@ -186,6 +208,18 @@ class _Draw:
     @property
     def total(self) -> int:
         return self.sample.totals[self.variant]
+
+    def real_tokens(self, rng: random.Random, dropout: CfgDropout) -> int:
+        """Exact tokens placed after independent CFG draws per droppable item (real ``curr`` increment)."""
+        total = self.total
+        if not self.sample.cfg or dropout == NO_DROPOUT:
+            return total
+        texts, vits, vaes = self.sample.cfg[self.variant]
+        for items, p in ((texts, dropout.text), (vits, dropout.vit), (vaes, dropout.vae)):
+            for tokens in items:
+                if rng.random() < p:
+                    total -= tokens
+        return total
 
 
 class _CyclingStream:
@@ -244,21 +278,27 @@ def simulate_worker(
     rank: int = 0,
     worker: int = 0,
     max_packs: int = 100_000,
+    dropout: CfgDropout = NO_DROPOUT,
 ) -> WorkerSimulation:
-    """Run :func:`pack_events` over token counts until every group finished one pass (an epoch).
+    """Run :func:`pack_events` over token counts until every read group finished one pass (an epoch).
 
     Variants (caption choice, edit span) are drawn per visit with a ``random.Random`` derived from
-    ``seed``, rank and worker, so the result is deterministic. CFG dropout is not simulated (real
-    lengths would be slightly shorter). Stops after ``max_packs`` packs (``truncated``).
+    ``seed``, rank and worker, so the result is deterministic. CFG dropout (``dropout``) removes
+    droppable items from the real length only, as in ``pack_sequence``; estimates are unchanged.
+    Stops after ``max_packs`` packs (``truncated``).
     """
     rng = random.Random(f"{seed}-{rank}-{worker}")
+    # A group with weight 0 that is not mandatory is never read: it neither needs data nor ends epochs.
+    read = [w > 0 or m for w, m in zip(weights, mandatory)]
     streams = [
-        _CyclingStream(f"{g} rank-{rank} worker-{worker}", s, rng) for g, s in zip(groups, samples_by_group)
+        _CyclingStream(f"{g} rank-{rank} worker-{worker}", s if r else [_NEVER_READ], rng)
+        for g, s, r in zip(groups, samples_by_group, read)
     ]
+    required = {g for g, r in zip(groups, read) if r}
     result = WorkerSimulation(rank, worker)
     buffer_size = 0
     for event in pack_events(
-        params, weights, mandatory, lambda g: streams[g].next(), lambda d: d.estimate, lambda d: d.total, rng
+        params, weights, mandatory, lambda g: streams[g].next(), lambda d: d.estimate, lambda d: d.real_tokens(rng, dropout), rng
     ):
         if isinstance(event, Packed):
             name = groups[event.group]
@@ -284,7 +324,7 @@ def simulate_worker(
             for name, stream in zip(groups, streams):
                 if stream.passes >= 1 and name not in result.first_pass_pack:
                     result.first_pass_pack[name] = len(result.pack_lengths)
-            if len(result.first_pass_pack) == len(groups):
+            if required <= set(result.first_pass_pack):
                 break
             if len(result.pack_lengths) >= max_packs:
                 result.truncated = True

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError

@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Sequence
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from bagel_core.data.transforms import ImageTransformArgs
 
@@ -76,13 +78,13 @@ class SampleRejected(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class PlanItem:
+class PlanItem(NamedTuple):
     """One entry of upstream's ``sequence_plan`` with what it consumes.
 
     ``image_size`` is the *resized* (width, height); ``image_stride`` is the YAML stride of the
     transform that produced it (divisor of the loader's estimate); ``image_index`` is the source
-    image's position in the sample (for the packed dataset to fetch pixels).
+    image's position in the sample (for the packed dataset to fetch pixels). A NamedTuple: plans
+    are built by the hundred thousand in statistics runs, and tuples are cheap to make and hash.
     """
 
     kind: str
@@ -94,17 +96,17 @@ class PlanItem:
     image_index: int = -1
 
     @classmethod
-    def text(cls, ids: Sequence[int], loss: bool = False, enable_cfg: bool = False) -> "PlanItem":
+    def text(cls, ids: Sequence[int], loss: bool = False, enable_cfg: bool = False) -> PlanItem:
         return cls(TEXT, loss=loss, enable_cfg=enable_cfg, text_ids=tuple(ids))
 
     @classmethod
-    def vit(cls, size: tuple[int, int], stride: int, image_index: int, enable_cfg: bool = False) -> "PlanItem":
+    def vit(cls, size: tuple[int, int], stride: int, image_index: int, enable_cfg: bool = False) -> PlanItem:
         return cls(VIT_IMAGE, enable_cfg=enable_cfg, image_size=size, image_stride=stride, image_index=image_index)
 
     @classmethod
     def vae(
         cls, size: tuple[int, int], stride: int, image_index: int, loss: bool = False, enable_cfg: bool = False
-    ) -> "PlanItem":
+    ) -> PlanItem:
         return cls(
             VAE_IMAGE, loss=loss, enable_cfg=enable_cfg, image_size=size, image_stride=stride,
             image_index=image_index,
@@ -119,13 +121,14 @@ class SamplePlan:
     unplaced_images: tuple[tuple[int, int, int], ...] = ()  # (width, height, stride)
 
 
-@dataclass(frozen=True)
-class TokenCount:
+class TokenCount(NamedTuple):
     """Exact and estimated cost of one plan.
 
     ``text_tokens``/``vit_tokens``/``vae_tokens`` include their wrapping tokens (``<|im_start|>``/
     ``<|im_end|>``, ``<|vision_start|>``/``<|vision_end|>``), so ``total`` = their sum = the length of
     the sample in the packed sequence. ``estimate`` is what the packer compares with its caps.
+    ``cfg_text``/``cfg_vit``/``cfg_vae``: exact tokens of each placed item that CFG dropout may remove
+    (``enable_cfg``), so a simulation can apply section 10's per-item draws without the plan.
     """
 
     text_tokens: int
@@ -137,6 +140,9 @@ class TokenCount:
     mse_tokens: int
     max_vit_side: int
     max_latent_side: int
+    cfg_text: tuple[int, ...] = ()
+    cfg_vit: tuple[int, ...] = ()
+    cfg_vae: tuple[int, ...] = ()
 
     @property
     def total(self) -> int:
@@ -154,6 +160,9 @@ def count_tokens(plan: SamplePlan, dropped: Iterable[int] = ()) -> TokenCount:
     dropped_set = set(dropped)
     text = vit = vae = ce = mse = 0
     max_vit_side = max_latent_side = 0
+    cfg_text: list[int] = []
+    cfg_vit: list[int] = []
+    cfg_vae: list[int] = []
     estimate = 2 * len(plan.items)
     for index, item in enumerate(plan.items):
         placed = index not in dropped_set
@@ -163,6 +172,8 @@ def count_tokens(plan: SamplePlan, dropped: Iterable[int] = ()) -> TokenCount:
             if placed:
                 text += n + 2
                 ce += (n + 1) if item.loss else 0
+                if item.enable_cfg:
+                    cfg_text.append(n + 2)
             continue
         width, height = item.image_size
         estimate += width * height // (item.image_stride * item.image_stride)
@@ -171,12 +182,16 @@ def count_tokens(plan: SamplePlan, dropped: Iterable[int] = ()) -> TokenCount:
             max_vit_side = max(max_vit_side, cols, rows)
             if placed:
                 vit += rows * cols + 2
+                if item.enable_cfg:
+                    cfg_vit.append(rows * cols + 2)
         elif item.kind == VAE_IMAGE:
             cols, rows = width // VAE_DOWNSAMPLE, height // VAE_DOWNSAMPLE
             max_latent_side = max(max_latent_side, cols, rows)
             if placed:
                 vae += rows * cols + 2
                 mse += rows * cols if item.loss else 0
+                if item.enable_cfg:
+                    cfg_vae.append(rows * cols + 2)
         else:
             raise ValueError(f"unknown plan item kind {item.kind!r}")
     for width, height, stride in plan.unplaced_images:
@@ -184,7 +199,14 @@ def count_tokens(plan: SamplePlan, dropped: Iterable[int] = ()) -> TokenCount:
     return TokenCount(
         text_tokens=text, vit_tokens=vit, vae_tokens=vae, estimate=estimate, num_items=len(plan.items),
         ce_tokens=ce, mse_tokens=mse, max_vit_side=max_vit_side, max_latent_side=max_latent_side,
+        cfg_text=tuple(cfg_text), cfg_vit=tuple(cfg_vit), cfg_vae=tuple(cfg_vae),
     )
+
+
+@lru_cache(maxsize=1 << 16)
+def resized(args: ImageTransformArgs, width: int, height: int, img_num: int = 1) -> tuple[int, int]:
+    """``args.resized_size`` memoised: real datasets repeat a few image sizes over and over."""
+    return args.resized_size(width, height, img_num)
 
 
 def check_strides(vae_args: ImageTransformArgs | None, vit_args: ImageTransformArgs | None, where: str) -> None:
@@ -228,7 +250,7 @@ def t2i_caption_texts(captions: Any) -> list[str]:
 
 def build_t2i_plan(caption_ids: Sequence[int], image_size: tuple[int, int], vae_args: ImageTransformArgs) -> SamplePlan:
     """T2I: caption (cfg) then the target as a noised VAE image (loss)."""
-    size = vae_args.resized_size(image_size[0], image_size[1])
+    size = resized(vae_args, image_size[0], image_size[1])
     return SamplePlan((
         PlanItem.text(caption_ids, loss=False, enable_cfg=True),
         PlanItem.vae(size, vae_args.image_stride, 0, loss=True, enable_cfg=False),
@@ -237,10 +259,10 @@ def build_t2i_plan(caption_ids: Sequence[int], image_size: tuple[int, int], vae_
 
 def t2i_plan_variants(
     captions: Any, image_size: tuple[int, int], vae_args: ImageTransformArgs, ids_of: TextIds
-) -> list[tuple[Fraction, SamplePlan]]:
+) -> list[tuple[float, SamplePlan]]:
     """Every plan of a T2I row with its probability (one per caption value)."""
     texts = t2i_caption_texts(captions)
-    p = Fraction(1, len(texts))
+    p = 1.0 / len(texts)
     return [(p, build_t2i_plan(ids_of(text), image_size, vae_args)) for text in texts]
 
 
@@ -280,7 +302,8 @@ def _instruction_alternatives(instruction_list: Sequence[Any], num_images: int) 
     return out
 
 
-def edit_span_distribution(num_images: int) -> list[tuple[Fraction, EditSpan]]:
+@lru_cache(maxsize=64)
+def edit_span_distribution(num_images: int) -> tuple[tuple[Fraction, EditSpan], ...]:
     """Exact distribution of (start, end, mode) under upstream's ``parse_row`` draws."""
     spans: dict[EditSpan, Fraction] = {}
     p_start = Fraction(1, num_images - 1)
@@ -296,12 +319,19 @@ def edit_span_distribution(num_images: int) -> list[tuple[Fraction, EditSpan]]:
                 span = EditSpan(start, end, False)
                 spans[span] = spans.get(span, Fraction(0)) + p_end
     ordered = sorted(spans, key=lambda s: (s.start, s.end, s.concatenated))
-    return [(spans[span], span) for span in ordered]
+    return tuple((spans[span], span) for span in ordered)
 
 
 def concatenated_instruction(choices: Sequence[str]) -> str:
     """Concatenated-mode text: each instruction followed by ``". "``, then right-stripped."""
     return "".join(choice + ". " for choice in choices).rstrip()
+
+
+def edit_image_sizes(
+    image_sizes: Sequence[tuple[int, int]], vae_args: ImageTransformArgs, vit_args: ImageTransformArgs
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Resized VAE and ViT sizes of every image of an edit row (each image on its own: ``img_num`` 1)."""
+    return ([resized(vae_args, w, h) for w, h in image_sizes], [resized(vit_args, w, h) for w, h in image_sizes])
 
 
 def build_edit_plan(
@@ -310,35 +340,32 @@ def build_edit_plan(
     instructions: Sequence[Sequence[int]],
     vae_args: ImageTransformArgs,
     vit_args: ImageTransformArgs,
+    resized_sizes: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None,
 ) -> SamplePlan:
     """Edit plan for a span; ``instructions``: ids of each text item in order (1 if concatenated).
 
     Source: clean VAE (cfg) + ViT (cfg). Sequential: per step its instruction (cfg), intermediate
     images as noised VAE (loss) + clean VAE (cfg) + ViT (cfg), the last as noised VAE only.
-    Concatenated: one instruction, then the target as noised VAE only.
+    Concatenated: one instruction, then the target as noised VAE only. ``resized_sizes``: the
+    output of :func:`edit_image_sizes` when the caller builds many plans of one row.
     """
+    vae_sizes, vit_sizes = resized_sizes or edit_image_sizes(image_sizes, vae_args, vit_args)
     vae_stride, vit_stride = vae_args.image_stride, vit_args.image_stride
-
-    def vae_size(i: int) -> tuple[int, int]:
-        return vae_args.resized_size(*image_sizes[i])
-
-    def vit_size(i: int) -> tuple[int, int]:
-        return vit_args.resized_size(*image_sizes[i])
-
+    start, end = span.start, span.end
     items = [
-        PlanItem.vae(vae_size(span.start), vae_stride, span.start, loss=False, enable_cfg=True),
-        PlanItem.vit(vit_size(span.start), vit_stride, span.start, enable_cfg=True),
+        PlanItem.vae(vae_sizes[start], vae_stride, start, loss=False, enable_cfg=True),
+        PlanItem.vit(vit_sizes[start], vit_stride, start, enable_cfg=True),
     ]
     if span.concatenated:
         items.append(PlanItem.text(instructions[0], loss=False, enable_cfg=True))
-        items.append(PlanItem.vae(vae_size(span.end), vae_stride, span.end, loss=True, enable_cfg=False))
+        items.append(PlanItem.vae(vae_sizes[end], vae_stride, end, loss=True, enable_cfg=False))
         return SamplePlan(tuple(items))
-    for step, idx in enumerate(range(span.start + 1, span.end + 1)):
+    for step, idx in enumerate(range(start + 1, end + 1)):
         items.append(PlanItem.text(instructions[step], loss=False, enable_cfg=True))
-        items.append(PlanItem.vae(vae_size(idx), vae_stride, idx, loss=True, enable_cfg=False))
-        if idx != span.end:
-            items.append(PlanItem.vae(vae_size(idx), vae_stride, idx, loss=False, enable_cfg=True))
-            items.append(PlanItem.vit(vit_size(idx), vit_stride, idx, enable_cfg=True))
+        items.append(PlanItem.vae(vae_sizes[idx], vae_stride, idx, loss=True, enable_cfg=False))
+        if idx != end:
+            items.append(PlanItem.vae(vae_sizes[idx], vae_stride, idx, loss=False, enable_cfg=True))
+            items.append(PlanItem.vit(vit_sizes[idx], vit_stride, idx, enable_cfg=True))
     return SamplePlan(tuple(items))
 
 
@@ -352,19 +379,20 @@ def edit_plan_variants(
     vae_args: ImageTransformArgs,
     vit_args: ImageTransformArgs,
     ids_of: TextIds,
-) -> list[tuple[Fraction, SamplePlan]]:
-    """Every plan of an edit row with its exact probability (span x mode x instruction choices)."""
+) -> list[tuple[float, SamplePlan]]:
+    """Every plan of an edit row with its probability (span x mode x instruction choices)."""
     alternatives = _instruction_alternatives(instruction_list, len(image_sizes))
-    variants: list[tuple[Fraction, SamplePlan]] = []
+    sizes = edit_image_sizes(image_sizes, vae_args, vit_args)
+    variants: list[tuple[float, SamplePlan]] = []
     for p_span, span in edit_span_distribution(len(image_sizes)):
         steps = [alternatives[idx - 1] for idx in range(span.start + 1, span.end + 1)]
         combos: list[list[str]] = [[]]
         for options in steps:
             combos = [combo + [option] for combo in combos for option in options]
-        p_combo = p_span / len(combos)
+        p_combo = float(p_span) / len(combos)
         for combo in combos:
             ids = [ids_of(text) for text in _edit_texts(span, combo)]
-            variants.append((p_combo, build_edit_plan(image_sizes, span, ids, vae_args, vit_args)))
+            variants.append((p_combo, build_edit_plan(image_sizes, span, ids, vae_args, vit_args, sizes)))
     return variants
 
 
@@ -457,7 +485,7 @@ def build_vlm_plan(
     if len(names) != len(image_sizes):
         raise SampleRejected(f"record lists {len(names)} images but {len(image_sizes)} sizes are known")
     img_num = len(image_sizes)
-    sizes = [vit_args.resized_size(w, h, img_num) for w, h in image_sizes]
+    sizes = [resized(vit_args, w, h, img_num) for w, h in image_sizes]
     stride = vit_args.image_stride
     items: list[PlanItem] = []
     next_image = 0
@@ -510,11 +538,11 @@ class SampleCost:
         return sum(p * c.estimate for p, c in zip(self.probs, self.counts))
 
 
-def summarise_variants(variants: Sequence[tuple[Fraction, SamplePlan]]) -> SampleCost:
+def summarise_variants(variants: Sequence[tuple[float, SamplePlan]]) -> SampleCost:
     """Count every variant and merge identical costs (summing their probabilities)."""
-    merged: dict[TokenCount, Fraction] = {}
+    merged: dict[TokenCount, float] = {}
     for p, plan in variants:
         count = count_tokens(plan)
-        merged[count] = merged.get(count, Fraction(0)) + p
+        merged[count] = merged.get(count, 0.0) + float(p)
     ordered = sorted(merged.items(), key=lambda kv: (kv[0].estimate, kv[0].total))
     return SampleCost(tuple(float(p) for _, p in ordered), tuple(c for c, _ in ordered))

@@ -37,7 +37,7 @@ _VIDEO_TOKEN = "<video>"
 _IMAGE_TOKEN_RE = re.compile(re.escape(_IMAGE_TOKEN))
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleResult:
     """Everything the index stores about one sample besides its location."""
 

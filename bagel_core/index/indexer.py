@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from bisect import bisect_right
 from collections import Counter, deque
@@ -57,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Self
 
@@ -159,6 +161,7 @@ class IndexOptions:
     unit_bytes: int = 256 << 20  # ... and this many (uncompressed) bytes
     jsonl_chunk_bytes: int = 4 << 20
     force: bool = False  # ignore the incremental cache
+    min_rows_for_pool: int = 2000  # below this much work, worker start-up costs more than it saves
 
     def digest(self) -> str:
         key = {"v": INDEX_VERSION, "max_pixels": self.max_pixels, "full_decode": self.full_decode}
@@ -203,33 +206,34 @@ class Unit:
 
 
 class _Rows:
-    """Column buffers for index rows of one unit."""
+    """Column buffers for index rows of one unit (constant columns are filled in at the end)."""
+
+    _CONSTANT = ("dataset", "group", "task", "source_file")
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
-        self.cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_SCHEMA}
+        self.cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_SCHEMA if f.name not in self._CONSTANT}
 
     def add(self, row_group: int, row_index: int, file_row: int, res: SampleResult) -> None:
         c = self.cols
-        u = self.unit
-        c["dataset"].append(u.dataset)
-        c["group"].append(u.group)
-        c["task"].append(u.task)
-        c["source_file"].append(u.path)
         c["row_group"].append(row_group)
         c["row_index"].append(row_index)
         c["file_row"].append(file_row)
-        c["image_sizes"].append([list(s) for s in res.sizes])
-        c["num_images"].append(len(res.sizes) if u.task != "vlm" else len(res.image_paths))
+        c["image_sizes"].append(res.sizes)
+        c["num_images"].append(len(res.image_paths) if self.unit.task == "vlm" else len(res.sizes))
         c["image_modes"].append(res.modes)
         c["image_bytes"].append(res.image_bytes)
         c["num_texts"].append(res.num_texts)
         c["text_chars"].append(res.text_chars)
         c["image_paths"].append(res.image_paths)
-        reason = res.reason
-        c["status"].append("ok" if reason is None else "quarantined")
-        c["reason"].append(reason)
-        c["message"].append(res.message)
+        if res.problems:
+            c["status"].append("quarantined")
+            c["reason"].append(res.reason)
+            c["message"].append(res.message)
+        else:
+            c["status"].append("ok")
+            c["reason"].append(None)
+            c["message"].append(None)
 
     def add_failed(self, row_group: int, row_index: int, file_row: int, reason: str, message: str) -> None:
         res = SampleResult()
@@ -237,7 +241,11 @@ class _Rows:
         self.add(row_group, row_index, file_row, res)
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pydict(self.cols, schema=INDEX_SCHEMA)
+        n = len(self.cols["file_row"])
+        u = self.unit
+        data = {"dataset": [u.dataset] * n, "group": [u.group] * n, "task": [u.task] * n,
+                "source_file": [u.path] * n, **self.cols}
+        return pa.Table.from_pydict(data, schema=INDEX_SCHEMA)
 
 
 def _sql_str(value: str) -> str:
@@ -395,7 +403,7 @@ class FileRecord:
     seconds: float = 0.0
     reasons: Counter = field(default_factory=Counter)
     units: list[Unit] = field(default_factory=list)
-    pre_rows: pa.Table | None = None  # rows known without reading data (schema errors)
+    pre_rows: tuple[list[tuple[int, int, int]], tuple[str, str]] | None = None  # (spans, problem): schema error
 
 
 def file_identity(path: str, kind: str) -> tuple[int, int, str]:
@@ -461,11 +469,7 @@ def _plan_parquet(rec: FileRecord, con: duckdb.DuckDBPyConnection, opts: IndexOp
             break
     if problem is not None:
         # Every row is known from the footer: quarantine each one without reading data.
-        rows = _Rows(Unit(entry.name, entry.group, entry.task, path, "parquet"))
-        for rg_id, first_row, num_rows in spans:
-            for r in range(num_rows):
-                rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
-        rec.pre_rows = rows.table()
+        rec.pre_rows = (spans, problem)
         rec.status = "schema_error"
         rec.error = problem[1]
         return
@@ -482,6 +486,19 @@ def _plan_parquet(rec: FileRecord, con: duckdb.DuckDBPyConnection, opts: IndexOp
         run_bytes += nbytes
     if run:
         rec.units.append(Unit(entry.name, entry.group, entry.task, path, "parquet", tuple(run), columns=tuple(expected)))
+
+
+def _write_schema_error_rows(rec: FileRecord, spans: list[tuple[int, int, int]], problem: tuple[str, str]) -> None:
+    """Quarantine every footer-declared row of a file with wrong columns, one row group at a time."""
+    entry = rec.entry
+    with pq.ParquetWriter(rec.part, INDEX_SCHEMA) as writer:
+        if not spans:
+            writer.write_table(INDEX_SCHEMA.empty_table())
+        for rg_id, first_row, num_rows in spans:
+            rows = _Rows(Unit(entry.name, entry.group, entry.task, rec.path, "parquet"))
+            for r in range(num_rows):
+                rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
+            writer.write_table(rows.table())
 
 
 def _plan_jsonl(rec: FileRecord, opts: IndexOptions) -> None:
@@ -589,16 +606,64 @@ class DatasetSummary:
         return d
 
 
+def _mp_context() -> BaseContext:
+    """``forkserver`` preloaded with this module where available, else ``spawn``.
+
+    Never plain ``fork``: the caller may be a threaded Dagster step process or hold DuckDB/Arrow
+    native threads. The fork server imports the indexer once, so each worker starts in milliseconds.
+    """
+    try:
+        ctx = get_context("forkserver")
+    except ValueError:  # pragma: no cover - platforms without fork
+        return get_context("spawn")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _warm_up() -> None:
+    """No-op task: makes the pool start its workers."""
+
+
+def _work(unit: Unit) -> int:
+    """Rough size of a unit in rows (JSONL: bytes / 256) to decide whether a pool pays off."""
+    return unit.num_rows if unit.kind == "parquet" else (unit.end - unit.start) // 256 + 1
+
+
 class _Pool:
-    """In-order results over a process pool with a bounded number of units in flight."""
+    """In-order results over a process pool with a bounded number of units in flight.
+
+    Workers are started lazily (``spawn``: safe inside Dagster's threaded step process) and only
+    when there is enough work; tiny datasets are indexed in-process.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.executor: ProcessPoolExecutor | None = None
-        if workers > 1:
-            self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        self._starter: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the workers in a background thread so their start-up (~0.4 s) overlaps planning."""
+        if self.executor is None and self._starter is None and self.workers > 1:
+            self._starter = threading.Thread(target=self._start, name="index-pool-start", daemon=True)
+            self._starter.start()
+
+    def _start(self) -> None:
+        executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+        for _ in range(self.workers):
+            executor.submit(_warm_up)
+        self.executor = executor
+
+    def _join(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
+            self._starter = None
 
     def map(self, units: list[Unit], opts: IndexOptions) -> Iterator[tuple[Unit, pa.Table]]:
+        self._join()
+        if self.executor is None and self.workers > 1 and len(units) > 1 and (
+            sum(_work(u) for u in units) >= opts.min_rows_for_pool
+        ):
+            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
         if self.executor is None:
             for unit in units:
                 yield unit, index_unit(unit, opts)
@@ -619,6 +684,7 @@ class _Pool:
             yield unit, table
 
     def close(self) -> None:
+        self._join()
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -722,7 +788,7 @@ def index_dataset(
     if progress:
         progress("units_total", sum(len(r.units) for r in records))
     own_pool = pool is None
-    pool = pool or _Pool(min(opts.resolved_workers(), max(1, sum(len(r.units) for r in records))))
+    pool = pool or _Pool(opts.resolved_workers())
     try:
         all_units = [u for r in records for u in r.units]
         by_path = {r.path: r for r in records}
@@ -733,7 +799,7 @@ def index_dataset(
             if rec.reused or rec.status == "unreadable":
                 continue
             if rec.pre_rows is not None:
-                pq.write_table(rec.pre_rows, rec.part)
+                _write_schema_error_rows(rec, *rec.pre_rows)
             elif not rec.units:
                 pq.write_table(INDEX_SCHEMA.empty_table(), rec.part)
         for unit, table in pool.map(all_units, opts):
@@ -797,6 +863,13 @@ def _account(rec: FileRecord) -> None:
         rec.quarantined += len(status) - ok
 
 
+def _row_groups(path: str | Path) -> Iterator[pa.Table]:
+    """A parquet file one row group at a time (bounded memory: our writers keep row groups small)."""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.metadata.num_row_groups):
+        yield pf.read_row_group(i)
+
+
 def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> None:
     """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
@@ -809,9 +882,8 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
                     "message": rec.error or "file cannot be opened",
                 }], schema=QUARANTINE_SCHEMA))
                 continue
-            pf = pq.ParquetFile(rec.part)
-            for batch in pf.iter_batches(batch_size=16384):
-                table = pa.Table.from_batches([batch]).cast(INDEX_SCHEMA)
+            for table in _row_groups(rec.part):
+                table = table.cast(INDEX_SCHEMA)
                 iw.write_table(table)
                 quarantined = table.filter(pc.equal(table.column("status"), "quarantined"))
                 if quarantined.num_rows:
@@ -905,6 +977,8 @@ def index_registry(
     summaries = []
     units_total = 0
     with _Pool(opts.resolved_workers()) as pool:
+        if _estimated_rows(selected) >= opts.min_rows_for_pool:
+            pool.start()
         for entry in selected:
             def _progress(event: str, n: int) -> None:
                 nonlocal units_total
@@ -926,6 +1000,20 @@ def index_registry(
                        reg_path, time.perf_counter() - t0)
 
 
+def _estimated_rows(entries: list[DatasetEntry]) -> int:
+    """Cheap guess of the work ahead from file sizes (a row ~ 4 KB of parquet or 256 B of JSONL)."""
+    total = 0
+    for e in entries:
+        try:
+            if e.is_parquet:
+                total += sum(p.stat().st_size for p in e.parquet_files()) // 4096
+            elif e.jsonl_path is not None and e.jsonl_path.is_file():
+                total += e.jsonl_path.stat().st_size // 256
+        except OSError:
+            continue
+    return total
+
+
 def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
     """Union of the per-dataset tables (registry order) into ``out_dir/{index,quarantine,files}.parquet``.
 
@@ -943,8 +1031,8 @@ def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
                     src = dataset_dir(out, entry) / f"{name}.parquet"
                     if not src.is_file():
                         continue
-                    for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
-                        writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+                    for table in _row_groups(src):
+                        writer.write_table(table.cast(schema))
             os.replace(tmp, out / f"{name}.parquet")
             result[name] = out / f"{name}.parquet"
     return result

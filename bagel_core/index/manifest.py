@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from bagel_core.config.dataset_config import DatasetConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import PackingParams, SimSample, WorkerSimulation, simulate_worker
+from bagel_core.data.packing import CfgDropout, PackingParams, SimSample, WorkerSimulation, simulate_worker
 from bagel_core.data.sharding import (
     DataUnit,
     GroupUnits,
@@ -233,13 +233,15 @@ def _samples_by_unit(stats: pl.DataFrame) -> dict[tuple[str, int, int], list[Sim
     out: dict[tuple[str, int, int], list[SimSample]] = defaultdict(list)
     ordered = stats.sort(["source_file", "row_group", "row_index"])
     for rec in ordered.select(["dataset", "task", "source_file", "row_group", "row_index", "variant_prob",
-                               "variant_est", "variant_total"]).iter_rows():
-        dataset, task, source, rg, row, probs, ests, totals = rec
+                               "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit",
+                               "variant_cfg_vae"]).iter_rows():
+        dataset, task, source, rg, row, probs, ests, totals, c_text, c_vit, c_vae = rec
         running, cum = 0.0, []
         for p in probs:
             running += p
             cum.append(running)
-        sample = SimSample(dataset, (source, rg, row), tuple(cum), tuple(ests), tuple(totals))
+        cfg = tuple((tuple(t), tuple(v), tuple(a)) for t, v, a in zip(c_text, c_vit, c_vae))
+        sample = SimSample(dataset, (source, rg, row), tuple(cum), tuple(ests), tuple(totals), cfg)
         path = _norm(source)
         key = (path, -1, -1) if task == "t2i" else (path, rg, -1) if task == "edit" else (path, -1, row)
         out[key].append(sample)
@@ -256,6 +258,7 @@ class PackingReport:
     """The simulation summarised over all ranks and workers."""
 
     params: dict[str, int]
+    cfg_dropout: dict[str, float]
     workers: list[dict[str, Any]]
     packs: int
     steps_per_epoch: int
@@ -273,6 +276,8 @@ class PackingReport:
     group_share: list[dict[str, Any]]
     dataset_share: list[dict[str, Any]]
     truncated_workers: int
+    samples_over_cap_sometimes: int = 0
+    samples_over_cap_always: int = 0
     pack_lengths: list[int] = field(repr=False, default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -288,14 +293,18 @@ def simulate_packing(
     params: PackingParams,
     seed: int | None = None,
     max_packs_per_worker: int = 100_000,
+    dropout: CfgDropout | None = None,
 ) -> PackingReport:
     """Replay the packer for every (rank, worker) of the manifest over token counts only.
 
     An *epoch* of a worker ends at the first pack flushed after each of its groups has been read once;
     ``steps_per_epoch`` = max over ranks of (workers x the slowest worker's packs), since the
     DataLoader takes one pack per step from its workers in turn. Samples that were quarantined or
-    skipped by the statistics are absent, as upstream skips them.
+    skipped by the statistics are absent, as upstream skips them. ``dropout``: CFG drop probabilities
+    applied to real lengths (default :class:`CfgDropout`'s visual_gen values; pass ``NO_DROPOUT`` for
+    full plans).
     """
+    dropout = CfgDropout() if dropout is None else dropout
     if manifest.problems:
         raise ManifestCapacityError("cannot simulate packing:\n  " + "\n  ".join(manifest.problems))
     by_unit = _samples_by_unit(stats)
@@ -311,12 +320,20 @@ def simulate_packing(
                 units = manifest.assignments[(name, rank, worker)]
                 samples.append([s for u in units for s in by_unit.get(_unit_key(task, u), [])])
             sims.append(simulate_worker(params, names, weights, mandatory, samples,
-                                        manifest.seed if seed is None else seed, rank, worker, max_packs_per_worker))
-    return _report(sims, manifest, dataset_config, params)
+                                        manifest.seed if seed is None else seed, rank, worker, max_packs_per_worker,
+                                        dropout))
+    report = _report(sims, manifest, dataset_config, params, dropout)
+    if stats.height:
+        cap = params.max_num_tokens_per_sample
+        report.samples_over_cap_sometimes = int(stats.select(
+            pl.col("variant_est").list.max().gt(cap).sum()).item())
+        report.samples_over_cap_always = int(stats.select(
+            pl.col("variant_est").list.min().gt(cap).sum()).item())
+    return report
 
 
 def _report(sims: list[WorkerSimulation], manifest: Manifest, dataset_config: DatasetConfig,
-            params: PackingParams) -> PackingReport:
+            params: PackingParams, dropout: CfgDropout) -> PackingReport:
     lengths = [n for s in sims for n in s.pack_lengths]
     packs = len(lengths)
     steps = 0
@@ -356,7 +373,7 @@ def _report(sims: list[WorkerSimulation], manifest: Manifest, dataset_config: Da
         for s in sims
     ]
     return PackingReport(
-        params=asdict(params), workers=workers, packs=packs, steps_per_epoch=steps,
+        params=asdict(params), cfg_dropout=asdict(dropout), workers=workers, packs=packs, steps_per_epoch=steps,
         mean_fill=(sum(lengths) / packs / params.expected_num_tokens) if packs else 0.0,
         mean_length=(sum(lengths) / packs) if packs else 0.0,
         min_length=min(lengths) if lengths else 0, max_length=max(lengths) if lengths else 0,
@@ -375,9 +392,10 @@ def format_packing_table(report: PackingReport) -> str:
     """The simulation as the CLI prints it (same numbers as the Dagster metadata)."""
     p = report.params
     lines = [
-        f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
-        f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
-        f"max_buffer_size {p['max_buffer_size']})",
+        (f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
+         f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
+         f"max_buffer_size {p['max_buffer_size']}; CFG dropout text/vit/vae "
+         f"{report.cfg_dropout['text']}/{report.cfg_dropout['vit']}/{report.cfg_dropout['vae']})"),
         f"  packs per epoch (all ranks/workers) {report.packs:>10}",
         f"  steps per epoch                     {report.steps_per_epoch:>10}",
         f"  mean fill vs expected_num_tokens    {report.mean_fill:>10.3f}",
@@ -385,8 +403,10 @@ def format_packing_table(report: PackingReport) -> str:
         f"  flex padding waste                  {report.flex_padding_fraction:>10.3%}",
         f"  packs over max_num_tokens           {report.negative_padding_packs:>10}",
         f"  overflow flushes                    {report.overflow_flushes:>10}",
-        f"  samples skipped (over cap)          {report.skipped_over_cap:>10}  "
-        f"(mandatory fill: {report.skipped_over_cap_mandatory})",
+        (f"  samples skipped (over cap)          {report.skipped_over_cap:>10}  "
+         f"(mandatory fill: {report.skipped_over_cap_mandatory})"),
+        (f"  distinct samples over the cap       {report.samples_over_cap_sometimes:>10}  "
+         f"(in every variant: {report.samples_over_cap_always})"),
         f"  samples discarded on overflow flush {report.discarded_on_overflow:>10}",
         f"  samples buffered                    {report.buffered:>10}",
         f"  {'group':<14} {'weight share':>12} {'token share':>12} {'tokens':>12} {'samples':>9}",

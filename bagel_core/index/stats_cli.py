@@ -16,7 +16,7 @@ import polars as pl
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import PackingParams
+from bagel_core.data.packing import CfgDropout, PackingParams
 from bagel_core.data.tokens import DEFAULT_MAX_LATENT_SIZE
 from bagel_core.index.manifest import (
     ManifestCapacityError,
@@ -52,6 +52,11 @@ def _packing_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-tokens-per-sample", type=int, default=defaults.max_num_tokens_per_sample)
     parser.add_argument("--prefer-buffer-before", type=int, default=defaults.prefer_buffer_before)
     parser.add_argument("--max-buffer-size", type=int, default=defaults.max_buffer_size)
+    dropout = CfgDropout()
+    parser.add_argument("--cfg-text-dropout", type=float, default=dropout.text,
+                        help="simulated CFG drop probability of text items (0 disables)")
+    parser.add_argument("--cfg-vit-dropout", type=float, default=dropout.vit)
+    parser.add_argument("--cfg-vae-dropout", type=float, default=dropout.vae)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -135,7 +140,9 @@ def run_plan(args: argparse.Namespace) -> int:
                                 max_latent_size=args.max_latent_size)
         params = PackingParams(args.expected_num_tokens, args.max_num_tokens, args.max_num_tokens_per_sample,
                                args.prefer_buffer_before, args.max_buffer_size)
-        report = simulate_packing(manifest, config, pl.read_parquet(stats_dir / STATS_FILE), params)
+        dropout = CfgDropout(args.cfg_text_dropout, args.cfg_vit_dropout, args.cfg_vae_dropout)
+        report = simulate_packing(manifest, config, pl.read_parquet(stats_dir / STATS_FILE), params,
+                                  dropout=dropout)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -23,11 +23,13 @@ Outputs in ``out_dir``:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -42,10 +44,10 @@ from bagel_core.data.tokens import (
     SampleCost,
     SampleRejected,
     TextIds,
+    build_vlm_plan,
     check_strides,
     edit_plan_variants,
     summarise_variants,
-    build_vlm_plan,
     t2i_plan_variants,
 )
 
@@ -192,6 +194,8 @@ def sample_variants(sample: SampleRef, group: GroupConfig, ids_of: TextIds):
     """Plan variants of one sample for its task, with the group's transforms."""
     if isinstance(sample.payload, SampleRejected):
         raise sample.payload
+    if any(w <= 0 or h <= 0 for w, h in sample.image_sizes):
+        raise SampleRejected(f"the index has no usable size for an image of this sample: {sample.image_sizes}")
     if sample.task == "t2i":
         if len(sample.image_sizes) != 1:
             raise SampleRejected(f"a T2I row needs exactly 1 image, the index lists {len(sample.image_sizes)}")
@@ -242,7 +246,7 @@ class _Columns:
         "total_tokens_min", "total_tokens_mean", "est_tokens_min", "est_tokens_mean",
         "ce_tokens", "mse_tokens", "num_items", "num_variants", "max_vit_side", "max_latent_side",
         "over_cap", "over_cap_always", "latent_overflow", "vit_overflow",
-        "variant_prob", "variant_est", "variant_total",
+        "variant_prob", "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae",
     )
 
     def __init__(self) -> None:
@@ -260,24 +264,31 @@ class _Columns:
             max(c.max_latent_side for c in cost.counts) > max_latent,
             max(c.max_vit_side for c in cost.counts) > VIT_MAX_PATCHES_PER_SIDE,
             list(cost.probs), [c.estimate for c in cost.counts], [c.total for c in cost.counts],
+            [list(c.cfg_text) for c in cost.counts], [list(c.cfg_vit) for c in cost.counts],
+            [list(c.cfg_vae) for c in cost.counts],
         )
         for name, value in zip(self.NAMES, values):
             self.data[name].append(value)
 
-    def table(self) -> pa.Table:
-        schema = pa.schema([
-            ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
-            ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()),
-            *[(n, pa.int64()) for n in ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens",
-                                        "total_tokens_min")],
-            ("total_tokens_mean", pa.float64()), ("est_tokens_min", pa.int64()), ("est_tokens_mean", pa.float64()),
-            *[(n, pa.int64()) for n in ("ce_tokens", "mse_tokens")],
-            *[(n, pa.int32()) for n in ("num_items", "num_variants", "max_vit_side", "max_latent_side")],
-            *[(n, pa.bool_()) for n in ("over_cap", "over_cap_always", "latent_overflow", "vit_overflow")],
-            ("variant_prob", pa.list_(pa.float64())), ("variant_est", pa.list_(pa.int64())),
-            ("variant_total", pa.list_(pa.int64())),
-        ])
-        return pa.table({name: self.data[name] for name in self.NAMES}, schema=schema)
+    SCHEMA = pa.schema([
+        ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
+        ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()),
+        *[(n, pa.int64()) for n in ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens",
+                                    "total_tokens_min")],
+        ("total_tokens_mean", pa.float64()), ("est_tokens_min", pa.int64()), ("est_tokens_mean", pa.float64()),
+        *[(n, pa.int64()) for n in ("ce_tokens", "mse_tokens")],
+        *[(n, pa.int32()) for n in ("num_items", "num_variants", "max_vit_side", "max_latent_side")],
+        *[(n, pa.bool_()) for n in ("over_cap", "over_cap_always", "latent_overflow", "vit_overflow")],
+        ("variant_prob", pa.list_(pa.float64())), ("variant_est", pa.list_(pa.int64())),
+        ("variant_total", pa.list_(pa.int64())),
+        *[(n, pa.list_(pa.list_(pa.int64()))) for n in ("variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae")],
+    ])
+
+    def write_to(self, writer: pq.ParquetWriter) -> None:
+        """Append the buffered rows to the parquet file and start a new buffer (bounded memory)."""
+        if self.data["dataset"]:
+            writer.write_table(pa.table({name: self.data[name] for name in self.NAMES}, schema=self.SCHEMA))
+        self.data = {name: [] for name in self.NAMES}
 
 
 def _group_for(dataset_config: DatasetConfig) -> dict[tuple[str, str], GroupConfig]:
@@ -323,6 +334,10 @@ def compute_token_stats(
     quarantined = frame.filter(pl.col("status") != "ok")
     ok_rows = frame.filter(pl.col("status") == "ok")
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_stats = out / f".{STATS_FILE}.{os.getpid()}.tmp"
+    writer = pq.ParquetWriter(tmp_stats, _Columns.SCHEMA)
     columns = _Columns()
     skipped: dict[str, list] = {k: [] for k in ("dataset", "group", "task", "source_file", "row_group", "row_index",
                                                 "file_row", "reason")}
@@ -348,32 +363,32 @@ def compute_token_stats(
                 continue
             columns.add(s, cost, max_num_tokens_per_sample, max_latent_size)
         texts.clear()
+        columns.write_to(writer)
 
     batch: list[SampleRef] = []
-    for sample in iter_samples(ok_rows):
-        batch.append(sample)
-        if len(batch) >= batch_size:
+    try:
+        for sample in iter_samples(ok_rows):
+            batch.append(sample)
+            if len(batch) >= batch_size:
+                process(batch)
+                done += len(batch)
+                batch = []
+                if progress:
+                    progress(done, total)
+        if batch:
             process(batch)
             done += len(batch)
-            batch = []
             if progress:
                 progress(done, total)
-    if batch:
-        process(batch)
-        done += len(batch)
-        if progress:
-            progress(done, total)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stats_table = columns.table()
-    pq.write_table(stats_table, out / STATS_FILE)
+    finally:
+        writer.close()
+    os.replace(tmp_stats, out / STATS_FILE)
     skipped_table = pa.table(skipped, schema=pa.schema([
         ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
         ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()), ("reason", pa.string()),
     ]))
     pq.write_table(skipped_table, out / SKIPPED_FILE)
-    stats = pl.from_arrow(stats_table)
+    stats = pl.read_parquet(out / STATS_FILE)
     summary = summarise(stats, quarantined, pl.from_arrow(skipped_table))
     summary.write_parquet(out / SUMMARY_FILE)
     reasons: dict[str, int] = defaultdict(int)

@@ -264,32 +264,43 @@ class VarlenGroup:
 def varlen_plan(layout: PackedLayout) -> list[VarlenGroup]:
     """Express ``visible`` as variable-length segments for flash-attn.
 
-    Each split is one query segment; its keys are the earlier non-noise splits of its document
-    followed by its own tokens. Causal splits then need bottom-right causal alignment (flash-attn's
-    convention when q_len < k_len); full/noise splits need none. One group per causality.
+    Each split is a query segment (runs of adjacent causal splits merge into one, which is
+    equivalent and keeps the key gather small for multi-turn text); its keys are the earlier
+    non-noise splits of its document followed by its own tokens. Causal segments then need
+    bottom-right causal alignment (flash-attn's convention when q_len < k_len); full/noise
+    segments need none. One group (one kernel call) per causality.
     """
     cached = layout._cache.get("varlen")
     if cached is not None:
         return cached
-    groups: dict[bool, dict[str, list]] = {c: {"q": [], "k": [], "lq": [], "lk": []} for c in (True, False)}
-    pos = 0
-    split = 0
-    for n_doc in layout.sample_lens:
-        filled, visible_prefix = 0, []
-        while filled < n_doc:
+    segments: list[tuple[int, int, str, int]] = []  # (start, length, mode, doc)
+    pos, split = 0, 0
+    for doc, n_doc in enumerate(layout.sample_lens):
+        end = pos + n_doc
+        while pos < end:
             n, mode = layout.split_lens[split], layout.split_modes[split]
-            own = list(range(pos, pos + n))
-            keys = visible_prefix + own
-            g = groups[mode == "causal"]
-            g["q"].extend(own)
-            g["k"].extend(keys)
-            g["lq"].append(n)
-            g["lk"].append(len(keys))
-            if mode != "noise":
-                visible_prefix = visible_prefix + own
+            prev = segments[-1] if segments else None
+            if mode == "causal" and prev is not None and prev[2] == "causal" and prev[3] == doc:
+                segments[-1] = (prev[0], prev[1] + n, "causal", doc)
+            else:
+                segments.append((pos, n, mode, doc))
             pos += n
-            filled += n
             split += 1
+    groups: dict[bool, dict[str, list]] = {c: {"q": [], "k": [], "lq": [], "lk": []} for c in (True, False)}
+    prefix: list[tuple[int, int]] = []  # visible key ranges of the current document
+    prefix_len, last_doc = 0, -1
+    for start, n, mode, doc in segments:
+        if doc != last_doc:
+            prefix, prefix_len, last_doc = [], 0, doc
+        own = (start, start + n)
+        g = groups[mode == "causal"]
+        g["q"].append(own)
+        g["k"].extend([*prefix, own])
+        g["lq"].append(n)
+        g["lk"].append(prefix_len + n)
+        if mode != "noise":
+            prefix.append(own)
+            prefix_len += n
     device = layout.doc_ids.device
     plan = []
     for causal, g in groups.items():
@@ -300,8 +311,8 @@ def varlen_plan(layout: PackedLayout) -> list[VarlenGroup]:
         plan.append(
             VarlenGroup(
                 causal=causal,
-                q_index=torch.tensor(g["q"], dtype=torch.long, device=device),
-                k_index=torch.tensor(g["k"], dtype=torch.long, device=device),
+                q_index=_ranges_to_index(g["q"], device),
+                k_index=_ranges_to_index(g["k"], device),
                 cu_q=cu_q.to(device),
                 cu_k=cu_k.to(device),
                 max_q=max(g["lq"]),
@@ -310,6 +321,10 @@ def varlen_plan(layout: PackedLayout) -> list[VarlenGroup]:
         )
     layout._cache["varlen"] = plan
     return plan
+
+
+def _ranges_to_index(ranges: list[tuple[int, int]], device: torch.device) -> Tensor:
+    return torch.cat([torch.arange(a, b, dtype=torch.long) for a, b in ranges]).to(device)
 
 
 def bottom_right_causal(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:

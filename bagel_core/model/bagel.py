@@ -154,6 +154,10 @@ class Bagel(nn.Module):
         del ce_loss_weights, batch_data_indexes
         if padded_images is not None and padded_latent is None:
             raise ValueError("encode padded_images with the VAE first and pass them as padded_latent")
+        if packed_vit_tokens is not None and packed_vit_tokens.numel() and not self.cfg.visual_und:
+            raise ValueError("the batch has ViT tokens but the model was built with visual_und=False")
+        if padded_latent is not None and not self.cfg.visual_gen:
+            raise ValueError("the batch has VAE latents but the model was built with visual_gen=False")
         total = int(sum(sample_lens))  # includes the flex pad document when present
         device = packed_text_ids.device
         layout = self._layout(sample_lens, split_lens, attn_modes, nested_attention_masks, device)
@@ -163,14 +167,14 @@ class Bagel(nn.Module):
         text = self.embed_text(packed_text_ids)
         seq = seq.index_copy(0, packed_text_indexes, text.detach() if freeze_und else text)
 
-        if self.cfg.visual_und and packed_vit_tokens is not None and packed_vit_tokens.numel():
+        if packed_vit_tokens is not None and packed_vit_tokens.numel():
             seqlens = [int(n) for n in vit_token_seqlens.tolist()]
             vit = self.embed_vit(packed_vit_tokens, packed_vit_position_ids, seqlens)
             seq = seq.index_copy(0, packed_vit_token_indexes, vit.detach() if freeze_und else vit)
 
         gen_idx = packed_vae_token_indexes if packed_vae_token_indexes is not None else None
         noise = x0 = t = None
-        if self.cfg.visual_gen and padded_latent is not None and gen_idx is not None and gen_idx.numel():
+        if padded_latent is not None and gen_idx is not None and gen_idx.numel():
             x0 = self.patchify_latents(padded_latent, patchified_vae_latent_shapes)
             t = torch.sigmoid(packed_timesteps.float())
             t = shift_timesteps(t, self.cfg.timestep_shift)

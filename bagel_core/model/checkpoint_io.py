@@ -86,6 +86,8 @@ def save_model_dir(
 def read_config(model_dir: str | Path, max_latent_size: int | None = None) -> BagelConfig:
     """Configuration of a directory: the two JSON files (+ ``bagel_config.json`` if present)."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise ConfigError(f"model directory {d} does not exist (expected the released BAGEL layout)")
     data = {}
     for name in (LLM_CONFIG, VIT_CONFIG):
         path = d / name

@@ -1,0 +1,113 @@
+"""``sampling_manifest``: which rank/worker reads which files/rows, the num_used_data rule, and a packing
+simulation (packs per epoch, fill, padding, drops, token share vs weight).
+
+The manifest is written even when some worker would get no data, with the problems recorded; the
+blocking ``num_used_data_capacity`` check then fails and stops training before launch.
+"""
+
+import base64
+
+import dagster as dg
+import polars as pl
+
+from assets.resources import PipelineWorkspace
+from assets.token_stats import effective_registry_path, token_stats
+from bagel_core.config.dataset_config import load_dataset_config
+from bagel_core.config.registry import Registry
+from bagel_core.data.packing import CfgDropout, PackingParams
+from bagel_core.index.manifest import (
+    build_manifest,
+    format_manifest_table,
+    format_packing_table,
+    read_manifest_meta,
+    simulate_packing,
+    simulation_png,
+    write_manifest,
+    write_simulation,
+)
+from bagel_core.index.token_stats import STATS_FILE
+
+_DEFAULTS = PackingParams()
+_DROPOUT = CfgDropout()
+
+
+class SamplingManifestConfig(dg.Config):
+    """Launch layout and packer parameters (use the training run's values)."""
+
+    world_size: int = 1
+    num_workers: int = 1
+    seed: int = 42
+    expected_num_tokens: int = _DEFAULTS.expected_num_tokens
+    max_num_tokens: int = _DEFAULTS.max_num_tokens
+    max_num_tokens_per_sample: int = _DEFAULTS.max_num_tokens_per_sample
+    prefer_buffer_before: int = _DEFAULTS.prefer_buffer_before
+    max_buffer_size: int = _DEFAULTS.max_buffer_size
+    simulate: bool = True
+    cfg_text_dropout: float = _DROPOUT.text
+    cfg_vit_dropout: float = _DROPOUT.vit
+    cfg_vae_dropout: float = _DROPOUT.vae
+
+
+@dg.asset(
+    group_name="data",
+    deps=[token_stats],
+    kinds={"parquet"},
+    description="Per-rank, per-worker assignment of data units (upstream's sharding rule) and a packing "
+    "simulation over the token statistics.",
+)
+def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifestConfig,
+                      workspace: PipelineWorkspace) -> dg.MaterializeResult:
+    registry = Registry.load(effective_registry_path(workspace))
+    dataset_config = load_dataset_config(workspace.dataset_config_path)
+    manifest = build_manifest(dataset_config, registry, config.world_size, config.num_workers, config.seed,
+                              strict=False)
+    parquet_path, _ = write_manifest(manifest, workspace.manifest_dir)
+    context.log.info("\n" + format_manifest_table(manifest))
+    metadata: dict[str, object] = {
+        "path": dg.MetadataValue.path(str(parquet_path)),
+        "world_size": config.world_size,
+        "num_workers": config.num_workers,
+        "seed": config.seed,
+        "ok": not manifest.problems,
+        "problems": dg.MetadataValue.json(manifest.problems),
+        "groups": dg.MetadataValue.json(manifest.groups),
+        "table": dg.MetadataValue.md(f"```\n{format_manifest_table(manifest)}\n```"),
+    }
+    if config.simulate and not manifest.problems:
+        params = PackingParams(config.expected_num_tokens, config.max_num_tokens, config.max_num_tokens_per_sample,
+                               config.prefer_buffer_before, config.max_buffer_size)
+        dropout = CfgDropout(config.cfg_text_dropout, config.cfg_vit_dropout, config.cfg_vae_dropout)
+        report = simulate_packing(manifest, dataset_config, pl.read_parquet(workspace.stats_dir / STATS_FILE),
+                                  params, dropout=dropout)
+        write_simulation(report, workspace.manifest_dir)
+        table = format_packing_table(report)
+        context.log.info("\n" + table)
+        png = base64.b64encode(simulation_png(report)).decode("ascii")
+        metadata.update({
+            "packs_per_epoch": report.packs,
+            "steps_per_epoch": report.steps_per_epoch,
+            "mean_fill": report.mean_fill,
+            "flex_padding_fraction": report.flex_padding_fraction,
+            "skipped_over_cap": report.skipped_over_cap,
+            "discarded_on_overflow": report.discarded_on_overflow,
+            "token_share": dg.MetadataValue.json(report.group_share),
+            "simulation": dg.MetadataValue.md(f"```\n{table}\n```"),
+            "simulation_plot": dg.MetadataValue.md(f"![packing](data:image/png;base64,{png})"),
+        })
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(asset=sampling_manifest, blocking=True,
+                description="Every group needs units >= world_size x num_workers, or a worker gets no data and "
+                "upstream training hangs (data-format.md 12.3).")
+def num_used_data_capacity(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
+    meta = read_manifest_meta(workspace.manifest_dir)
+    return dg.AssetCheckResult(
+        passed=bool(meta.get("ok")),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "problems": dg.MetadataValue.json(meta.get("problems", [])),
+            "world_size": meta.get("world_size"), "num_workers": meta.get("num_workers"),
+            "units_per_group": dg.MetadataValue.json({g: v["units"] for g, v in meta.get("groups", {}).items()}),
+        },
+    )

@@ -58,6 +58,37 @@ def _ensure_data(data: Path, rows: int) -> tuple[Path, Path]:
     return one, four
 
 
+def _ensure_photo_like(data: Path, rows: int) -> Path:
+    """T2I shards of photo-sized images (noise JPEGs, ~100 KB like real training images), cached."""
+    import io
+    import json as _json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    out = data / f"t2i_photo_{rows}"
+    if (out / ".complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per_file = 500
+    for f in range(-(-rows // per_file)):
+        images, captions = [], []
+        for i in range(min(per_file, rows - f * per_file)):
+            w, h = (512, 384) if i % 2 else (384, 512)
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
+            images.append(buf.getvalue())
+            captions.append(_json.dumps({"short": f"photo {f}-{i}", "long": f"a noisy photo number {i}"}))
+        table = pa.table({"image": pa.array(images, pa.binary()), "captions": pa.array(captions, pa.string())})
+        pq.write_table(table, out / f"chunk_{f}.parquet", row_group_size=100)
+    (out / ".complete").write_text("")
+    return out
+
+
 def _registry_yaml(t2i_dir: Path, path: Path) -> Path:
     from bagel_core.config.registry import Registry
 
@@ -183,6 +214,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--data", default="/tmp/bagel_bench_index")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--photo-rows", type=int, default=4000,
+                    help="also compare on photo-sized (~100 KB) images; 0 to skip")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -222,6 +255,15 @@ def main() -> None:
     print(f"{'indexer 4x (' + str(workers) + ' workers)':<34}{r4['rows']:>10,}{r4['seconds']:>10.3f}"
           f"{rate(r4['rows'], r4['seconds'])}{r4['seconds'] / raw4_s:>8.1f}{r4['rss_main_mb']:>13.0f}"
           f"{r4['rss_worker_mb']:>15.0f}{r4['rss_total_mb']:>13.0f}")
+    if args.photo_rows:
+        photo = _ensure_photo_like(data, args.photo_rows)
+        n_p, p_bytes, p_raw = raw_scan(photo, workers)
+        rp = _run_child(_registry_yaml(photo, data / "registry_photo.yaml"), data / "out_photo", workers)
+        print(f"{'raw DuckDB scan, photo-sized':<34}{n_p:>10,}{p_raw:>10.3f}{rate(n_p, p_raw)}{1.0:>8.1f}"
+              f"   ({p_bytes / 1e6:,.0f} MB of images, {p_bytes / n_p / 1e3:.0f} KB each)")
+        print(f"{'indexer, photo-sized':<34}{rp['rows']:>10,}{rp['seconds']:>10.3f}{rate(rp['rows'], rp['seconds'])}"
+              f"{rp['seconds'] / p_raw:>8.1f}{rp['rss_main_mb']:>13.0f}{rp['rss_worker_mb']:>15.0f}"
+              f"{rp['rss_total_mb']:>13.0f}")
     print(f"peak RSS growth 1x -> 4x: main {r4['rss_main_mb'] - r1['rss_main_mb']:+.0f} MB, "
           f"worker {r4['rss_worker_mb'] - r1['rss_worker_mb']:+.0f} MB, "
           f"whole tree {r4['rss_total_mb'] - r1['rss_total_mb']:+.0f} MB "

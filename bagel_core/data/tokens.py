@@ -32,8 +32,12 @@ under upstream's distribution; statistics report all of them summarised:
   enumerated; identical costs are merged.
 * **VLM**: deterministic (no per-visit choice) - one variant. Video records are rejected with a
   reason: their frame count is random and needs decoding (not counted here).
-* **CFG dropout** (section 10) is *not* applied: counts are the full plan. Dropout only ever removes
-  items, so these are upper bounds of the real length; the estimate is unaffected by dropout.
+* **CFG dropout** (section 10) is *not* applied to the counts: they are the full plan (an upper bound
+  of the real length; the estimate is unaffected by dropout). :class:`TokenCount` lists the exact
+  tokens of every droppable item (``cfg_text``/``cfg_vit``/``cfg_vae``) so the packing simulation
+  applies upstream's independent per-item draws to real lengths.
+* **Cap check**: ``over_cap`` uses the ordinary rule ``estimate > max_num_tokens_per_sample``; the
+  mandatory fill rejects ``estimate >= cap`` (one token stricter), which the simulation replays.
 
 Per sample the statistics use the **worst-case variant** (largest packer estimate, ties by exact
 total) for ``text/vit/vae/total_tokens`` and the cap check, and also report the minimum and the

@@ -48,6 +48,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import threading
@@ -56,6 +57,7 @@ from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from multiprocessing.context import BaseContext
@@ -79,12 +81,30 @@ FILE_UNREADABLE = "file_unreadable"
 ROW_GROUP_UNREADABLE = "row_group_unreadable"
 MISSING_COLUMN = "missing_column"
 COLUMN_TYPE = "column_type"
+WORKER_CRASHED = "worker_crashed"
 
-#: Columns each parquet task reads, and the DuckDB types accepted for them.
+#: Fault injection for tests: a worker indexing a unit of this file path exits abruptly.
+CRASH_ENV = "BAGEL_INDEX_TEST_CRASH_PATH"
+
+#: Columns each parquet task reads and the (normalised) Arrow types accepted for them.
 PARQUET_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
-    "t2i": {"image": ("BLOB",), "captions": ("VARCHAR", "BLOB")},
-    "edit": {"image_list": ("BLOB[]",), "instruction_list": ("VARCHAR[][]", "BLOB[][]")},
+    "t2i": {"image": ("binary",), "captions": ("string", "binary")},
+    "edit": {"image_list": ("list<binary>",), "instruction_list": ("list<list<string>>", "list<list<binary>>")},
 }
+
+
+def arrow_type_name(t: pa.DataType) -> str:
+    """Arrow type as ``binary`` / ``string`` / ``list<...>``, folding large/view variants together."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t) or (
+        pa.types.is_fixed_size_binary(t)
+    ):
+        return "binary"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return f"list<{arrow_type_name(t.value_type)}>"
+    return str(t)
+
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -373,6 +393,8 @@ def _index_jsonl_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
 
 def index_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
     """Index one unit (runs in a worker process); returns index rows sorted by file row."""
+    if os.environ.get(CRASH_ENV) == unit.path and multiprocessing.parent_process() is not None:
+        os._exit(70)  # simulate a decoder segfault in a worker (never in the main process)
     if unit.kind == "parquet":
         return _index_parquet_unit(unit, opts)
     return _index_jsonl_unit(unit, opts)
@@ -426,29 +448,66 @@ def file_identity(path: str, kind: str) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, "headtail:" + h.hexdigest()
 
 
-def _plan_parquet(rec: FileRecord, con: duckdb.DuckDBPyConnection, opts: IndexOptions) -> None:
-    entry, path = rec.entry, rec.path
+FooterFacts = tuple[list[tuple[int, int, int]], int]  # ([(row group, rows, bytes)], footer rows)
+
+
+def _footer_facts(paths: list[str], con: duckdb.DuckDBPyConnection) -> dict[str, FooterFacts | str]:
+    """Row-group facts of many files with two DuckDB queries; per file (naming the error) if one fails."""
+    out: dict[str, FooterFacts | str] = {}
+    if not paths:
+        return out
+    listing = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
     try:
         groups = con.sql(
-            "SELECT row_group_id, any_value(row_group_num_rows), any_value(row_group_bytes) "
-            f"FROM parquet_metadata({_sql_str(path)}) GROUP BY row_group_id ORDER BY row_group_id"
+            "SELECT file_name, row_group_id, any_value(row_group_num_rows), any_value(row_group_bytes) "
+            f"FROM parquet_metadata({listing}) GROUP BY ALL ORDER BY 1, 2"
         ).fetchall()
-        info = con.sql(f"SELECT num_rows FROM parquet_file_metadata({_sql_str(path)})").fetchall()
-        described = con.sql(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(path)})").fetchall()
-    except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
-        rec.status, rec.error = "unreadable", f"cannot open parquet footer: {type(exc).__name__}: {exc}"
+        totals = dict(con.sql(f"SELECT file_name, num_rows FROM parquet_file_metadata({listing})").fetchall())
+    except Exception:  # noqa: BLE001 - some file is unreadable: find out which, one by one
+        if len(paths) == 1:
+            try:
+                con.sql(f"SELECT * FROM parquet_file_metadata({_sql_str(paths[0])})").fetchall()
+                con.sql(f"SELECT * FROM parquet_metadata({_sql_str(paths[0])})").fetchall()
+                return {paths[0]: "footer query failed"}
+            except Exception as exc:  # noqa: BLE001 - the message is what we report
+                return {paths[0]: f"{type(exc).__name__}: {exc}"}
+        for p in paths:
+            out.update(_footer_facts([p], con))
+        return out
+    if set(totals) != set(paths):  # DuckDB normalised a name: fall back to one query per file
+        if len(paths) == 1:
+            facts = [(int(g), int(n), int(b or 0)) for _, g, n, b in groups]
+            return {paths[0]: (facts, int(next(iter(totals.values()), 0)))}
+        for p in paths:
+            out.update(_footer_facts([p], con))
+        return out
+    per_file: dict[str, list[tuple[int, int, int]]] = {p: [] for p in paths}
+    for name, rg, n, nbytes in groups:
+        per_file[name].append((int(rg), int(n), int(nbytes or 0)))
+    return {p: (per_file[p], int(totals[p])) for p in paths}
+
+
+def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions) -> None:
+    entry, path = rec.entry, rec.path
+    if isinstance(facts, str):
+        rec.status, rec.error = "unreadable", f"cannot open parquet footer: {facts}"
         return
-    types = {row[0]: row[1] for row in described}
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
+        rec.status, rec.error = "unreadable", f"cannot read parquet schema: {type(exc).__name__}: {exc}"
+        return
+    types = {f.name: arrow_type_name(f.type) for f in schema}
+    groups, rec.footer_rows = facts
     rec.num_columns = len(types)
     rec.num_row_groups = len(groups)
-    rec.footer_rows = int(info[0][0]) if info else sum(int(g[1]) for g in groups)
     first = 0
     spans: list[tuple[int, int, int]] = []
     sizes: list[int] = []
     for rg_id, num_rows, nbytes in groups:
-        spans.append((int(rg_id), first, int(num_rows)))
-        sizes.append(int(nbytes or 0))
-        first += int(num_rows)
+        spans.append((rg_id, first, num_rows))
+        sizes.append(nbytes)
+        first += num_rows
     if first != rec.footer_rows:
         rec.error = f"row groups hold {first} rows but the footer declares {rec.footer_rows}"
     expected = PARQUET_COLUMNS[entry.task]
@@ -620,6 +679,24 @@ def _mp_context() -> BaseContext:
     return ctx
 
 
+def _crashed_rows(unit: Unit) -> pa.Table:
+    """Rows of a unit whose worker process died twice: every row quarantined, locations exact."""
+    rows = _Rows(unit)
+    message = "the worker process indexing this row range died twice (segfault or out of memory)"
+    if unit.kind == "parquet":
+        for rg_id, first, num_rows in unit.row_groups:
+            for r in range(num_rows):
+                rows.add_failed(rg_id, r, first + r, WORKER_CRASHED, message)
+    else:
+        with open(unit.path, "rb") as fp:
+            fp.seek(unit.start)
+            data = fp.read(unit.end - unit.start)
+        n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+        for k in range(n_lines):
+            rows.add_failed(-1, unit.first_line + k, unit.first_line + k, WORKER_CRASHED, message)
+    return rows.table()
+
+
 def _warm_up() -> None:
     """No-op task: makes the pool start its workers."""
 
@@ -632,8 +709,10 @@ def _work(unit: Unit) -> int:
 class _Pool:
     """In-order results over a process pool with a bounded number of units in flight.
 
-    Workers are started lazily (``spawn``: safe inside Dagster's threaded step process) and only
-    when there is enough work; tiny datasets are indexed in-process.
+    Workers come from a fork server (safe inside Dagster's threaded step process) and only when
+    there is enough work; tiny datasets are indexed in-process. A worker that dies (a decoder
+    segfault, the OOM killer) breaks the pool: the pool is rebuilt, the unit is retried alone, and
+    if it kills its worker again its rows are quarantined as ``worker_crashed``.
     """
 
     def __init__(self, workers: int) -> None:
@@ -677,11 +756,31 @@ class _Pool:
                 break
         while pending:
             unit, fut = pending.popleft()
-            table = fut.result()
+            try:
+                table = fut.result()
+            except BrokenProcessPool:
+                table = self._recover(unit, opts)
+                # every other in-flight unit died with the pool: resubmit them to the new one
+                pending = deque((u, self._submit(u, opts)) for u, _ in pending)
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, self.executor.submit(index_unit, nxt, opts)))
+                pending.append((nxt, self._submit(nxt, opts)))
             yield unit, table
+
+    def _submit(self, unit: Unit, opts: IndexOptions) -> Future[pa.Table]:
+        assert self.executor is not None
+        return self.executor.submit(index_unit, unit, opts)
+
+    def _recover(self, unit: Unit, opts: IndexOptions) -> pa.Table:
+        assert self.executor is not None
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as alone:
+                table = alone.submit(index_unit, unit, opts).result()
+        except BrokenProcessPool:
+            table = _crashed_rows(unit)
+        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+        return table
 
     def close(self) -> None:
         self._join()
@@ -778,10 +877,12 @@ def index_dataset(
                     setattr(rec, key, prev[key])
                 rec.reused = True
                 continue
-            if kind == "parquet":
-                _plan_parquet(rec, con, opts)
-            else:
+            if kind == "jsonl":
                 _plan_jsonl(rec, opts)
+        to_plan = [r for r in records if r.kind == "parquet" and not r.reused and r.status != "unreadable"]
+        facts = _footer_facts([r.path for r in to_plan], con)
+        for rec in to_plan:
+            _plan_parquet(rec, facts[rec.path], opts)
     finally:
         con.close()
 

@@ -231,6 +231,11 @@ def _norm(path: str) -> str:
 def _samples_by_unit(stats: pl.DataFrame) -> dict[tuple[str, int, int], list[SimSample]]:
     """Counted samples keyed by unit: (file, -1, -1) for T2I, (file, rg, -1) edit, (file, -1, line) VLM."""
     out: dict[tuple[str, int, int], list[SimSample]] = defaultdict(list)
+    missing = sorted({"variant_prob", "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit",
+                      "variant_cfg_vae"} - set(stats.columns))
+    if missing:
+        raise DataError(f"token_stats.parquet lacks {missing} (written by an older version); "
+                        "re-run `bagel data stats`")
     ordered = stats.sort(["source_file", "row_group", "row_index"])
     for rec in ordered.select(["dataset", "task", "source_file", "row_group", "row_index", "variant_prob",
                                "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit",

@@ -13,7 +13,14 @@ batch of samples are tokenised in one ``tokenizers`` ``encode_batch`` call (Rust
 
 Outputs in ``out_dir``:
 
-* ``token_stats.parquet``: one row per counted sample (keys + counts + variant lists);
+* ``token_stats.parquet``: one row per counted sample: index keys (``dataset``, ``group``, ``task``,
+  ``source_file``, ``row_group``, ``row_index``, ``file_row``); ``text_tokens``/``vit_tokens``/
+  ``vae_tokens``/``total_tokens``/``est_tokens`` of the worst-case variant (wrapping tokens included);
+  ``total_tokens_min``/``_mean``, ``est_tokens_min``/``_mean``; ``ce_tokens``, ``mse_tokens``,
+  ``num_items``, ``num_variants``, ``max_vit_side``, ``max_latent_side``; flags ``over_cap``
+  (worst estimate > cap), ``over_cap_always`` (every variant), ``latent_overflow``, ``vit_overflow``;
+  and per variant ``variant_prob``/``variant_est``/``variant_total`` plus ``variant_cfg_text``/
+  ``_vit``/``_vae`` (tokens of droppable items), which the packing simulation replays;
 * ``token_stats_skipped.parquet``: every ok index row that could not be counted, with its reason;
 * ``token_stats_summary.parquet`` / ``token_stats_summary.json``: per (dataset, task) count, sum,
   mean, p50/p90/p99/max of text/vit/vae/total tokens, plus cap and latent-size violations and the

@@ -25,7 +25,7 @@ import dagster as dg
 
 from assets.resources import PipelineWorkspace
 from bagel_core.config.registry import Registry
-from bagel_core.index.indexer import DatasetSummary, IndexOptions, dataset_key, index_registry
+from bagel_core.index.indexer import INDEX_SCHEMA, DatasetSummary, IndexOptions, dataset_key, index_registry
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 from bagel_core.index.report import (
     duplicate_keys,
@@ -173,11 +173,20 @@ with warnings.catch_warnings():
             "datasets": dg.MetadataValue.json([s.to_dict() | {"invariant_failures": s.invariant_failures[:5]}
                                                for s in result.datasets]),
             "index": dg.MetadataValue.path(str(result.index_path)),
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(f.name, str(f.type)) for f in INDEX_SCHEMA]
+            ),
             "quarantine": dg.MetadataValue.path(str(result.quarantine_path)),
             "files_table": dg.MetadataValue.path(str(result.files_path)),
             "parquet_info": dg.MetadataValue.json({k: str(v) for k, v in result.parquet_info.items()}),
             "indexed_registry": dg.MetadataValue.path(str(result.registry_path)),
+            "registered_parquet_info_problems": dg.MetadataValue.json(
+                {k: v[:20] for k, v in result.parquet_info_problems.items()}
+            ),
         })
+        for key, problems in result.parquet_info_problems.items():
+            context.log.warning(f"{key}: registered parquet_info disagrees with the shards: {problems[:5]}; "
+                                f"the generated one is in {result.registry_path}")
 
         # ---- checks on what this run indexed ---------------------------------------------------
         failures = [f for s in result.datasets for f in s.invariant_failures]

@@ -120,9 +120,11 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _tree() -> dict[int, float]:
+    def _tree() -> dict[int, tuple[float, float]]:
+        """pid -> (current RSS, peak RSS) in MB for this process and its descendants."""
         parents: dict[int, int] = {}
         rss: dict[int, float] = {}
+        hwm: dict[int, float] = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -133,6 +135,7 @@ class _RssSampler:
                 continue
             parents[int(entry)] = int(fields["PPid"])
             rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+            hwm[int(entry)] = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
         me = os.getpid()
         out = {}
         for pid, value in rss.items():
@@ -140,14 +143,14 @@ class _RssSampler:
             while p and p != me:
                 p = parents.get(p, 0)
             if p == me:
-                out[pid] = value
+                out[pid] = (value, hwm[pid])
         return out
 
     def _run(self) -> None:
         while not self._stop.is_set():
             tree = self._tree()
-            workers = [v for pid, v in tree.items() if pid != os.getpid()]
-            self.peak_total = max(self.peak_total, sum(tree.values()))
+            workers = [peak for pid, (_, peak) in tree.items() if pid != os.getpid()]
+            self.peak_total = max(self.peak_total, sum(now for now, _ in tree.values()))
             self.peak_worker = max([self.peak_worker, *workers])
             time.sleep(self.interval)
 
@@ -158,6 +161,14 @@ class _RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _own_peak_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def _child(registry: str, out: str, workers: int) -> None:
@@ -172,7 +183,7 @@ def _child(registry: str, out: str, workers: int) -> None:
     s = result.datasets[0]
     print(json.dumps({
         "rows": s.rows, "ok": s.ok, "quarantined": s.quarantined, "seconds": seconds, "index_seconds": s.seconds,
-        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_main_mb": _own_peak_mb(),  # VmHWM: ru_maxrss would include the parent's RSS from before exec
         "rss_worker_mb": sampler.peak_worker, "rss_total_mb": sampler.peak_total,
     }))
 
@@ -214,7 +225,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--data", default="/tmp/bagel_bench_index")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--photo-rows", type=int, default=4000,
+    ap.add_argument("--photo-rows", type=int, default=8000,
                     help="also compare on photo-sized (~100 KB) images; 0 to skip")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()

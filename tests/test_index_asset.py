@@ -85,3 +85,14 @@ def test_quarantine_ratio_check_blocks(tmp_path: Path) -> None:
                              run_config={"ops": {"dataset_index": {"config": {"workers": 1,
                                                                               "max_quarantine_ratio": 0.5}}}})
         assert res.success
+
+
+def test_partition_of_a_removed_dataset_fails_clearly(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(DATASET_PARTITIONS.name, ["vlm_sft.gone"])
+        res = dg.materialize([dataset_index], instance=instance, resources={"workspace": ws},
+                             partition_key="vlm_sft.gone", selection=[dataset_index.key], raise_on_error=False)
+        assert not res.success
+        failure = next(e for e in res.all_events if e.is_step_failure)
+        assert "partition(s) ['vlm_sft.gone'] are not datasets of" in str(failure.step_failure_data.error)

@@ -256,3 +256,22 @@ def test_worker_crash_is_retried_then_quarantined(tmp_path: Path, monkeypatch: p
     assert reasons(q) == {"worker_crashed": 5}
     assert q.column("file_row").to_pylist() == [0, 1, 2, 3, 4]
     assert index.num_rows == 15 and index.column("status").to_pylist().count("ok") == 10
+
+
+def test_vlm_video_records(tmp_path: Path) -> None:
+    video_q = "<video>\nWhat happens?"
+    lines = [
+        {"id": "v0", "video": "clip.mp4", "conversations": [{"from": "human", "value": video_q},
+                                                             {"from": "gpt", "value": "A ball rolls."}]},
+        {"id": "v1", "video": "gone.mp4", "conversations": [{"from": "human", "value": video_q},
+                                                             {"from": "gpt", "value": "x"}]},
+        {"id": "v2", "video": "clip.mp4", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                             {"from": "gpt", "value": "x"}]},
+    ]
+    img_dir, jsonl = write_vlm(tmp_path / "vlm", lines, {"clip.mp4": b"\x00\x00\x00\x18ftypmp42"})
+    _, index, q, _ = run_index(registry_for(vlm={"data_dir": img_dir, "jsonl_path": jsonl}), tmp_path / "out")
+    assert index.column("reason").to_pylist() == [None, "video_missing", "video_placeholder_missing"]
+    first = index.slice(0, 1).to_pylist()[0]
+    assert first["video_path"] == str(img_dir / "clip.mp4") and first["num_images"] == 0
+    assert first["image_paths"] == [] and first["image_sizes"] == []
+    assert reasons(q) == {"video_missing": 1, "video_placeholder_missing": 1}

@@ -114,10 +114,15 @@ def pack_events(
     estimate: Callable[[S], int],
     pack: Callable[[S], int],
     rng: random.Random,
+    buffer: deque[tuple[S, int]] | None = None,
 ) -> Iterator[Packed[S] | Skipped[S] | Buffered[S] | Flush[S]]:
-    """Upstream's packing loop as an infinite stream of decisions (see module docstring)."""
+    """Upstream's packing loop as an infinite stream of decisions (see module docstring).
+
+    ``buffer``: the overflow buffer, ``(sample, group)`` pairs oldest first; pass your own deque to
+    see it and to start with restored contents (the packed dataset's exact resume); default empty.
+    """
     cumprobs = cumulative_probs(weights)
-    buffer: deque[tuple[S, int]] = deque()
+    buffer = deque() if buffer is None else buffer
     curr = 0
     count = 0
     while True:

@@ -47,6 +47,7 @@ class SampleResult:
     num_texts: int = 0
     text_chars: int = 0
     image_paths: list[str] = field(default_factory=list)
+    video_path: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def fail(self, reason: str, message: str) -> None:
@@ -219,7 +220,7 @@ def check_vlm_line(raw: bytes, data_dir: str, max_pixels: int, full_decode: bool
         elif not os.path.exists(os.path.join(data_dir, video)):
             result.fail(VIDEO_MISSING, f"key 'video': {os.path.join(data_dir, video)} does not exist")
         else:
-            result.image_paths.append(os.path.join(data_dir, video))
+            result.video_path = os.path.join(data_dir, video)
 
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:

@@ -73,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(summary_table(result))
+    for key, problems in result.parquet_info_problems.items():
+        print(f"warning: {key}: the registered parquet_info disagrees with the shards "
+              f"({len(problems)} problem(s)); use the generated one in {args.out}/dataset_info.yaml", file=sys.stderr)
+        for problem in problems[:10]:
+            print(f"  {problem}", file=sys.stderr)
     failed = False
     for s in result.datasets:
         for failure in s.invariant_failures:

@@ -72,15 +72,57 @@ def write_parquet_info_files(registry: Registry, out_dir: str | Path) -> dict[st
     return written
 
 
-def registry_with_parquet_info(registry: Registry, infos: dict[str, Path]) -> Registry:
-    """A copy of ``registry`` whose parquet entries point at the generated JSON files."""
-    entries = [
-        dataclasses.replace(e, parquet_info_path=Path(infos[dataset_key(e)]).resolve())
-        if e.is_parquet and dataset_key(e) in infos
-        else e
-        for e in registry.entries
-    ]
+def registry_with_parquet_info(
+    registry: Registry, infos: dict[str, Path], counts: dict[str, tuple[int, int]] | None = None
+) -> Registry:
+    """A copy of ``registry`` pointing at the generated JSON, with sizes filled from the index.
+
+    ``parquet_info_path`` is set for ``unified_edit`` entries (the upstream loader requires it) and
+    for entries that already named one; a T2I entry without one is left without, because upstream
+    passes a collected ``parquet_info`` to the group's class and the T2I class takes no such
+    argument. ``counts`` (``group.name`` -> (files, samples)) fills ``num_files`` /
+    ``num_total_samples``, the only place a human sees dataset sizes.
+    """
+    entries = []
+    for e in registry.entries:
+        key = dataset_key(e)
+        changes: dict[str, Any] = {}
+        if key in infos and (e.group == "unified_edit" or e.parquet_info_path is not None):
+            changes["parquet_info_path"] = Path(infos[key]).resolve()
+        if counts and key in counts:
+            files, samples = counts[key]
+            if e.is_parquet:
+                changes["num_files"] = files
+            changes["num_total_samples"] = samples
+        entries.append(dataclasses.replace(e, **changes) if changes else e)
     return Registry(entries=entries, source=registry.source)
+
+
+def check_registered_parquet_info(registry: Registry, out_dir: str | Path) -> dict[str, list[str]]:
+    """For every parquet dataset whose registry entry names a ``parquet_info`` JSON (hand-written or
+    from another tool), the problems of that JSON against the index; key ``group.name``."""
+    found: dict[str, list[str]] = {}
+    for entry in registry.entries:
+        files_path = dataset_dir(Path(out_dir), entry) / "files.parquet"
+        if not entry.is_parquet or entry.parquet_info_path is None or not files_path.is_file():
+            continue
+        path = Path(entry.parquet_info_path)
+        try:
+            existing = json.loads(path.read_text())
+        except OSError as exc:
+            found[dataset_key(entry)] = [f"{path}: cannot be read ({exc})"]
+            continue
+        except ValueError as exc:
+            found[dataset_key(entry)] = [f"{path}: not valid JSON ({exc})"]
+            continue
+        if not isinstance(existing, dict):
+            found[dataset_key(entry)] = [f"{path}: must be a JSON object keyed by parquet path"]
+            continue
+        generated, _ = parquet_info_for(entry, files_path)
+        problems = [f"{path}: {p}" for p in check_parquet_info(entry, existing, generated)]
+        if problems:
+            found[dataset_key(entry)] = problems
+    return found
 
 
 def check_parquet_info(entry: DatasetEntry, existing: dict[str, Any], generated: dict[str, Any]) -> list[str]:

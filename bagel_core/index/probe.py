@@ -67,7 +67,7 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 
 
-def fast_header(head: bytes) -> tuple[int, int, str, str] | None:
+def fast_header(head: bytes | memoryview) -> tuple[int, int, str, str] | None:
     """(width, height, mode, format) of a plain 8-bit PNG or JPEG from its first bytes, else None.
 
     Why: Pillow's ``Image.open`` costs ~20 us per image, most of it generic plugin machinery; these
@@ -192,14 +192,16 @@ def probe_stream(
     return ImageInfo(width, height, mode, fmt, size)
 
 
-def _trailer_ok_bytes(fmt: str, data: bytes) -> bool:
+def _trailer_ok_bytes(fmt: str, data: bytes | memoryview) -> bool:
     if fmt == "PNG":
-        return _PNG_IEND in data[-32:]
-    return _JPEG_EOI in data[-64:].rstrip(b"\x00\r\n ")[-2:]
+        return _PNG_IEND in bytes(data[-32:])
+    return _JPEG_EOI in bytes(data[-64:]).rstrip(b"\x00\r\n ")[-2:]
 
 
-def probe_bytes(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
-    """Probe encoded image bytes (a parquet ``image`` cell); ``None`` is a missing image."""
+def probe_bytes(
+    data: bytes | memoryview | None, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False
+) -> ImageInfo:
+    """Probe encoded image bytes (a parquet ``image`` cell, possibly a zero-copy view); ``None``: missing."""
     if data is None:
         raise ProbeError(IMAGE_MISSING, "image cell is null")
     if not full_decode:  # hot path: plain PNG/JPEG, complete, within the cap -> no stream, no Pillow

@@ -21,7 +21,7 @@ from torch import Tensor
 from bagel_core.data.transforms import ImageTransform, to_rgb
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import Bagel, shift_timesteps
-from bagel_core.model.embeddings import grid_position_ids, patchify, unpatchify
+from bagel_core.model.embeddings import grid_position_ids, interpolated_position_ids, patchify, unpatchify
 from bagel_core.model.qwen2_mot import KVCache, Routing
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -57,25 +57,43 @@ def cfg_combine(
     renorm_type: str = "global",
     renorm_min: float = 0.0,
 ) -> Tensor:
-    """Classifier-free guidance with CFG-renorm (inference.md 8, step 4); [N, 64] velocities."""
+    """Classifier-free guidance with CFG-renorm (inference.md 8, step 4); [N, 64] velocities.
+
+    The arithmetic runs in the velocities' dtype and the norms in fp32, as upstream under bf16
+    autocast: for ``global`` the factor is a 0-dim fp32 value, so a bf16 result stays bf16; the
+    per-token factor of ``channel`` / ``text_channel`` promotes the result to fp32.
+    """
     if text_scale <= 1.0 or u_text is None:
         return c
     if renorm_type not in RENORM_TYPES:
         raise NotImplementedError(f"cfg_renorm_type {renorm_type!r}; choose one of {RENORM_TYPES}")
     g = u_text + text_scale * (c - u_text)
     if renorm_type == "text_channel":
-        k = (c.norm(dim=-1, keepdim=True) / (g.norm(dim=-1, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)
-        g = k * g
+        g = _renorm_factor(c, g, renorm_min, per_token=True) * g
         if img_scale > 1.0 and u_img is not None:
             g = u_img + img_scale * (g - u_img)
         return g
     if img_scale > 1.0 and u_img is not None:
         g = u_img + img_scale * (g - u_img)
-    if renorm_type == "global":
-        k = (c.norm() / (g.norm() + 1e-8)).clamp(renorm_min, 1.0)
-    else:  # channel: per token
-        k = (c.norm(dim=-1, keepdim=True) / (g.norm(dim=-1, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)
-    return k * g
+    return _renorm_factor(c, g, renorm_min, per_token=renorm_type == "channel") * g
+
+
+def _renorm_factor(c: Tensor, g: Tensor, renorm_min: float, per_token: bool) -> Tensor:
+    """clamp(|c| / (|g| + 1e-8), renorm_min, 1) with fp32 norms: Frobenius, or per token [N, 1]."""
+    if per_token:
+        nc = c.float().norm(dim=-1, keepdim=True)
+        ng = g.float().norm(dim=-1, keepdim=True)
+    else:
+        nc, ng = c.float().norm(), g.float().norm()
+    return (nc / (ng + 1e-8)).clamp(min=renorm_min, max=1.0)
+
+
+def cfg_active(t: Tensor, interval: tuple[float, float]) -> bool:
+    """CFG applies iff interval[0] < t <= interval[1], compared on the shifted fp32 t (as upstream,
+    where t is a 0-dim fp32 tensor: the bounds are rounded to fp32 too, so t = fp32(0.4) is *not*
+    above 0.4)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return bool(t > interval[0]) and bool(t <= interval[1])
 
 
 def flow_timesteps(num_timesteps: int, shift: float) -> Tensor:
@@ -152,19 +170,26 @@ class Inferencer:
         p = self.model.cfg.vit.patch_size
         rows, cols = pixels.shape[1] // p, pixels.shape[2] // p
         patches = patchify(pixels, p).to(self.device)
-        ids = grid_position_ids(rows, cols, self.model.cfg.vit_max_num_patch_per_side, self.device)
+        ids = self._grid_ids(rows, cols, self.model.cfg.vit_max_num_patch_per_side)
         emb = self._image_chunk(self.model.embed_vit(patches, ids, [rows * cols]))
         n = emb.shape[0]
         pos = torch.full((n,), ctx.rope, device=self.device)
         self.model.forward_cached(emb, pos, Routing.all_und(n), ctx.cache, causal=False, update_cache=True)
         ctx.rope += 1
 
+    def _grid_ids(self, rows: int, cols: int, side: int) -> Tensor:
+        """2-D ids with the table side as stride (extrapolate) or bucketed (``interpolate_pos``)."""
+        if self.model.cfg.interpolate_pos:
+            return interpolated_position_ids(rows, cols, side, self.device)
+        return grid_position_ids(rows, cols, side, self.device)
+
     def _latent_query(self, x: Tensor, t: float, rows: int, cols: int) -> tuple[Tensor, Routing]:
-        ids = grid_position_ids(rows, cols, self.model.cfg.max_latent_size, self.device)
-        tt = torch.full((x.shape[0],), float(t), device=self.device)
+        """Mode "gen" chunk: markers on the understanding expert, latents on the generation expert."""
+        ids = self._grid_ids(rows, cols, self.model.cfg.max_latent_size)
+        tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=self.device)
         emb = self._image_chunk(self.model.embed_latents(x.to(self.device), tt, ids))
         gen = torch.arange(1, x.shape[0] + 1, device=self.device)
-        return emb, Routing.from_gen_indexes(gen, emb.shape[0])
+        return emb, Routing.from_gen_indexes(gen, emb.shape[0], qk_fp32=True)
 
     @torch.no_grad()
     def push_vae_image(self, ctx: Context, pixels: Tensor, generator: torch.Generator | None) -> None:
@@ -180,11 +205,12 @@ class Inferencer:
 
     @torch.no_grad()
     def velocity(self, ctx: Context, x: Tensor, t: float, rows: int, cols: int) -> Tensor:
-        """Predicted velocity [N, 64] (fp32, CPU) of latents x at time t against a context."""
+        """Predicted velocity [N, 64] of latents x at time t against a context, on the CPU in the
+        model's dtype (bf16 for the release, as upstream's autocast ``llm2vae`` output)."""
         emb, route = self._latent_query(x, t, rows, cols)
         pos = torch.full((emb.shape[0],), ctx.rope, device=self.device)
         hidden = self.model.forward_cached(emb, pos, route, ctx.cache, causal=False, update_cache=False)
-        return self.model.llm2vae(hidden[1:-1]).float().cpu()
+        return self.model.llm2vae(hidden[1:-1]).cpu()
 
     # ------------------------------------------------------------ decoding text
 
@@ -197,7 +223,14 @@ class Inferencer:
         temperature: float = 0.3,
         generator: torch.Generator | None = None,
     ) -> str:
-        """Greedy (or sampled) decoding from ``<|im_start|>`` on a copy of the context (inference.md 6)."""
+        """Greedy (or sampled) decoding from ``<|im_start|>`` on a copy of the context (inference.md 6).
+
+        Sampling never touches the CPU default generator (which carries the image noise): without
+        a ``generator`` a private, randomly seeded one is used.
+        """
+        if do_sample and generator is None:
+            generator = torch.Generator()
+            generator.seed()
         work = ctx.copy()
         bos, eos = self.ids["bos_token_id"], self.ids["eos_token_id"]
         out: list[int] = []
@@ -214,12 +247,13 @@ class Inferencer:
                 update_cache=True,
             )
             work.rope += 1
-            logits = self.model.language_model.lm_head(hidden[-1]).float()
+            logits = self.model.language_model.lm_head(hidden[-1])
             if do_sample:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                # logits / temperature in the model dtype, softmax in fp32 (upstream autocast).
+                probs = torch.softmax((logits / temperature).float(), dim=-1).cpu()
                 token = int(torch.multinomial(probs, 1, generator=generator).item())
             else:
-                token = int(torch.argmax(logits).item())
+                token = int(torch.argmax(logits.float()).item())
             if token == eos:
                 break
         text = self.tokenizer.decode(out[1:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -259,15 +293,18 @@ class Inferencer:
             rows * cols, self.model.cfg.patch_latent_dim, generator=generator, dtype=torch.float32
         )
         ts = flow_timesteps(num_timesteps, timestep_shift)
+        dts = ts[:-1] - ts[1:]
         for i in range(num_timesteps - 1):
             t = float(ts[i])
-            active = cfg_interval[0] < t <= cfg_interval[1]
+            active = cfg_active(ts[i], cfg_interval)
             s_t, s_i = (cfg_text_scale, cfg_img_scale) if active else (1.0, 1.0)
             c = self.velocity(gen, x, t, rows, cols)
             u_t = self.velocity(cfg_text, x, t, rows, cols) if s_t > 1.0 else None
+            # Upstream also runs the image branch when s_t <= 1 and then discards it.
             u_i = self.velocity(cfg_img, x, t, rows, cols) if s_i > 1.0 and s_t > 1.0 else None
             v = cfg_combine(c, u_t, u_i, s_t, s_i, cfg_renorm_type, cfg_renorm_min)
-            x = x - v * float(ts[i] - ts[i + 1])
+            # Euler towards data (v points from data to noise); v * dt in v's dtype, x stays fp32.
+            x = x - v * dts[i]
         return latents_to_image(self.vae, x, rows, cols, self.model.cfg.latent_patch_size)
 
     def _prepare_image(self, image: Image.Image) -> Image.Image:
@@ -380,6 +417,94 @@ class Inferencer:
             self.push_vit_image(ctx, self._prepare_image(image))
         self.push_text(ctx, question)
         return self.decode_text(ctx, max_new_tokens, do_sample, temperature, _generator(seed))
+
+
+    # ------------------------------------------------------------ upstream's interleaved entry point
+
+    def __call__(self, image: Image.Image | None = None, text: str | None = None, **kwargs) -> dict:
+        """Upstream's ``inferencer(image=..., text=...)``: the image always goes first; returns
+        ``{"image": ..., "text": ...}`` with the last output of each kind (or None)."""
+        out: dict = {"image": None, "text": None}
+        items = [x for x in (image, text) if x is not None]
+        if not items:
+            print("Please provide at least one input: either an image or text.")
+            return out
+        for result in self.interleave_inference(items, **kwargs):
+            out["image" if isinstance(result, Image.Image) else "text"] = result
+        return out
+
+    def interleave_inference(
+        self,
+        input_lists: list,
+        think: bool = False,
+        understanding_output: bool = False,
+        max_think_token_n: int = 1000,
+        do_sample: bool = False,
+        text_temperature: float = 0.3,
+        cfg_text_scale: float = 3.0,
+        cfg_img_scale: float = 1.5,
+        cfg_interval: tuple[float, float] = (0.4, 1.0),
+        timestep_shift: float = 3.0,
+        num_timesteps: int = 50,
+        cfg_renorm_min: float = 0.0,
+        cfg_renorm_type: str = "global",
+        image_shapes: tuple[int, int] = (1024, 1024),
+        seed: int | None = None,
+    ) -> list:
+        """Texts and images in order (inference.md 5, 7, 10, 11), with upstream's defaults.
+
+        Three contexts: gen (everything), cfg_text (a snapshot before each text and after each
+        image) and cfg_img (texts only). Images are pushed as a clean VAE item then a ViT item
+        (ViT only for understanding); an image input sets ``image_shapes``. Returns the outputs:
+        the answer text, or the optional think text followed by the image.
+        """
+        generator = _generator(seed)
+        text_generator = _generator(seed) if do_sample else None
+        outputs: list = []
+        gen, cfg_text, cfg_img = self.new_context(), self.new_context(), self.new_context()
+        if think:
+            system = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
+            self.push_text(gen, system)
+            self.push_text(cfg_img, system)
+        for item in input_lists:
+            if isinstance(item, str):
+                cfg_text = gen.copy()
+                self.push_text(gen, item)
+                self.push_text(cfg_img, item)
+            elif isinstance(item, Image.Image):
+                resized = self._prepare_image(item)
+                if not understanding_output:
+                    self.push_vae_image(gen, self.vae_transform(resized), generator)
+                self.push_vit_image(gen, resized)
+                image_shapes = (resized.height, resized.width)
+                cfg_text = gen.copy()
+            else:
+                raise TypeError(f"inputs must be str or PIL images, got {type(item).__name__}")
+        if understanding_output:
+            outputs.append(self.decode_text(gen, max_think_token_n, do_sample, text_temperature, text_generator))
+            return outputs
+        if think:
+            plan = self.decode_text(gen, max_think_token_n, do_sample, text_temperature, text_generator)
+            self.push_text(gen, plan)
+            outputs.append(plan)
+        outputs.append(
+            self.denoise(
+                gen,
+                cfg_text,
+                cfg_img,
+                image_shapes[0],
+                image_shapes[1],
+                generator,
+                cfg_text_scale,
+                cfg_img_scale,
+                cfg_interval,
+                cfg_renorm_min,
+                cfg_renorm_type,
+                timestep_shift,
+                num_timesteps,
+            )
+        )
+        return outputs
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

@@ -108,11 +108,16 @@ def grid_position_ids(rows: int, cols: int, side: int, device: torch.device | st
 def interpolated_position_ids(
     rows: int, cols: int, side: int, device: torch.device | str | None = None
 ) -> Tensor:
-    """2-D ids for ``interpolate_pos``: buckets of the fractional coordinates among 1/M..(M-1)/M."""
-    bounds = torch.arange(1, side, device=device, dtype=torch.float64) / side
+    """2-D ids for ``interpolate_pos``: buckets of the fractional coordinates among 1/M..(M-1)/M.
+
+    Coordinates and boundaries are fp32 ``arange`` grids (step 1/n and 1/M), as upstream builds
+    them; an exact-arithmetic k/n would put some coordinates that land on a boundary (e.g. 15/25
+    vs 42/70) in the next bucket.
+    """
+    bounds = torch.arange(1 / side, 1.0, 1 / side, dtype=torch.float32, device=device)
 
     def bucket(n: int) -> Tensor:
-        coords = torch.arange(n, device=device, dtype=torch.float64) / n
+        coords = torch.arange(0, 1 - 1e-6, 1 / n, dtype=torch.float32, device=device)
         return torch.bucketize(coords, bounds, right=True)
 
     return (bucket(rows)[:, None] * side + bucket(cols)[None, :]).reshape(-1)

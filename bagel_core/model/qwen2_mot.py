@@ -48,22 +48,28 @@ class Routing:
     gen: Tensor | None
     length: int
     detach_und: bool = False
+    #: Upstream's inference mode "gen" (inference.md 13): q and k are cast to fp32 before the
+    #: per-head q/k RMSNorm, RoPE is applied in fp32, and only then are they cast back to the
+    #: hidden dtype (MoT layers only). A no-op for fp32 models; it matters for bf16 weights.
+    qk_fp32: bool = False
 
     @classmethod
     def all_und(cls, length: int) -> Routing:
         return cls(und=None, gen=None, length=length)
 
     @classmethod
-    def from_gen_indexes(cls, gen: Tensor, length: int, detach_und: bool = False) -> Routing:
+    def from_gen_indexes(
+        cls, gen: Tensor, length: int, detach_und: bool = False, qk_fp32: bool = False
+    ) -> Routing:
         """Understanding expert everywhere except the given (VAE latent) positions."""
         if gen.numel() == 0:
-            return cls(None, None, length, detach_und)
+            return cls(None, None, length, detach_und, qk_fp32)
         is_gen = torch.zeros(length, dtype=torch.bool, device=gen.device)
         is_gen[gen] = True
         und = (~is_gen).nonzero().squeeze(1)
         if und.numel() == 0:
-            return cls(und=None, gen=gen, length=length)
-        return cls(und=und, gen=gen, length=length, detach_und=detach_und)
+            return cls(und=None, gen=gen, length=length, qk_fp32=qk_fp32)
+        return cls(und=und, gen=gen, length=length, detach_und=detach_und, qk_fp32=qk_fp32)
 
     @property
     def only_gen(self) -> bool:
@@ -150,25 +156,36 @@ class Qwen2Attention(nn.Module):
                 self.q_norm_moe_gen = RMSNorm(self.hd, cfg.rms_norm_eps)
                 self.k_norm_moe_gen = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def _qkv(self, x: Tensor, gen: bool) -> Tensor:
-        """q, k, v of one expert concatenated on the head axis: [n, nh + 2 nkv, hd]."""
+    def _qkv(self, x: Tensor, gen: bool, qk_fp32: bool = False) -> Tensor:
+        """q, k, v of one expert concatenated on the head axis: [n, nh + 2 nkv, hd].
+
+        The q/k norm runs on the projections *before* RoPE (model.md 3.1). With ``qk_fp32`` the
+        norm input is fp32 (so its output is fp32, as upstream's mode "gen"); v is then carried
+        in fp32 too for the concatenation, which is lossless.
+        """
         sfx = "_moe_gen" if gen else ""
         n = x.shape[0]
         q = getattr(self, "q_proj" + sfx)(x).view(n, self.nh, self.hd)
         k = getattr(self, "k_proj" + sfx)(x).view(n, self.nkv, self.hd)
         v = getattr(self, "v_proj" + sfx)(x).view(n, self.nkv, self.hd)
+        if qk_fp32:
+            q, k, v = q.float(), k.float(), v.float()
         if self.qk_norm:
             q = getattr(self, "q_norm" + sfx)(q)
             k = getattr(self, "k_norm" + sfx)(k)
-        return torch.cat([q, k, v], dim=1)
+        return torch.cat([q, k, v.to(q.dtype)], dim=1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, route: Routing, attn: AttnFn) -> Tensor:
+        fp32 = route.qk_fp32 and self.mot  # upstream's plain/MoE attention has no mode "gen"
         qkv = route.apply(
-            x, lambda t: self._qkv(t, False), (lambda t: self._qkv(t, True)) if self.mot else None
+            x,
+            lambda t: self._qkv(t, False, fp32),
+            (lambda t: self._qkv(t, True, fp32)) if self.mot else None,
         )
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin).to(x.dtype)
+        k = apply_rope(k, cos, sin).to(x.dtype)
+        v = v.to(x.dtype)
         out = attn(self.layer_idx, q, k, v).reshape(x.shape[0], self.nh * self.hd)
         return route.apply(out, self.o_proj, self.o_proj_moe_gen if self.mot else None)
 

@@ -1,0 +1,653 @@
+"""The packed training dataset: manifest units -> samples -> plans -> packed batches (data-format.md 7-13).
+
+One :class:`PackedDataset` per rank (a ``torch.utils.data.IterableDataset``); each DataLoader worker
+reads its own units from the sampling manifest (:func:`bagel_core.index.manifest.read_manifest`, the
+same split ``bagel data plan`` shows) and runs its own packer. Per worker and group a
+:class:`~bagel_core.data.readers.UnitStream` reads the units in order forever (logging the
+``<group> repeat in rank-r worker-w`` line after each pass); samples are decoded (parquet row groups
+with pyarrow, JSONL lines + image files), planned with the shared builders of
+:mod:`bagel_core.data.tokens` (``sample_t2i_plan``/``sample_edit_plan``/``build_vlm_plan``), costed
+with :func:`~bagel_core.data.tokens.count_tokens` (the one token accounting: the packer's real length
+*is* ``count_tokens(plan, dropped).total``, checked against the tensors built), and packed by
+:func:`~bagel_core.data.packing.pack_events` (upstream's loop, data-format.md 8.2).
+
+Each yielded batch is the dict of data-format.md 11 (see :class:`PackBuilder`): ``sequence_length``,
+``sample_lens``, ``packed_text_ids``/``_indexes``, ``packed_position_ids``, ``split_lens`` +
+``attn_modes`` (always; plus ``nested_attention_masks`` with ``nested_masks=True``), and when
+present the VAE (``padded_images`` ... ``mse_loss_indexes``), ViT (``packed_vit_tokens`` ...
+``vit_token_seqlens``) and CE (``packed_label_ids``, ``ce_loss_indexes``, ``ce_loss_weights``)
+fields, ``batch_data_indexes``, plus ``data_state`` (below) which is *not* a model input:
+:meth:`PackedDataset.record` pops it. ``batch_data_indexes`` entries carry upstream's
+``{data_indexes, worker_id, dataset_name}`` plus the sample's index key (``dataset``,
+``source_file``, ``row_group``, ``row_index``) and its ``num_tokens``/``est_tokens``/``dropped``.
+
+Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
+rejections (:class:`~bagel_core.data.tokens.SampleRejected`) are skipped, logged and counted per group
+and reason, as are over-cap skips, buffered samples and samples discarded by an overflow flush
+(upstream behaviour, 8.2 step 4). A full pass over a group's units that yields no usable sample raises
+:class:`DataError` instead of spinning forever.
+
+Reproducible resume (design)
+----------------------------
+Upstream's resume (13) stores only the last *trained* cursor per group and worker, loses samples
+that sat in the overflow buffer or were prefetched, and replays the initial random stream. Here all
+randomness is a function of explicit seeds and counters, and the whole packer state is saved at pack
+boundaries, so a resumed run yields exactly the packs of an uninterrupted one:
+
+* **Per-sample randomness** (caption/edit-span choice, CFG dropout, timesteps) comes from RNGs
+  seeded by ``(seed, rank, logical worker, group, visit)`` where ``visit`` is the group stream's
+  read counter (:func:`~bagel_core.data.readers.plan_rng`). A sample is therefore fully described by
+  ``(group, position, visit)`` and can be rebuilt bit-exactly.
+* **Packer randomness** (group draws) is one ``random.Random`` per worker; its state is saved.
+* **Packer state at a flush**: the fill counter is 0, so the only state is the overflow buffer,
+  passed to ``pack_events`` as a caller-owned deque and saved as sample references; on resume the
+  samples are re-read and rebuilt, then a fresh ``pack_events`` continues exactly where the old one
+  stood (it too starts each pack with the mandatory fill).
+* **Worker state travels with the data**: every batch carries ``data_state``, its worker's state
+  *after* that batch: stream positions (next record), pass and read counters, the upstream-shaped
+  ``data_status`` ``{group: {worker_id: cursor}}`` of the last record read, the packer RNG state, the
+  buffer references and the skip counters. The training loop calls :meth:`PackedDataset.record` on
+  every batch it trains on (prefetched but untrained batches are thus never counted as consumed) and
+  saves :meth:`PackedDataset.state_dict` = ``{workers: {w: latest state}, next_worker, data_status, ...}``.
+  Without DataLoader workers, iterating the dataset records automatically.
+* **Worker rotation**: a DataLoader takes batches from its workers round-robin starting at worker 0.
+  The saved ``next_worker`` k makes physical worker p of the resumed DataLoader play logical worker
+  ``(p + k) % num_workers`` (units, seeds and state), so the resumed order continues exactly even when
+  the checkpoint was taken in the middle of a round.
+* The state is only valid for the same seed, rank, world size, ``num_workers`` and manifest; a
+  mismatch raises :class:`ConfigError`. A group with ``resume_data_status: false`` restarts its units
+  from the beginning (logged; exactness is then given up by request).
+
+The state holds only ints, strings, lists and dicts (``torch.save``/``json`` both work).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
+from bagel_core.config.errors import ConfigError, DataError
+from bagel_core.config.registry import Registry
+from bagel_core.data.packing import Buffered, CfgDropout, Flush, Packed, PackingParams, Skipped, pack_events
+from bagel_core.data.readers import (
+    LoadedSample,
+    ReadFailure,
+    UnitStream,
+    decode_sample,
+    make_ids_of,
+    plan_rng,
+)
+from bagel_core.data.tokens import (
+    DEFAULT_MAX_LATENT_SIZE,
+    TEXT,
+    VAE_DOWNSAMPLE,
+    VAE_IMAGE,
+    VIT_IMAGE,
+    VIT_MAX_PATCHES_PER_SIDE,
+    VIT_PATCH_SIZE,
+    SampleRejected,
+    check_strides,
+    count_tokens,
+)
+from bagel_core.data.transforms import ImageTransform
+from bagel_core.index.manifest import read_manifest, read_manifest_meta
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+#: Keys of a batch that are not model inputs.
+NON_MODEL_KEYS = ("data_state",)
+
+
+def _grid_ids(rows: int, cols: int, side: int, interpolate: bool) -> torch.Tensor:
+    # The model package owns the 2-D id rule (extrapolate / interpolate, data-format.md 9.2).
+    from bagel_core.model.embeddings import grid_position_ids, interpolated_position_ids
+
+    return interpolated_position_ids(rows, cols, side) if interpolate else grid_position_ids(rows, cols, side)
+
+
+def _patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    from bagel_core.model.embeddings import patchify
+
+    return patchify(pixels, patch)
+
+
+# ---- one pack -------------------------------------------------------------------------------------
+class PackBuilder:
+    """Accumulates samples into the fields of data-format.md 11 (positions 9.1, modes 9.3)."""
+
+    def __init__(self, token_ids: dict[str, int], max_latent_size: int, vit_side: int, interpolate_pos: bool,
+                 transforms: dict[tuple[str, str], ImageTransform], multi_image_groups: set[str]) -> None:
+        self.bos, self.eos = token_ids["bos_token_id"], token_ids["eos_token_id"]
+        self.soi, self.eoi = token_ids["start_of_image"], token_ids["end_of_image"]
+        self.max_latent_size, self.vit_side, self.interpolate = max_latent_size, vit_side, interpolate_pos
+        self.transforms = transforms
+        self.multi_image_groups = multi_image_groups  # VLM: the pixel budget is split over the images
+        self.reset()
+
+    def reset(self) -> None:
+        self.cur = 0
+        self.sample_lens: list[int] = []
+        self.text_ids: list[int] = []
+        self.text_idx: list[int] = []
+        self.pos_ids: list[int] = []
+        self.split_lens: list[int] = []
+        self.attn_modes: list[str] = []
+        self.vae_images: list[torch.Tensor] = []
+        self.vae_shapes: list[tuple[int, int]] = []
+        self.lat_pos: list[torch.Tensor] = []
+        self.vae_idx: list[int] = []
+        self.taus: list[float] = []
+        self.mse_idx: list[int] = []
+        self.vit_tokens: list[torch.Tensor] = []
+        self.vit_pos: list[torch.Tensor] = []
+        self.vit_idx: list[int] = []
+        self.vit_lens: list[int] = []
+        self.labels: list[int] = []
+        self.ce_idx: list[int] = []
+        self.ce_weights: list[float] = []
+        self.data_indexes: list[dict[str, Any]] = []
+
+    @property
+    def empty(self) -> bool:
+        return not self.sample_lens
+
+    def _pixels(self, sample: LoadedSample, item, cache: dict) -> torch.Tensor:
+        key = (item.kind, item.image_index)
+        if key not in cache:
+            transform = self.transforms[(sample.group, item.kind)]
+            img_num = len(sample.images) if sample.group in self.multi_image_groups else 1
+            pixels = transform(sample.images[item.image_index], img_num)
+            if (pixels.shape[2], pixels.shape[1]) != tuple(item.image_size):
+                raise DataError(f"{sample.group}: resized to {tuple(pixels.shape[1:])} but the plan says "
+                                f"{item.image_size} (transform and plan disagree)")
+            cache[key] = pixels
+        return cache[key]
+
+    def add(self, sample: LoadedSample, dropped: set[int], rng: random.Random, worker_id: int = 0) -> int:
+        """Append one sample with the items ``dropped`` (CFG) left out; returns the tokens it occupies.
+
+        ``rng`` draws the noised images' timesteps. Also records the sample's ``batch_data_indexes``
+        entry (upstream's resume cursor plus its index key and token counts).
+        """
+        start, rope = self.cur, 0
+        cache: dict = {}
+        for index, item in enumerate(sample.plan.items):
+            if index in dropped:
+                rope += 0 if item.kind == TEXT else 1  # dropped images still advance RoPE (9.1)
+                continue
+            cur = self.cur
+            if item.kind == TEXT:
+                ids = list(item.text_ids)
+                n = len(ids)
+                self.text_ids += [self.bos, *ids, self.eos]
+                self.text_idx += range(cur, cur + n + 2)
+                self.pos_ids += range(rope, rope + n + 2)
+                if item.loss:
+                    self.ce_idx += range(cur, cur + n + 1)
+                    self.labels += [*ids, self.eos]
+                    self.ce_weights += [1.0 / math.sqrt(n + 1)] * (n + 1)
+                self.split_lens.append(n + 2)
+                self.attn_modes.append("causal")
+                self.cur += n + 2
+                rope += n + 2
+                continue
+            pixels = self._pixels(sample, item, cache)
+            patch = VIT_PATCH_SIZE if item.kind == VIT_IMAGE else VAE_DOWNSAMPLE
+            rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
+            n = rows * cols
+            self.text_ids += [self.soi, self.eoi]
+            self.text_idx += [cur, cur + n + 1]
+            self.pos_ids += [rope] * (n + 2)
+            inner = range(cur + 1, cur + 1 + n)
+            if item.kind == VIT_IMAGE:
+                self.vit_tokens.append(_patchify(pixels, VIT_PATCH_SIZE))
+                self.vit_pos.append(_grid_ids(rows, cols, self.vit_side, self.interpolate))
+                self.vit_idx += inner
+                self.vit_lens.append(n)
+                self.attn_modes.append("full")
+                rope += 1
+            elif item.kind == VAE_IMAGE:
+                self.vae_images.append(pixels)
+                self.vae_shapes.append((rows, cols))
+                self.lat_pos.append(_grid_ids(rows, cols, self.max_latent_size, self.interpolate))
+                self.vae_idx += inner
+                if item.loss:
+                    tau = rng.gauss(0.0, 1.0)  # one standard-normal draw per noised image (10)
+                    self.taus += [tau] * n
+                    self.mse_idx += inner
+                    self.attn_modes.append("noise")  # noised images do not advance RoPE
+                else:
+                    self.taus += [float("-inf")] * n
+                    self.attn_modes.append("full")
+                    rope += 1
+            else:
+                raise DataError(f"unknown plan item kind {item.kind!r}")
+            self.split_lens.append(n + 2)
+            self.cur += n + 2
+        length = self.cur - start
+        self.sample_lens.append(length)
+        self.data_indexes.append({
+            "data_indexes": copy.deepcopy(sample.cursor), "worker_id": worker_id, "dataset_name": sample.group,
+            "dataset": sample.dataset, "source_file": sample.source_file, "row_group": sample.row_group,
+            "row_index": sample.row_index, "num_tokens": length, "est_tokens": sample.count.estimate,
+            "dropped": sorted(dropped),
+        })
+        return length
+
+    def finish(self, nested_masks: bool, pad_to: int | None) -> dict[str, Any]:
+        long = torch.long
+        batch: dict[str, Any] = {
+            "sequence_length": self.cur,
+            "sample_lens": list(self.sample_lens),
+            "packed_text_ids": torch.tensor(self.text_ids, dtype=long),
+            "packed_text_indexes": torch.tensor(self.text_idx, dtype=long),
+            "packed_position_ids": torch.tensor(self.pos_ids, dtype=long),
+            "split_lens": list(self.split_lens),
+            "attn_modes": list(self.attn_modes),
+        }
+        if nested_masks:
+            from bagel_core.model.attention import PackedLayout, dense_mask
+
+            layout = PackedLayout.from_splits(self.sample_lens, self.split_lens, self.attn_modes)
+            masks = []
+            for s, e in layout.doc_bounds():
+                mask = torch.zeros(e - s, e - s)
+                mask.masked_fill_(~dense_mask(layout, s, e), float("-inf"))
+                masks.append(mask)
+            batch["nested_attention_masks"] = masks
+        if pad_to is not None and pad_to > self.cur:  # flex padding (8.3): its own causal document
+            batch["sample_lens"].append(pad_to - self.cur)
+            batch["split_lens"].append(pad_to - self.cur)
+            batch["attn_modes"].append("causal")
+        if self.vae_images:
+            hmax = max(t.shape[1] for t in self.vae_images)
+            wmax = max(t.shape[2] for t in self.vae_images)
+            padded = torch.zeros(len(self.vae_images), 3, hmax, wmax)
+            for i, t in enumerate(self.vae_images):
+                padded[i, :, : t.shape[1], : t.shape[2]] = t
+            batch.update(
+                padded_images=padded,
+                patchified_vae_latent_shapes=list(self.vae_shapes),
+                packed_latent_position_ids=torch.cat(self.lat_pos).to(long),
+                packed_vae_token_indexes=torch.tensor(self.vae_idx, dtype=long),
+                packed_timesteps=torch.tensor(self.taus, dtype=torch.float32),
+                mse_loss_indexes=torch.tensor(self.mse_idx, dtype=long),
+            )
+        if self.vit_tokens:
+            batch.update(
+                packed_vit_tokens=torch.cat(self.vit_tokens).to(torch.float32),
+                packed_vit_position_ids=torch.cat(self.vit_pos).to(long),
+                packed_vit_token_indexes=torch.tensor(self.vit_idx, dtype=long),
+                vit_token_seqlens=torch.tensor(self.vit_lens, dtype=long),
+            )
+        if self.ce_idx:
+            batch.update(
+                packed_label_ids=torch.tensor(self.labels, dtype=long),
+                ce_loss_indexes=torch.tensor(self.ce_idx, dtype=long),
+                ce_loss_weights=torch.tensor(self.ce_weights, dtype=torch.float32),
+            )
+        batch["batch_data_indexes"] = list(self.data_indexes)
+        self.reset()
+        return batch
+
+
+# ---- state helpers ------------------------------------------------------------------------------------
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _new_counters() -> dict[str, Any]:
+    return {"skipped": {}, "packed": {}, "buffered": {}, "discarded_on_overflow": {}, "empty_flushes": 0}
+
+
+def merge_counters(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the counters of several worker states (per group and reason)."""
+    out = _new_counters()
+    for state in states:
+        c = state["counters"]
+        for group, reasons in c["skipped"].items():
+            mine = out["skipped"].setdefault(group, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+        for key in ("packed", "buffered", "discarded_on_overflow"):
+            for group, n in c[key].items():
+                out[key][group] = out[key].get(group, 0) + n
+        out["empty_flushes"] += c["empty_flushes"]
+    return out
+
+
+# ---- one worker -------------------------------------------------------------------------------------
+class _Worker:
+    """One (rank, logical worker): its streams, packer RNG, overflow buffer, counters and builder."""
+
+    def __init__(self, ds: PackedDataset, worker_id: int, state: dict[str, Any] | None) -> None:
+        self.ds, self.worker_id = ds, worker_id
+        units = read_manifest(ds.manifest_dir, ds.rank, worker_id, world_size=ds.world_size,
+                              num_workers=ds.num_workers)
+        self.groups: list[GroupConfig] = list(ds.dataset_config.groups.values())
+        self.names = [g.group for g in self.groups]
+        self.read = [g.weight > 0 or g.is_mandatory for g in self.groups]
+        self.streams: list[UnitStream | None] = []
+        for g, used in zip(self.groups, self.read):
+            if not used:
+                self.streams.append(None)
+                continue
+            if g.group not in units:
+                raise ConfigError(f"{ds.manifest_dir}: the manifest has no group {g.group!r}; rebuild it")
+            roots = {name: str(ds.registry.get(g.group, name).data_dir) for name in g.dataset_names}
+            self.streams.append(UnitStream(g.group, g.task, units[g.group], roots))
+        self.rng = random.Random(f"bagel-packer|{ds.seed}|{ds.rank}|{worker_id}")
+        self.buffer: deque[tuple[LoadedSample, int]] = deque()
+        self.counters = _new_counters()
+        self.accepted = {name: 0 for name in self.names}
+        self.last_cursor: dict[str, Any] = {name: None for name in self.names}
+        self.packs = 0
+        self.builder = PackBuilder(ds.token_ids, ds.max_latent_size, ds.vit_max_patches_per_side,
+                                   ds.interpolate_pos, ds.transforms, ds.multi_image_groups)
+        msg = "starting at the beginning"
+        if state is not None:
+            self._load(state)
+            msg = f"resuming data at {state['data_status']}"
+        log.info("rank-%d worker-%d: %s", ds.rank, worker_id, msg)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        ds = self.ds
+        streams = {}
+        for name, stream in zip(self.names, self.streams):
+            if stream is not None:
+                streams[name] = dict(stream.state(), accepted_in_pass=self.accepted[name])
+        return {
+            "version": STATE_VERSION, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
+            "num_workers": ds.num_workers, "worker_id": self.worker_id, "packs": self.packs,
+            "streams": streams,
+            "data_status": {name: {self.worker_id: copy.deepcopy(self.last_cursor[name])} for name in self.names
+                            if self.last_cursor[name] is not None},
+            "packer_rng": _rng_state(self.rng),
+            "buffer": [sample.ref() for sample, _ in self.buffer],
+            "counters": copy.deepcopy(self.counters),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        ds = self.ds
+        for key, mine in (("seed", ds.seed), ("rank", ds.rank), ("world_size", ds.world_size),
+                          ("num_workers", ds.num_workers), ("worker_id", self.worker_id)):
+            if state.get(key) != mine:
+                raise ConfigError(f"data resume state was saved with {key}={state.get(key)}, this run has {mine}; "
+                                  "exact resume needs the same seed, rank, world size and num_workers")
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data resume state version {state.get('version')} != {STATE_VERSION}")
+        for name, group, stream in zip(self.names, self.groups, self.streams):
+            if stream is None:
+                continue
+            saved = state["streams"].get(name)
+            if saved is None:
+                raise ConfigError(f"data resume state has no position for group {name!r} (dataset config changed?)")
+            stream.load(saved)
+            self.accepted[name] = int(saved.get("accepted_in_pass", 0))
+            if not group.resume_data_status:
+                stream.position = (0, 0, 0)
+                log.info("rank-%d worker-%d %s: resume_data_status is false, restarting its units",
+                         ds.rank, self.worker_id, name)
+        for name, status in state["data_status"].items():
+            self.last_cursor[name] = copy.deepcopy(next(iter(status.values())))
+        _set_rng_state(self.rng, state["packer_rng"])
+        self.counters = copy.deepcopy(state["counters"])
+        self.packs = int(state["packs"])
+        for ref in state["buffer"]:
+            g = self.names.index(ref["group"])
+            stream = self.streams[g]
+            pos = tuple(int(v) for v in ref["position"])
+            record = stream.read_at(pos)  # type: ignore[union-attr]
+            if isinstance(record, ReadFailure):
+                raise DataError(f"resume: buffered sample {ref} can no longer be read ({record.reason})")
+            try:
+                sample = self._decode(g, pos, record, int(ref["visit"]))
+            except SampleRejected as exc:
+                raise DataError(f"resume: buffered sample {ref} can no longer be decoded ({exc.reason})") from exc
+            self.buffer.append((sample, g))
+
+    # ---- packer callbacks -------------------------------------------------------------------------
+    def _decode(self, g: int, pos, record, visit: int) -> LoadedSample:
+        ds = self.ds
+        rng = plan_rng(ds.seed, ds.rank, self.worker_id, self.names[g], visit, "plan")
+        return decode_sample(self.streams[g], g, self.groups[g], pos, record, visit, ds.ids_of, rng)
+
+    def _skip(self, group: str, reason: str, where: Any) -> None:
+        reasons = self.counters["skipped"].setdefault(group, {})
+        reasons[reason] = reasons.get(reason, 0) + 1
+        log.warning("rank-%d worker-%d %s: skipped sample at %s: %s", self.ds.rank, self.worker_id, group, where,
+                    reason)
+
+    def next_sample(self, g: int) -> LoadedSample:
+        stream = self.streams[g]
+        name = self.names[g]
+        if stream is None:
+            raise DataError(f"{name}: the packer drew a group with weight 0 that is not mandatory")
+        while True:
+            pos, record, visit, wrapped = stream.next()
+            if wrapped:
+                log.info("%s repeat in rank-%d worker-%d", name, self.ds.rank, self.worker_id)
+                if self.accepted[name] == 0:
+                    raise DataError(
+                        f"{name}: a full pass over the {len(stream.units)} unit(s) of rank-{self.ds.rank} "
+                        f"worker-{self.worker_id} gave no usable sample (skips: "
+                        f"{self.counters['skipped'].get(name, {})}); fix the data or the caps"
+                    )
+                self.accepted[name] = 0
+            self.last_cursor[name] = stream.cursor(pos)
+            if isinstance(record, ReadFailure):
+                self._skip(name, record.reason, stream.cursor(pos))
+                continue
+            try:
+                return self._decode(g, pos, record, visit)
+            except SampleRejected as exc:
+                self._skip(name, exc.reason, stream.cursor(pos))
+
+    def pack(self, sample: LoadedSample) -> int:
+        ds = self.ds
+        rng = plan_rng(ds.seed, ds.rank, self.worker_id, sample.group, sample.visit, "pack")
+        probs = {TEXT: ds.dropout.text, VIT_IMAGE: ds.dropout.vit, VAE_IMAGE: ds.dropout.vae}
+        dropped = {i for i, item in enumerate(sample.plan.items)
+                   if item.enable_cfg and rng.random() < probs[item.kind]}
+        count = count_tokens(sample.plan, dropped)
+        added = self.builder.add(sample, dropped, rng, self.worker_id)
+        if added != count.total or count.estimate != sample.count.estimate:
+            raise DataError(f"{sample.group}: packed {added} tokens but count_tokens says {count.total}")
+        return count.total
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.ds
+        weights = [g.weight for g in self.groups]
+        mandatory = [g.is_mandatory for g in self.groups]
+        c = self.counters
+        for event in pack_events(ds.params, weights, mandatory, self.next_sample, lambda s: s.estimate, self.pack,
+                                 self.rng, buffer=self.buffer):
+            if isinstance(event, Packed):
+                name = self.names[event.group]
+                c["packed"][name] = c["packed"].get(name, 0) + 1
+                self.accepted[name] += 1
+            elif isinstance(event, Buffered):
+                name = self.names[event.group]
+                c["buffered"][name] = c["buffered"].get(name, 0) + 1
+                self.accepted[name] += 1
+            elif isinstance(event, Skipped):
+                op = ">=" if event.mandatory else ">"
+                reason = f"estimate {op} max_num_tokens_per_sample"
+                reasons = c["skipped"].setdefault(self.names[event.group], {})
+                reasons[reason] = reasons.get(reason, 0) + 1
+                log.info("rank-%d worker-%d: skip a sample with length %d (%s %s)", ds.rank, self.worker_id,
+                         event.estimate, self.names[event.group], event.sample.cursor)
+            elif isinstance(event, Flush):
+                if event.overflow and event.discarded is not None:
+                    name = self.names[event.discarded_group]
+                    c["discarded_on_overflow"][name] = c["discarded_on_overflow"].get(name, 0) + 1
+                    self.accepted[name] += 1
+                    log.info("rank-%d worker-%d: Yielding data with length %d; discarded %s sample %s (overflow)",
+                             ds.rank, self.worker_id, event.length, name, event.discarded.cursor)
+                if self.builder.empty:
+                    c["empty_flushes"] += 1
+                    continue
+                batch = self.builder.finish(ds.nested_masks, ds.params.max_num_tokens if ds.flex_padding else None)
+                self.packs += 1
+                batch["data_state"] = self.state()
+                yield batch
+
+
+# ---- the dataset ------------------------------------------------------------------------------------
+class PackedDataset(IterableDataset):
+    """One rank's packed BAGEL batches (module docstring: layout, counters, resume design).
+
+    ``num_workers`` must equal the DataLoader's (0 = iterate in the main process) and the
+    manifest's. ``dropout``: CFG drop probabilities (section 10; ``NO_DROPOUT`` disables).
+    ``flex_padding``: append the pad document up to ``max_num_tokens`` (8.3). ``nested_masks``: also
+    build the dense per-sample masks of the non-flex path.
+    """
+
+    def __init__(
+        self,
+        dataset_config: DatasetConfig,
+        registry: Registry,
+        manifest_dir: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        params: PackingParams | None = None,
+        dropout: CfgDropout | None = None,
+        seed: int = 0,
+        tokenizer: Any = None,
+        max_latent_size: int = DEFAULT_MAX_LATENT_SIZE,
+        vit_max_patches_per_side: int = VIT_MAX_PATCHES_PER_SIDE,
+        interpolate_pos: bool = False,
+        nested_masks: bool = False,
+        flex_padding: bool = False,
+    ) -> None:
+        super().__init__()
+        dataset_config.check_against(registry)
+        self.dataset_config, self.registry = dataset_config, registry
+        self.manifest_dir = str(manifest_dir)
+        meta = read_manifest_meta(manifest_dir)
+        for key, mine in (("world_size", world_size), ("num_workers", num_workers)):
+            if meta[key] != mine:
+                raise ConfigError(f"{manifest_dir}: manifest built for {key}={meta[key]}, dataset has {mine}; "
+                                  "rebuild it with `bagel data plan`")
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.params = params or PackingParams()
+        self.dropout = dropout if dropout is not None else CfgDropout()
+        self.seed = seed
+        self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side
+        self.interpolate_pos, self.nested_masks, self.flex_padding = interpolate_pos, nested_masks, flex_padding
+        if tokenizer is None:
+            from bagel_core.data.tokenizer import load_tokenizer
+
+            tokenizer, new_ids = load_tokenizer()
+        else:
+            from bagel_core.data.tokenizer import special_token_ids
+
+            new_ids = special_token_ids(tokenizer)
+        self.tokenizer = tokenizer
+        self.token_ids = new_ids.as_dict()
+        self.ids_of = make_ids_of(tokenizer)
+        self.transforms: dict[tuple[str, str], ImageTransform] = {}
+        self.multi_image_groups = {g.group for g in dataset_config.groups.values() if g.task == "vlm"}
+        for g in dataset_config.groups.values():
+            where = f"{dataset_config.source or '<dataset config>'}: {g.group}"
+            if g.task == "vlm":
+                check_strides(None, g.image_transform_args, where)
+                self.transforms[(g.group, VIT_IMAGE)] = ImageTransform.from_args(g.image_transform_args)
+            else:
+                check_strides(g.image_transform_args, g.vit_image_transform_args, where)
+                self.transforms[(g.group, VAE_IMAGE)] = ImageTransform.from_args(g.image_transform_args)
+                if g.vit_image_transform_args is not None:
+                    self.transforms[(g.group, VIT_IMAGE)] = ImageTransform.from_args(g.vit_image_transform_args)
+        self._states: dict[int, dict[str, Any]] = {}
+        self._next_worker = 0
+        self._batches = 0
+
+    # ---- iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, running = (info.id, info.num_workers) if info is not None else (0, 0)
+        if running != self.num_workers:
+            raise ConfigError(f"PackedDataset built for num_workers={self.num_workers} but iterated with "
+                              f"{running} DataLoader workers")
+        slots = max(self.num_workers, 1)
+        logical = (physical + self._next_worker) % slots
+        worker = _Worker(self, logical, copy.deepcopy(self._states.get(logical)))
+        for batch in worker:
+            if info is None:
+                self._remember(batch["data_state"])
+            yield batch
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def _remember(self, state: dict[str, Any]) -> None:
+        w = int(state["worker_id"])
+        old = self._states.get(w)
+        if old is not None and old["packs"] >= state["packs"]:
+            return  # already recorded (in-process auto-record + explicit record of the same batch)
+        self._states[w] = state
+        self._batches += 1
+        self._next_worker = (w + 1) % max(self.num_workers, 1)
+
+    def record(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Mark ``batch`` as consumed (trained on): pops its ``data_state`` and keeps it as its worker's
+        latest. Returns the batch, now holding model inputs only."""
+        state = batch.pop("data_state", None)
+        if state is None:
+            raise DataError("batch has no data_state (already recorded, or not from PackedDataset)")
+        self._remember(state)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after the last recorded batch (module docstring)."""
+        data_status: dict[str, dict[int, Any]] = {}
+        for state in self._states.values():
+            for group, status in state["data_status"].items():
+                data_status.setdefault(group, {}).update(status)
+        return {
+            "version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+            "num_workers": self.num_workers, "seed": self.seed, "next_worker": self._next_worker,
+            "batches": self._batches, "workers": copy.deepcopy(self._states), "data_status": data_status,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("version", STATE_VERSION), ("rank", self.rank), ("world_size", self.world_size),
+                          ("num_workers", self.num_workers), ("seed", self.seed)):
+            if state.get(key) != mine:
+                raise ConfigError(f"data resume state has {key}={state.get(key)}, this dataset has {mine}; "
+                                  "exact resume needs the same seed, rank, world size and num_workers")
+        self._states = {int(w): copy.deepcopy(s) for w, s in state["workers"].items()}
+        self._next_worker = int(state["next_worker"])
+        self._batches = int(state["batches"])
+
+    def counters(self) -> dict[str, Any]:
+        """Skips (per group and reason), packed/buffered/discarded samples, summed over the recorded
+        workers as of their last recorded batch."""
+        return merge_counters(list(self._states.values()))
+
+
+def collate_packed(batch: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader ``collate_fn`` with ``batch_size=None``: the pack is already a batch."""
+    return batch
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its non-model keys (for ``Bagel.forward(**...)`` after VAE encoding)."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}

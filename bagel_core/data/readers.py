@@ -1,0 +1,348 @@
+"""Per-format sample readers of the packed training dataset: one worker's units, in order, forever.
+
+A :class:`UnitStream` walks the units :func:`bagel_core.index.manifest.read_manifest` gives one
+(rank, worker) for one group, in reading order, wrapping around after the last unit (one *pass*;
+upstream prints ``<group> repeat in rank-<r> worker-<w>``). Every record has a *position*
+``(unit, block, row)``:
+
+* ``t2i``: unit = a parquet file, block = its row group, row = row within the row group;
+* ``edit``: unit = one (file, row group), block = 0, row = row within that row group;
+* ``vlm``: unit = one JSONL line, block = row = 0.
+
+:meth:`UnitStream.cursor` turns a position into upstream's ``data_indexes`` (data-format.md 13):
+``[file, row group, row]`` for T2I, ``[row-group unit, row]`` for edit, the line unit for VLM.
+
+Parquet is read one row group at a time with pyarrow (the current row group is cached); a JSONL
+file is read once per worker. Reading is *random access* by position (:meth:`UnitStream.read_at`),
+which is what lets the dataset rebuild buffered samples exactly on resume.
+
+:func:`decode_sample` turns a raw record into a :class:`LoadedSample`: decoded RGB images plus the
+plan from the shared builders in :mod:`bagel_core.data.tokens` (``sample_t2i_plan``,
+``sample_edit_plan``, ``build_vlm_plan``) drawn with the sample's own seeded RNG. Failures raise
+:class:`SampleRejected` with a reason (the dataset counts them per group and reason); a row group or
+file that cannot be read at all yields one :class:`ReadFailure` and the stream moves to the next unit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bagel_core.config.dataset_config import GroupConfig
+from bagel_core.config.errors import DataError
+from bagel_core.data.sharding import DataUnit
+from bagel_core.data.tokens import (
+    SamplePlan,
+    SampleRejected,
+    TextIds,
+    TokenCount,
+    build_vlm_plan,
+    count_tokens,
+    sample_edit_plan,
+    sample_t2i_plan,
+    vlm_image_names,
+)
+from bagel_core.data.transforms import to_rgb
+
+log = logging.getLogger(__name__)
+
+#: Columns read per task (extra columns are ignored, as upstream).
+COLUMNS = {"t2i": ("image", "captions"), "edit": ("image_list", "instruction_list")}
+
+Position = tuple[int, int, int]
+
+
+@dataclass
+class ReadFailure:
+    """A record (or a whole row group / file) that could not be read; ``reason`` is for the counters."""
+
+    reason: str
+
+
+@dataclass
+class LoadedSample:
+    """One visit of one sample: where it came from, its plan and its decoded images.
+
+    ``visit``: the group stream's read counter when it was read; with the dataset seed, rank and
+    worker it seeds every random choice of this sample (plan, CFG dropout, timesteps), so the sample
+    can be rebuilt bit-exactly from ``(group, position, visit)`` alone.
+    """
+
+    group_index: int
+    group: str
+    dataset: str
+    position: Position
+    cursor: Any
+    visit: int
+    plan: SamplePlan
+    images: list[Image.Image]
+    count: TokenCount
+    source_file: str
+    row_group: int
+    row_index: int
+
+    @property
+    def estimate(self) -> int:
+        return self.count.estimate
+
+    def ref(self) -> dict[str, Any]:
+        """What the resume state stores for a buffered sample."""
+        return {"group": self.group, "position": list(self.position), "visit": self.visit}
+
+
+@dataclass
+class UnitStream:
+    """One group's units for one (rank, worker), read in order forever (see module docstring)."""
+
+    group: str
+    task: str
+    units: list[DataUnit]
+    image_roots: dict[str, str] = field(default_factory=dict)  # VLM dataset name -> image root
+    position: Position = (0, 0, 0)
+    passes: int = 0
+    reads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            raise DataError(
+                f"{self.group}: this worker has no units; upstream's loader would loop forever printing the "
+                "repeat line and the packer would hang. Rebuild the manifest with fewer workers or more data"
+            )
+        if self.task not in ("t2i", "edit", "vlm"):
+            raise DataError(f"{self.group}: unknown task {self.task!r}")
+        self._block_rows: dict[int, list[int] | None] = {}
+        self._block_cache: tuple[tuple[str, int], list[dict[str, Any]]] | None = None
+        self._lines: dict[str, list[str]] = {}
+        self._failures: dict[int, str] = {}
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def _rows(self, unit: int) -> list[int] | None:
+        """Rows per block of a unit, or ``None`` when the unit cannot be opened (reason remembered)."""
+        if unit in self._block_rows:
+            return self._block_rows[unit]
+        u = self.units[unit]
+        rows: list[int] | None
+        try:
+            if self.task == "vlm":
+                lines = self._jsonl(u.source_file)
+                rows = [1] if 0 <= u.line < len(lines) else None
+                if rows is None:
+                    self._failures[unit] = f"JSONL has {len(lines)} lines, the manifest names line {u.line}"
+            else:
+                meta = pq.ParquetFile(u.source_file).metadata
+                if self.task == "t2i":
+                    rows = [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
+                elif 0 <= u.row_group < meta.num_row_groups:
+                    rows = [meta.row_group(u.row_group).num_rows]
+                else:
+                    rows = None
+                    self._failures[unit] = (f"file has {meta.num_row_groups} row groups, the manifest names "
+                                            f"row group {u.row_group} (stale parquet_info?)")
+        except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
+            rows = None
+            self._failures[unit] = f"cannot open {type(exc).__name__}: {exc}"
+        self._block_rows[unit] = rows
+        return rows
+
+    def _normalise(self, pos: Position) -> tuple[Position, bool]:
+        """First readable position at or after ``pos`` (a failing unit is one position); wraps."""
+        wrapped = False
+        scanned = 0
+        unit, block, row = pos
+        while True:
+            if unit >= len(self.units):
+                unit, block, row, wrapped = 0, 0, 0, True
+            rows = self._rows(unit)
+            if rows is None:
+                return (unit, 0, 0), wrapped
+            if block < len(rows) and row < rows[block]:
+                return (unit, block, row), wrapped
+            if block < len(rows) - 1:
+                block, row = block + 1, 0
+            else:
+                unit, block, row = unit + 1, 0, 0
+            scanned += 1
+            if scanned > 2 * len(self.units) + sum(len(r or ()) for r in self._block_rows.values()) + 2:
+                raise DataError(f"{self.group}: every unit of this worker is empty (no rows to read)")
+
+    def _successor(self, pos: Position) -> Position:
+        unit, block, row = pos
+        if self._rows(unit) is None:
+            return (unit + 1, 0, 0)
+        return (unit, block, row + 1)
+
+    def cursor(self, pos: Position) -> Any:
+        """Upstream's ``data_indexes`` of a position (data-format.md 13)."""
+        unit, block, row = pos
+        if self.task == "t2i":
+            return [unit, block, row]
+        if self.task == "edit":
+            return [unit, row]
+        return unit
+
+    def source(self, pos: Position) -> tuple[str, str, int, int]:
+        """(dataset, source_file, row_group, row_index) of a position, in the index's key convention."""
+        unit, block, row = pos
+        u = self.units[unit]
+        if self.task == "t2i":
+            return u.dataset, u.source_file, block, row
+        if self.task == "edit":
+            return u.dataset, u.source_file, u.row_group, row
+        return u.dataset, u.source_file, -1, u.line
+
+    # ---- reading --------------------------------------------------------------------------------
+    def _jsonl(self, path: str) -> list[str]:
+        if path not in self._lines:
+            with open(path, "r", encoding="utf-8") as handle:
+                self._lines[path] = handle.readlines()
+        return self._lines[path]
+
+    def _block(self, unit: int, block: int) -> list[dict[str, Any]]:
+        u = self.units[unit]
+        rg = block if self.task == "t2i" else u.row_group
+        key = (u.source_file, rg)
+        if self._block_cache is None or self._block_cache[0] != key:
+            columns = list(COLUMNS[self.task])
+            table = pq.ParquetFile(u.source_file).read_row_group(rg, columns=columns)
+            self._block_cache = (key, table.to_pylist())
+        return self._block_cache[1]
+
+    def read_at(self, pos: Position) -> dict[str, Any] | ReadFailure:
+        """The raw record at ``pos`` (a row dict, or ``{"line": text, "root": dir}`` for VLM)."""
+        unit, block, row = pos
+        if self._rows(unit) is None:
+            return ReadFailure(f"unit unreadable: {self._failures.get(unit, 'unknown error')}")
+        u = self.units[unit]
+        if self.task == "vlm":
+            return {"line": self._jsonl(u.source_file)[u.line], "root": self.image_roots.get(u.dataset, "")}
+        try:
+            return self._block(unit, block)[row]
+        except (OSError, ValueError, KeyError) as exc:
+            return ReadFailure(f"row group read error ({type(exc).__name__}: {str(exc)[:120]})")
+
+    def next(self) -> tuple[Position, dict[str, Any] | ReadFailure, int, bool]:
+        """Read the next record: ``(position, record or failure, visit, wrapped)``.
+
+        ``wrapped``: this read starts a new pass (the previous pass just ended).
+        """
+        pos, wrapped = self._normalise(self.position)
+        visit = self.reads
+        self.reads += 1
+        if wrapped:
+            self.passes += 1
+        self.position = self._successor(pos)
+        return pos, self.read_at(pos), visit, wrapped
+
+    def state(self) -> dict[str, Any]:
+        return {"position": list(self.position), "passes": self.passes, "reads": self.reads}
+
+    def load(self, state: dict[str, Any]) -> None:
+        pos = tuple(int(v) for v in state["position"])
+        if len(pos) != 3 or not (0 <= pos[0] <= len(self.units)):
+            raise DataError(f"{self.group}: resume position {state['position']} does not fit {len(self.units)} units")
+        self.position = pos  # type: ignore[assignment]
+        self.passes = int(state["passes"])
+        self.reads = int(state["reads"])
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+def decode_image(data: Any, what: str) -> Image.Image:
+    """Encoded bytes -> fully decoded RGB image; any failure is a :class:`SampleRejected`."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise SampleRejected(f"{what}: not binary image bytes ({type(data).__name__})")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img).copy() if img.mode == "RGB" else to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
+
+
+def open_image_file(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img).copy() if img.mode == "RGB" else to_rgb(img)
+    except FileNotFoundError as exc:
+        raise SampleRejected("image file not found") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
+
+
+def plan_rng(seed: int, rank: int, worker: int, group: str, visit: int, purpose: str) -> random.Random:
+    """The explicitly seeded RNG of one sample visit (``purpose``: ``plan`` or ``pack``)."""
+    return random.Random(f"bagel-data|{seed}|{rank}|{worker}|{group}|{visit}|{purpose}")
+
+
+def decode_sample(
+    stream: UnitStream,
+    group_index: int,
+    group: GroupConfig,
+    pos: Position,
+    record: dict[str, Any],
+    visit: int,
+    ids_of: TextIds,
+    rng: random.Random,
+) -> LoadedSample:
+    """Raw record -> :class:`LoadedSample` (decoded images + plan); raises :class:`SampleRejected`."""
+    task = stream.task
+    if task == "t2i":
+        image = decode_image(record.get("image"), "image")
+        plan = sample_t2i_plan(record.get("captions"), image.size, group.image_transform_args, ids_of, rng)
+        images = [image]
+    elif task == "edit":
+        image_list, instructions = record.get("image_list"), record.get("instruction_list")
+        if not isinstance(image_list, list) or not isinstance(instructions, list):
+            raise SampleRejected("image_list / instruction_list is not a list")
+        images = [decode_image(b, f"image_list[{k}]") for k, b in enumerate(image_list)]
+        plan = sample_edit_plan(
+            instructions, [im.size for im in images], group.image_transform_args, group.vit_image_transform_args,
+            ids_of, rng,
+        )
+    else:
+        try:
+            rec = json.loads(record["line"])
+        except json.JSONDecodeError as exc:
+            raise SampleRejected(f"line is not valid JSON ({exc.msg})") from exc
+        if not isinstance(rec, dict):
+            raise SampleRejected("the JSONL line is not a JSON object")
+        names = vlm_image_names(rec)
+        root = Path(record["root"])
+        images = [open_image_file(root / name) for name in names]  # an absolute name overrides the root
+        plan = build_vlm_plan(rec, [im.size for im in images], group.image_transform_args, ids_of)
+    dataset, source_file, row_group, row_index = stream.source(pos)
+    return LoadedSample(
+        group_index=group_index, group=stream.group, dataset=dataset, position=pos, cursor=stream.cursor(pos),
+        visit=visit, plan=plan, images=images, count=count_tokens(plan), source_file=source_file,
+        row_group=row_group, row_index=row_index,
+    )
+
+
+def make_ids_of(tokenizer: Any, cache_size: int = 4096) -> Callable[[str], Sequence[int]]:
+    """``text -> ids`` exactly as the statistics tokenise (backend ``encode``, no special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cache: dict[str, tuple[int, ...]] = {}
+
+    def ids_of(text: str) -> Sequence[int]:
+        hit = cache.get(text)
+        if hit is not None:
+            return hit
+        if backend is not None:
+            ids = tuple(backend.encode(text, add_special_tokens=False).ids)
+        else:
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+        if len(cache) >= cache_size:
+            cache.clear()
+        cache[text] = ids
+        return ids
+
+    return ids_of

@@ -1,0 +1,137 @@
+"""Exact resume of the packed dataset: N batches, save, rebuild, load, M more == batches N..N+M of an
+uninterrupted run (pack boundaries, sample_lens, dropout decisions, timesteps, pixels, state), with
+samples sitting in the overflow buffer at the save point, in-process and through a 2-worker DataLoader
+(saved in the middle of a worker round)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+from test_packed_dataset_fixtures import make_dataset, make_manifest, small_fixture
+from torch.utils.data import DataLoader
+
+from bagel_core.config.errors import ConfigError
+from bagel_core.data.packed_dataset import collate_packed
+from bagel_core.data.packing import PackingParams
+
+#: Tight packing so samples sit in the overflow buffer at flushes and overflow flushes discard samples.
+PARAMS = PackingParams(expected_num_tokens=128, max_num_tokens=150, max_num_tokens_per_sample=160,
+                       prefer_buffer_before=60, max_buffer_size=4)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    fx = small_fixture(root / "data")
+    return fx, make_manifest(fx, root / "m0", num_workers=0), make_manifest(fx, root / "m2", num_workers=2)
+
+
+def assert_same(a, b, path="batch"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resume_in_process_is_exact_with_a_non_empty_buffer(fx):
+    data, m0, _ = fx
+    reference = list(itertools.islice(iter(make_dataset(data, m0, params=PARAMS)), 16))
+    with_buffer = [i + 1 for i, b in enumerate(reference[:-6]) if b["data_state"]["buffer"]]
+    assert with_buffer, "the small packing params should leave samples in the overflow buffer at a flush"
+    n, m = with_buffer[0], 6
+    assert any(d["dropped"] for b in reference[n:n + m] for d in b["batch_data_indexes"])  # dropout replayed
+
+    first = make_dataset(data, m0, params=PARAMS)
+    it = iter(first)
+    head = [next(it) for _ in range(n)]
+    assert_same(head, reference[:n])
+    state = roundtrip(first.state_dict())
+    assert state["workers"][0]["buffer"] and state["batches"] == n
+    # upstream-shaped data_status: {group: {worker_id: cursor}} with 13's cursor formats
+    status = state["data_status"]
+    assert len(status["t2i_pretrain"][0]) == 3 and len(status["unified_edit"][0]) == 2
+    assert isinstance(status["vlm_sft"][0], int)
+
+    resumed = make_dataset(data, m0, params=PARAMS)
+    resumed.load_state_dict(state)
+    tail = list(itertools.islice(iter(resumed), m))
+    assert_same(tail, reference[n:n + m])
+    assert resumed.counters() == reference[n + m - 1]["data_state"]["counters"]
+
+
+def test_iterating_again_continues_after_the_last_recorded_batch(fx):
+    data, m0, _ = fx
+    reference = list(itertools.islice(iter(make_dataset(data, m0, params=PARAMS)), 5))
+    ds = make_dataset(data, m0, params=PARAMS)
+    assert_same(list(itertools.islice(iter(ds), 2)), reference[:2])
+    assert_same(list(itertools.islice(iter(ds), 3)), reference[2:5])
+
+
+def _take(loader, ds, count, record=True):
+    out = []
+    for batch in loader:
+        state = batch["data_state"]
+        if record:
+            ds.record(batch)  # pops data_state: the training loop trains on the batch now
+            batch["data_state"] = state
+        out.append(batch)
+        if len(out) == count:
+            break
+    return out
+
+
+def _loader(ds):
+    return DataLoader(ds, batch_size=None, num_workers=2, collate_fn=collate_packed)
+
+
+def test_resume_through_two_dataloader_workers_mid_round(fx):
+    data, _, m2 = fx
+    n, m = 3, 5  # n odd: the save falls between worker 0's and worker 1's turn
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        a = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        reference = _take(_loader(a), a, n + m, record=False)
+        assert [b["data_state"]["worker_id"] for b in reference] == [0, 1, 0, 1, 0, 1, 0, 1]
+        b = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        head = _take(_loader(b), b, n)  # the DataLoader has prefetched more than n: those are not consumed
+        state = roundtrip(b.state_dict())
+        assert state["next_worker"] == 1 and set(state["workers"]) == {0, 1}
+        assert set(state["data_status"]["t2i_pretrain"]) == {0, 1}
+        c = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        c.load_state_dict(state)
+        tail = _take(_loader(c), c, m)
+    assert_same(head, reference[:n])
+    assert_same(tail, reference[n:])
+    assert c.state_dict()["next_worker"] == (reference[-1]["data_state"]["worker_id"] + 1) % 2
+
+
+def test_resume_refuses_a_different_seed_or_topology(fx):
+    data, m0, _ = fx
+    ds = make_dataset(data, m0, params=PARAMS)
+    list(itertools.islice(iter(ds), 2))
+    state = ds.state_dict()
+    with pytest.raises(ConfigError, match="seed"):
+        make_dataset(data, m0, seed=1, params=PARAMS).load_state_dict(state)
+    bad = dict(state, num_workers=2)
+    with pytest.raises(ConfigError, match="num_workers"):
+        make_dataset(data, m0, params=PARAMS).load_state_dict(bad)

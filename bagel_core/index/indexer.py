@@ -59,6 +59,7 @@ depends on row-group size, never on dataset size.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
 import hashlib
@@ -300,6 +301,15 @@ def _worker_con() -> duckdb.DuckDBPyConnection:
     if _CON is None or _CON[0] != os.getpid():
         _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
     return _CON[1]
+
+
+@atexit.register
+def _close_worker_con() -> None:
+    """Close the cached connection before interpreter shutdown (else DuckDB's bindings report leaks)."""
+    global _CON
+    if _CON is not None:
+        _CON[1].close()
+        _CON = None
 
 
 def _duckdb_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile | None) -> Iterator[pa.RecordBatch]:

@@ -135,3 +135,61 @@ def test_resume_refuses_a_different_seed_or_topology(fx):
     bad = dict(state, num_workers=2)
     with pytest.raises(ConfigError, match="num_workers"):
         make_dataset(data, m0, params=PARAMS).load_state_dict(bad)
+
+
+def test_pack_events_uses_a_caller_owned_buffer():
+    """The ``buffer`` argument added to ``pack_events`` for exact resume: contents are used (oldest first)
+    and the caller sees every change."""
+    import random
+    from collections import deque
+
+    from bagel_core.data.packing import Buffered, Flush, Packed, pack_events
+
+    params = PackingParams(expected_num_tokens=10, max_num_tokens=12, max_num_tokens_per_sample=12,
+                           prefer_buffer_before=5, max_buffer_size=2)
+    fresh = iter(range(100, 1000))
+    buffer = deque([("b0", 0), ("b1", 0)])
+    events = pack_events(params, [1.0], [False], lambda g: f"s{next(fresh)}", lambda s: 4, lambda s: 4,
+                         random.Random(0), buffer=buffer)
+    first = [next(events) for _ in range(2)]
+    assert [(type(e), e.sample, e.from_buffer) for e in first] == [(Packed, "b0", True), (Packed, "b1", True)]
+    assert not buffer
+    rest = list(itertools.islice(events, 3))
+    assert isinstance(rest[0], Packed) and not rest[0].from_buffer and isinstance(rest[1], Flush)
+    # a sample that does not fit is appended to the caller's deque
+    events = pack_events(params, [1.0], [False], lambda g: "big", lambda s: 8, lambda s: 8, random.Random(0),
+                         buffer=buffer)
+    assert isinstance(next(events), Packed) and isinstance(next(events), Buffered) and list(buffer) == [("big", 0)]
+
+
+def test_resume_refuses_a_state_from_another_manifest(fx, tmp_path):
+    data, m0, _ = fx
+    ds = make_dataset(data, m0, params=PARAMS)
+    list(itertools.islice(iter(ds), 2))
+    other = make_manifest(data, tmp_path / "other", seed=7)  # a different shuffle of the same units
+    resumed = make_dataset(data, other, params=PARAMS)
+    resumed.load_state_dict(ds.state_dict())
+    with pytest.raises(ConfigError, match="different unit list"):
+        next(iter(resumed))
+
+
+def test_resume_data_status_false_restarts_only_that_group(fx, tmp_path):
+    import yaml
+
+    data, m0, _ = fx
+    raw = yaml.safe_load(data.groups.read_text())
+    raw["vlm_sft"]["resume_data_status"] = False
+    groups = tmp_path / "groups.yaml"
+    groups.write_text(yaml.safe_dump(raw, sort_keys=False))
+    ds = make_dataset(data, m0, groups=groups, params=PARAMS)
+    list(itertools.islice(iter(ds), 3))
+    state = ds.state_dict()
+    assert state["workers"][0]["streams"]["vlm_sft"]["position"] != [0, 0, 0]
+    resumed = make_dataset(data, m0, groups=groups, params=PARAMS)
+    resumed.load_state_dict(state)
+    batch = next(iter(resumed))
+    first_vlm = next(d for d in batch["batch_data_indexes"] if d["dataset_name"] == "vlm_sft")
+    first_t2i = next(d for d in batch["batch_data_indexes"] if d["dataset_name"] == "t2i_pretrain")
+    assert first_vlm["data_indexes"] == 0  # restarted
+    t2i_next = state["workers"][0]["streams"]["t2i_pretrain"]["position"]
+    assert first_t2i["data_indexes"] == t2i_next  # continued

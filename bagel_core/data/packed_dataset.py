@@ -24,8 +24,8 @@ fields, ``batch_data_indexes``, plus ``data_state`` (below) which is *not* a mod
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
 rejections (:class:`~bagel_core.data.tokens.SampleRejected`) are skipped, logged and counted per group
 and reason, as are over-cap skips, buffered samples and samples discarded by an overflow flush
-(upstream behaviour, 8.2 step 4). A full pass over a group's units that yields no usable sample raises
-:class:`DataError` instead of spinning forever.
+(upstream behaviour, 8.2 step 4). ``MAX_EMPTY_PASSES`` consecutive passes over a group's units without
+one usable sample raise :class:`DataError` instead of spinning forever.
 
 Reproducible resume (design)
 ----------------------------
@@ -54,11 +54,28 @@ boundaries, so a resumed run yields exactly the packs of an uninterrupted one:
   The saved ``next_worker`` k makes physical worker p of the resumed DataLoader play logical worker
   ``(p + k) % num_workers`` (units, seeds and state), so the resumed order continues exactly even when
   the checkpoint was taken in the middle of a round.
-* The state is only valid for the same seed, rank, world size, ``num_workers`` and manifest; a
-  mismatch raises :class:`ConfigError`. A group with ``resume_data_status: false`` restarts its units
+* The state is only valid for the same seed, rank, world size, ``num_workers`` and manifest (each
+  stream stores a digest of its unit list); a mismatch raises :class:`ConfigError`. A group with ``resume_data_status: false`` restarts its units
   from the beginning (logged; exactness is then given up by request).
 
 The state holds only ints, strings, lists and dicts (``torch.save``/``json`` both work).
+
+Usage in a training loop::
+
+    ds = PackedDataset(config, registry, manifest_dir, rank, world_size, num_workers, params, seed=seed)
+    if resuming:
+        ds.load_state_dict(saved["data"])
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=collate_packed,
+                        pin_memory=True)  # a fresh (non-persistent) loader after load_state_dict
+    for batch in loader:
+        batch = ds.record(batch)          # consumed: its worker state becomes the latest
+        latent = vae.encode(batch.pop("padded_images"))  # when present
+        terms = model(**batch, padded_latent=latent)
+        ...
+        save({"data": ds.state_dict(), ...})  # data_state of every worker as of its last trained batch
+
+Persistent DataLoader workers iterated again continue their own streams (no replay), but only a
+fresh loader after :meth:`PackedDataset.load_state_dict` is exact.
 """
 
 from __future__ import annotations
@@ -105,6 +122,9 @@ from bagel_core.index.manifest import read_manifest, read_manifest_meta
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: Consecutive passes over a group's units without one usable sample before the worker gives up
+#: (upstream would loop forever; one bad pass can be chance when only some edit spans exceed the cap).
+MAX_EMPTY_PASSES = 3
 #: Keys of a batch that are not model inputs.
 NON_MODEL_KEYS = ("data_state",)
 
@@ -338,8 +358,7 @@ class _Worker:
 
     def __init__(self, ds: PackedDataset, worker_id: int, state: dict[str, Any] | None) -> None:
         self.ds, self.worker_id = ds, worker_id
-        units = read_manifest(ds.manifest_dir, ds.rank, worker_id, world_size=ds.world_size,
-                              num_workers=ds.num_workers)
+        units = ds.worker_units[worker_id]
         self.groups: list[GroupConfig] = list(ds.dataset_config.groups.values())
         self.names = [g.group for g in self.groups]
         self.read = [g.weight > 0 or g.is_mandatory for g in self.groups]
@@ -355,16 +374,18 @@ class _Worker:
         self.rng = random.Random(f"bagel-packer|{ds.seed}|{ds.rank}|{worker_id}")
         self.buffer: deque[tuple[LoadedSample, int]] = deque()
         self.counters = _new_counters()
-        self.accepted = {name: 0 for name in self.names}
+        self.accepted = {name: 0 for name in self.names}  # samples packed/buffered/discarded in this pass
+        self.empty_passes = {name: 0 for name in self.names}  # consecutive passes without any
         self.last_cursor: dict[str, Any] = {name: None for name in self.names}
         self.packs = 0
         self.builder = PackBuilder(ds.token_ids, ds.max_latent_size, ds.vit_max_patches_per_side,
                                    ds.interpolate_pos, ds.transforms, ds.multi_image_groups)
-        msg = "starting at the beginning"
         if state is not None:
             self._load(state)
-            msg = f"resuming data at {state['data_status']}"
-        log.info("rank-%d worker-%d: %s", ds.rank, worker_id, msg)
+        for name, stream in zip(self.names, self.streams):
+            if stream is not None:
+                log.info("rank-%d worker-%d dataset-%s: resuming data at %s (pass %d, %d buffered)", ds.rank,
+                         worker_id, name, stream.cursor(stream.position), stream.passes, len(self.buffer))
 
     # ---- state ------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -372,7 +393,8 @@ class _Worker:
         streams = {}
         for name, stream in zip(self.names, self.streams):
             if stream is not None:
-                streams[name] = dict(stream.state(), accepted_in_pass=self.accepted[name])
+                streams[name] = dict(stream.state(), accepted_in_pass=self.accepted[name],
+                                     empty_passes=self.empty_passes[name])
         return {
             "version": STATE_VERSION, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
             "num_workers": ds.num_workers, "worker_id": self.worker_id, "packs": self.packs,
@@ -400,7 +422,8 @@ class _Worker:
             if saved is None:
                 raise ConfigError(f"data resume state has no position for group {name!r} (dataset config changed?)")
             stream.load(saved)
-            self.accepted[name] = int(saved.get("accepted_in_pass", 0))
+            self.accepted[name] = int(saved["accepted_in_pass"])
+            self.empty_passes[name] = int(saved["empty_passes"])
             if not group.resume_data_status:
                 stream.position = (0, 0, 0)
                 log.info("rank-%d worker-%d %s: resume_data_status is false, restarting its units",
@@ -444,10 +467,11 @@ class _Worker:
             pos, record, visit, wrapped = stream.next()
             if wrapped:
                 log.info("%s repeat in rank-%d worker-%d", name, self.ds.rank, self.worker_id)
-                if self.accepted[name] == 0:
+                self.empty_passes[name] = 0 if self.accepted[name] else self.empty_passes[name] + 1
+                if self.empty_passes[name] >= MAX_EMPTY_PASSES:
                     raise DataError(
-                        f"{name}: a full pass over the {len(stream.units)} unit(s) of rank-{self.ds.rank} "
-                        f"worker-{self.worker_id} gave no usable sample (skips: "
+                        f"{name}: {MAX_EMPTY_PASSES} full passes over the {len(stream.units)} unit(s) of "
+                        f"rank-{self.ds.rank} worker-{self.worker_id} gave no usable sample (skips: "
                         f"{self.counters['skipped'].get(name, {})}); fix the data or the caps"
                     )
                 self.accepted[name] = 0
@@ -549,6 +573,10 @@ class PackedDataset(IterableDataset):
                 raise ConfigError(f"{manifest_dir}: manifest built for {key}={meta[key]}, dataset has {mine}; "
                                   "rebuild it with `bagel data plan`")
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        # Every worker's units are read here, in the main process: polars (the manifest reader) is not
+        # fork-safe once its thread pool ran, and DataLoader workers are forked.
+        self.worker_units = {w: read_manifest(manifest_dir, rank, w, world_size=world_size, num_workers=num_workers)
+                             for w in range(max(num_workers, 1))}
         self.params = params or PackingParams()
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
@@ -578,6 +606,7 @@ class PackedDataset(IterableDataset):
                 if g.vit_image_transform_args is not None:
                     self.transforms[(g.group, VIT_IMAGE)] = ImageTransform.from_args(g.vit_image_transform_args)
         self._states: dict[int, dict[str, Any]] = {}
+        self._worker_local: tuple[int, dict[str, Any]] | None = None  # inside a DataLoader worker only
         self._next_worker = 0
         self._batches = 0
 
@@ -589,11 +618,18 @@ class PackedDataset(IterableDataset):
             raise ConfigError(f"PackedDataset built for num_workers={self.num_workers} but iterated with "
                               f"{running} DataLoader workers")
         slots = max(self.num_workers, 1)
-        logical = (physical + self._next_worker) % slots
-        worker = _Worker(self, logical, copy.deepcopy(self._states.get(logical)))
+        if info is not None and self._worker_local is not None:
+            # a persistent worker iterated again: continue its own stream rather than replay it
+            logical, state = self._worker_local
+        else:
+            logical = (physical + self._next_worker) % slots
+            state = copy.deepcopy(self._states.get(logical))
+        worker = _Worker(self, logical, state)
         for batch in worker:
             if info is None:
                 self._remember(batch["data_state"])
+            else:
+                self._worker_local = (logical, batch["data_state"])
             yield batch
 
     # ---- resume -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ file that cannot be read at all yields one :class:`ReadFailure` and the stream m
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bagel_core.config.dataset_config import GroupConfig
-from bagel_core.config.errors import DataError
+from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.data.sharding import DataUnit
 from bagel_core.data.tokens import (
     SamplePlan,
@@ -156,7 +157,7 @@ class UnitStream:
     def _normalise(self, pos: Position) -> tuple[Position, bool]:
         """First readable position at or after ``pos`` (a failing unit is one position); wraps."""
         wrapped = False
-        scanned = 0
+        units_left = len(self.units) + 1  # more unit changes than that without a row: all units are empty
         unit, block, row = pos
         while True:
             if unit >= len(self.units):
@@ -168,10 +169,10 @@ class UnitStream:
                 return (unit, block, row), wrapped
             if block < len(rows) - 1:
                 block, row = block + 1, 0
-            else:
-                unit, block, row = unit + 1, 0, 0
-            scanned += 1
-            if scanned > 2 * len(self.units) + sum(len(r or ()) for r in self._block_rows.values()) + 2:
+                continue
+            unit, block, row = unit + 1, 0, 0
+            units_left -= 1
+            if units_left < 0:
                 raise DataError(f"{self.group}: every unit of this worker is empty (no rows to read)")
 
     def _successor(self, pos: Position) -> Position:
@@ -212,7 +213,8 @@ class UnitStream:
         key = (u.source_file, rg)
         if self._block_cache is None or self._block_cache[0] != key:
             columns = list(COLUMNS[self.task])
-            table = pq.ParquetFile(u.source_file).read_row_group(rg, columns=columns)
+            # one thread: DataLoader workers are the parallelism (and are forked processes)
+            table = pq.ParquetFile(u.source_file).read_row_group(rg, columns=columns, use_threads=False)
             self._block_cache = (key, table.to_pylist())
         return self._block_cache[1]
 
@@ -242,10 +244,23 @@ class UnitStream:
         self.position = self._successor(pos)
         return pos, self.read_at(pos), visit, wrapped
 
+    def units_digest(self) -> str:
+        """Fingerprint of this worker's unit list: a resume state only fits the manifest it was saved with."""
+        digest = hashlib.sha256()
+        for u in self.units:
+            digest.update(f"{u.dataset}|{u.source_file}|{u.row_group}|{u.line}\n".encode())
+        return digest.hexdigest()[:16]
+
     def state(self) -> dict[str, Any]:
-        return {"position": list(self.position), "passes": self.passes, "reads": self.reads}
+        return {"position": list(self.position), "passes": self.passes, "reads": self.reads,
+                "units": self.units_digest()}
 
     def load(self, state: dict[str, Any]) -> None:
+        if state.get("units") != self.units_digest():
+            raise ConfigError(
+                f"{self.group}: the data resume state was saved with a different unit list for this worker "
+                "(manifest rebuilt, data changed or other num_used_data); exact resume is impossible"
+            )
         pos = tuple(int(v) for v in state["position"])
         if len(pos) != 3 or not (0 <= pos[0] <= len(self.units)):
             raise DataError(f"{self.group}: resume position {state['position']} does not fit {len(self.units)} units")

@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from assets.dataset_index import sync_dataset_partitions
 from assets.resources import PipelineWorkspace
 from bagel_core.config.discover import default_dataset_config, discover_registry
 from bagel_core.config.validate import validate_registry
@@ -114,6 +115,7 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
     registry.save(workspace.registry_path)
     groups = default_dataset_config(registry)
     groups.save(workspace.dataset_config_path)
+    partition_keys = sync_dataset_partitions(context.instance, registry)
     findings = validate_registry(registry)
     for finding in findings:
         (context.log.error if finding.severity == "error" else context.log.warning)(str(finding))
@@ -129,6 +131,7 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
             "registry": dg.MetadataValue.path(str(workspace.registry_path)),
             "dataset_config": dg.MetadataValue.path(str(workspace.dataset_config_path)),
             "datasets": len(registry.entries),
+            "index_partitions": dg.MetadataValue.json(partition_keys),
             "dagster/row_count": len(registry.entries),
             "entries": dg.MetadataValue.table(table, schema=dg.TableSchema(columns=[
                 dg.TableColumn("group", "string"), dg.TableColumn("dataset", "string"),

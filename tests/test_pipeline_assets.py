@@ -92,3 +92,12 @@ def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):
         changed = dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"workspace": workspace})
         request = registered_data_changed(changed)
         assert isinstance(request, dg.RunRequest) and request.run_key == changed.cursor != first.cursor
+
+
+def test_registry_adds_one_index_partition_per_dataset(tmp_path):
+    workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([example_zip, example_dataset, dataset_registry], instance=instance,
+                              resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG).success
+        assert instance.get_dynamic_partitions("bagel_datasets") == [
+            "t2i_pretrain.t2i", "unified_edit.seedxedit_multi", "vlm_sft.llava_ov"]

@@ -51,3 +51,15 @@ def test_check_reports_placeholder_and_exits_nonzero(tmp_path, capsys):
 def test_config_errors_exit_2_with_message(tmp_path, capsys):
     assert main(["data", "check", "--registry", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_relative_paths_resolve_to_the_same_files(tmp_path, monkeypatch, capsys):
+    """Relative --out/--root (as in the README) must give a registry that validates from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "download", "--out", "d", "--t2i-files", "2", "--vlm-lines", "4", "--quiet"]) == 0
+    assert main(["data", "registry", "--root", "d/bagel_example", "--out", "d/reg/dataset_info.yaml"]) == 0
+    body = yaml.safe_load((tmp_path / "d/reg/dataset_info.yaml").read_text())
+    info = Path(body["unified_edit"]["seedxedit_multi"]["parquet_info_path"])
+    assert info.is_absolute() and info.is_file()
+    monkeypatch.chdir(tmp_path / "d")
+    assert main(["data", "check", "--registry", "reg/dataset_info.yaml"]) == 0

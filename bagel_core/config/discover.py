@@ -74,7 +74,7 @@ def _parquet_entry(group: str, name: str, data_dir: Path) -> DatasetEntry | None
 def discover_registry(root: str | Path, parquet_info_dir: str | Path) -> Registry:
     """Registry entries for everything found under the example-layout folder ``root``."""
     root = find_example_root(root)
-    info_out = Path(parquet_info_dir)
+    info_out = Path(parquet_info_dir).expanduser().resolve()  # written into the registry: must be absolute
     entries: list[DatasetEntry] = []
 
     t2i = root / "t2i"

@@ -8,9 +8,15 @@ Data: the built-in example generator's T2I part scaled to ``--rows`` rows (gener
 Printed side by side, in one run, on the same files (warm page cache for both):
 
 * raw ceiling: ``SELECT count(*), sum(octet_length(image))`` with DuckDB on all cores;
-* indexer: ``index_registry`` (``force=True``: every file re-read), full validation per sample;
+* indexer: ``index_registry`` (``force=True``: every file re-read), full validation per sample,
+  end to end (planning, checks, parts, dataset and combined tables, parquet_info, registry);
+* the same on photo-sized images (~150 KB noise JPEGs), where reading the bytes dominates;
 * peak RSS of the indexer (main process and largest worker) in a fresh process at 1x and 4x:
   memory must not grow with dataset size (rows stream per row group; results per file).
+
+Below ``min_rows_for_pool`` of work the indexer runs its ``workers`` as threads in one process
+(no worker processes: "RSS worker" is then 0); above it, as a fork-server process pool.
+Timings vary run to run on a shared machine: run it a few times and take the median.
 """
 
 from __future__ import annotations
@@ -113,37 +119,37 @@ def raw_scan(t2i_dir: Path, threads: int) -> tuple[int, int, float]:
 class _RssSampler:
     """Peak RSS of this process and of its descendants (pool workers, fork server), sampled from /proc."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.peak_total = self.peak_worker = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _tree() -> dict[int, tuple[float, float]]:
-        """pid -> (current RSS, peak RSS) in MB for this process and its descendants."""
-        parents: dict[int, int] = {}
-        rss: dict[int, float] = {}
-        hwm: dict[int, float] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+    def _status(pid: int) -> tuple[float, float]:
+        """(current RSS, peak RSS) of a process in MB."""
+        with open(f"/proc/{pid}/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return (int(fields.get("VmRSS", "0 kB").split()[0]) / 1024, int(fields.get("VmHWM", "0 kB").split()[0]) / 1024)
+
+    @classmethod
+    def _tree(cls) -> dict[int, tuple[float, float]]:
+        """pid -> (current RSS, peak RSS) in MB for this process and its descendants.
+
+        Walks ``/proc/<pid>/task/<tid>/children`` from this process down (a few small reads), not
+        all of ``/proc``: the sampler runs in the indexer's process and must not compete with it.
+        """
+        out: dict[int, tuple[float, float]] = {}
+        todo = [os.getpid()]
+        while todo:
+            pid = todo.pop()
             try:
-                with open(f"/proc/{entry}/status") as fh:
-                    fields = dict(line.split(":", 1) for line in fh if ":" in line)
-            except OSError:
+                out[pid] = cls._status(pid)
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                        todo.extend(int(c) for c in fh.read().split())
+            except (OSError, ValueError):
                 continue
-            parents[int(entry)] = int(fields["PPid"])
-            rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
-            hwm[int(entry)] = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
-        me = os.getpid()
-        out = {}
-        for pid, value in rss.items():
-            p = pid
-            while p and p != me:
-                p = parents.get(p, 0)
-            if p == me:
-                out[pid] = (value, hwm[pid])
         return out
 
     def _run(self) -> None:

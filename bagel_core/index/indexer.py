@@ -51,10 +51,21 @@ fallback, so a row group only one of them can read still gets indexed (e.g. inva
 DuckDB refuses for a whole row group, is quarantined per row). JSONL is read as bytes in Python
 (DuckDB's JSON reader either aborts on a bad line or silently skips it with ``ignore_errors``).
 
+Checking: each batch of rows first goes through the vectorised fast path (:mod:`bagel_core.index.bulk`:
+PNG/JPEG headers, trailers and the pixel cap over the whole binary column with numpy, captions /
+instructions in a tight loop); it only *accepts* rows, building their index columns in bulk. Every
+other row (another image format, any problem at all) goes through the per-row checks of
+:mod:`bagel_core.index.checks`, so reasons and messages never depend on the fast path
+(``IndexOptions(fast_path=False)`` sends every row the per-row way; a differential test compares).
+Consecutive small row groups are read with one Arrow call (up to ``MERGED_READ_BYTES``), the next
+read running on a thread while the current batch is checked.
+
 Parallelism: the unit of work is a run of row groups (up to ``unit_rows`` rows) or a JSONL byte
-range, spread over a fork-server process pool (``workers``, default: every usable CPU); results
-stream back in order with a bounded number in flight and are written per file, so peak memory
-depends on row-group size, never on dataset size.
+range. With enough work (``min_rows_for_pool``) units go to a fork-server process pool
+(``workers``, default: every usable CPU); below that they run on ``workers`` threads in this
+process (Arrow decoding and numpy release the GIL; worker start-up would cost more than it saves).
+Results stream back in order with a bounded number in flight and are written per file, so peak
+memory depends on row-group size, never on dataset size.
 """
 
 from __future__ import annotations
@@ -71,7 +82,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -87,6 +98,7 @@ import pyarrow.parquet as pq
 
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import DatasetEntry, Registry
+from bagel_core.index import bulk
 from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
@@ -199,7 +211,10 @@ class IndexOptions:
     unit_bytes: int = 256 << 20  # ... and this many (uncompressed) bytes
     jsonl_chunk_bytes: int = 4 << 20
     force: bool = False  # ignore the incremental cache
-    min_rows_for_pool: int = 2000  # below this much work, worker start-up costs more than it saves
+    # below this much work (rows; 10 KB of row-group data counts as a row too: ~5 us each on the fast
+    # path, so ~1.5 s), starting worker processes costs more than it saves: threads in this process
+    min_rows_for_pool: int = 300_000
+    fast_path: bool = True  # vectorised checks accept common rows in bulk (same results; False: all per row)
 
     def digest(self) -> str:
         key = {"v": INDEX_VERSION, "max_pixels": self.max_pixels, "full_decode": self.full_decode}
@@ -245,13 +260,17 @@ class Unit:
 
 
 class _Rows:
-    """Column buffers for index rows of one unit (constant columns are filled in at the end)."""
+    """Index rows of one unit: per-row results (Python values) plus fast-path chunks (columns).
+
+    Constant columns are filled in at the end; :meth:`table` returns the rows sorted by file row.
+    """
 
     _CONSTANT = ("dataset", "group", "task", "source_file")
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
         self.cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_SCHEMA if f.name not in self._CONSTANT}
+        self.fast: list[tuple[np.ndarray, ...]] = []
 
     def add(self, row_group: int, row_index: int, file_row: int, res: SampleResult) -> None:
         c = self.cols
@@ -280,12 +299,55 @@ class _Rows:
         res.fail(reason, message)
         self.add(row_group, row_index, file_row, res)
 
+    def add_fast(self, row_group: np.ndarray, first_row: np.ndarray, file_rows: np.ndarray, counts: np.ndarray,
+                 width: np.ndarray, height: np.ndarray, mode: np.ndarray, image_bytes: np.ndarray,
+                 num_texts: np.ndarray, text_chars: np.ndarray) -> None:
+        """Rows the fast path accepted (status ok), one array element per row (``row_group``, the row
+        group's ``first_row``, ...); each row has ``counts`` images whose width/height/mode codes follow
+        in row order."""
+        if len(file_rows):
+            self.fast.append((row_group, file_rows - first_row, file_rows, counts, width, height, mode,
+                              image_bytes, num_texts, text_chars))
+
+    def _fast_table(self) -> pa.Table:
+        rg, ri, fr, counts, width, height, mode, nbytes, ntexts, nchars = (
+            np.concatenate([chunk[k] for chunk in self.fast]) for k in range(10)
+        )
+        n, m = len(fr), len(width)
+        row_off = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
+        pairs = pa.array(np.stack([width, height], 1).astype(np.int32).ravel())
+        sizes = pa.ListArray.from_arrays(row_off, pa.ListArray.from_arrays(
+            pa.array(np.arange(0, 2 * m + 1, 2, dtype=np.int32)), pairs))
+        modes = pa.ListArray.from_arrays(row_off, pa.array(bulk.MODES, pa.string()).take(pa.array(mode)))
+        u = self.unit
+        none = pa.nulls(n, pa.string())
+        data = {
+            "dataset": pa.repeat(u.dataset, n), "group": pa.repeat(u.group, n), "task": pa.repeat(u.task, n),
+            "source_file": pa.repeat(u.path, n), "row_group": rg, "row_index": ri, "file_row": fr,
+            "image_sizes": sizes, "num_images": counts.astype(np.int32), "image_modes": modes,
+            "image_bytes": nbytes.astype(np.int64), "num_texts": ntexts.astype(np.int32),
+            "text_chars": nchars.astype(np.int64),
+            "image_paths": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())),
+            "video_path": none, "status": pa.repeat("ok", n), "reason": none, "message": none,
+        }
+        return pa.table([pa.array(data[f.name], f.type) if isinstance(data[f.name], np.ndarray)
+                         else data[f.name].cast(f.type) for f in INDEX_SCHEMA], schema=INDEX_SCHEMA)
+
     def table(self) -> pa.Table:
         n = len(self.cols["file_row"])
         u = self.unit
-        data = {"dataset": [u.dataset] * n, "group": [u.group] * n, "task": [u.task] * n,
-                "source_file": [u.path] * n, **self.cols}
-        return pa.Table.from_pydict(data, schema=INDEX_SCHEMA)
+        tables = []
+        if n or not self.fast:
+            data = {"dataset": [u.dataset] * n, "group": [u.group] * n, "task": [u.task] * n,
+                    "source_file": [u.path] * n, **self.cols}
+            tables.append(pa.Table.from_pydict(data, schema=INDEX_SCHEMA))
+        if self.fast:
+            tables.append(self._fast_table())
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        rows = table.column("file_row").to_numpy()
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+            table = table.sort_by("file_row")
+        return table
 
 
 def _sql_str(value: str) -> str:
@@ -293,14 +355,23 @@ def _sql_str(value: str) -> str:
 
 
 _CON: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_CON_LOCK = threading.Lock()
 
 
 def _worker_con() -> duckdb.DuckDBPyConnection:
-    """One single-threaded DuckDB connection per process (connecting costs ~15 ms)."""
+    """One single-threaded DuckDB connection per process (connecting costs ~15-20 ms)."""
     global _CON
-    if _CON is None or _CON[0] != os.getpid():
-        _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
-    return _CON[1]
+    with _CON_LOCK:
+        if _CON is None or _CON[0] != os.getpid():
+            _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
+        return _CON[1]
+
+
+def _cursor() -> duckdb.DuckDBPyConnection:
+    """A connection of its own (thread-safe; ~0.1 ms) on the process's cached DuckDB database; close it after use."""
+    base = _worker_con()
+    with _CON_LOCK:
+        return base.cursor()
 
 
 @atexit.register
@@ -314,14 +385,17 @@ def _close_worker_con() -> None:
 
 def _duckdb_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile | None) -> Iterator[pa.RecordBatch]:
     """One row group streamed through DuckDB (pruned on ``file_row_number``; memory ~ one batch)."""
-    con = _worker_con()
-    cols = ", ".join(f'"{c}"' for c in unit.columns)
-    _, lo, n = unit.row_groups[rg_index]
-    rel = con.sql(
-        f"SELECT file_row_number, {cols} FROM read_parquet({_sql_str(unit.path)}, file_row_number=true) "
-        f"WHERE file_row_number >= {lo} AND file_row_number < {lo + n}"
-    )
-    yield from rel.to_arrow_reader(batch_rows)
+    con = _cursor()  # units may run on threads: a connection each
+    try:
+        cols = ", ".join(f'"{c}"' for c in unit.columns)
+        _, lo, n = unit.row_groups[rg_index]
+        rel = con.sql(
+            f"SELECT file_row_number, {cols} FROM read_parquet({_sql_str(unit.path)}, file_row_number=true) "
+            f"WHERE file_row_number >= {lo} AND file_row_number < {lo + n}"
+        )
+        yield from rel.to_arrow_reader(batch_rows)
+    finally:
+        con.close()
 
 
 def _arrow_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
@@ -357,50 +431,197 @@ def _cells(arr: pa.Array) -> list[Any]:
     return arr.to_pylist()
 
 
-def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
-    rows = _Rows(unit)
+def _check_rows(rows: _Rows, unit: Unit, opts: IndexOptions, rg: np.ndarray, first: np.ndarray,
+                batch: pa.RecordBatch, take: np.ndarray) -> None:
+    """Per-row checks (:mod:`checks`) of the batch rows ``take``: the reference path."""
+    if not len(take):
+        return
     check = check_t2i if unit.task == "t2i" else check_edit
+    file_rows = batch.column(0).to_numpy()
+    if len(take) == batch.num_rows:
+        a, b = _cells(batch.column(1)), batch.column(2).to_pylist()
+    else:
+        idx = pa.array(take)
+        a, b = _cells(batch.column(1).take(idx)), batch.column(2).take(idx).to_pylist()
+    for i, x, y in zip(take.tolist(), a, b):
+        fr = int(file_rows[i])
+        rows.add(int(rg[i]), fr - int(first[i]), fr, check(x, y, opts.max_pixels, opts.full_decode))
+
+
+def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: _Rows, rg: np.ndarray,
+               first: np.ndarray) -> np.ndarray:
+    """Vectorised checks (:mod:`bulk`) of a whole batch; adds the rows they accept, returns their mask.
+
+    ``rg`` / ``first``: per batch row, its row group and that row group's first file row.
+    """
+    n = batch.num_rows
+    accepted = np.zeros(n, bool)
+    if not opts.fast_path or opts.full_decode or n == 0:
+        return accepted
+    file_rows = batch.column(0).to_numpy()
+    if unit.task == "t2i":
+        images = bulk.probe_images(batch.column(1), opts.max_pixels)
+        candidates = np.flatnonzero(images.ok)
+        if not len(candidates):
+            return accepted
+        captions = batch.column(2)
+        if len(candidates) != n:
+            captions = captions.take(pa.array(candidates))
+        texts = bulk.as_strings(captions)
+        if texts is None:  # some caption is not UTF-8: the per-row path names it
+            return accepted
+        ok, num_texts, text_chars = bulk.captions_ok(texts)
+        okm = np.asarray(ok, bool)
+        sel = candidates[okm]
+        accepted[sel] = True
+        rows.add_fast(rg[sel], first[sel], file_rows[sel], np.ones(len(sel), np.int32), images.width[sel],
+                      images.height[sel], images.mode[sel], images.nbytes[sel],
+                      np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
+        return accepted
+    lists = batch.column(1)
+    if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
+        return accepted
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    counts = offsets[1:] - offsets[:-1]
+    images = bulk.probe_images(lists.values, opts.max_pixels)
+    bad = np.concatenate([[0], np.cumsum(~images.ok, dtype=np.int64)])
+    nbytes = np.concatenate([[0], np.cumsum(images.nbytes, dtype=np.int64)])
+    valid = np.ones(n, bool) if lists.null_count == 0 else lists.is_valid().to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(valid & (counts >= 2) & (bad[offsets[1:]] == bad[offsets[:-1]]))
+    if not len(candidates):
+        return accepted
+    instructions = bulk.as_strings(batch.column(2).take(pa.array(candidates)))
+    if instructions is None:
+        return accepted
+    ok, num_texts, text_chars = bulk.instructions_ok(counts[candidates].tolist(), instructions)
+    okm = np.asarray(ok, bool)
+    sel = candidates[okm]
+    accepted[sel] = True
+    child = (np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in sel.tolist()]) if len(sel)
+             else np.zeros(0, np.int64))
+    rows.add_fast(rg[sel], first[sel], file_rows[sel], counts[sel].astype(np.int32), images.width[child],
+                  images.height[child], images.mode[child], nbytes[offsets[sel + 1]] - nbytes[offsets[sel]],
+                  np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
+    return accepted
+
+
+#: Consecutive small row groups are read by Arrow in one call up to this many (uncompressed) bytes.
+MERGED_READ_BYTES = 16 << 20
+
+
+def _read_span(unit: Unit, k: int, j: int, path: str) -> pa.RecordBatch:
+    """Row groups ``k..j-1`` of a unit with one Arrow read, as one batch (strings cast to binary)."""
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    spans = unit.row_groups[k:j]
+    table = pf.read_row_groups([g for g, _, _ in spans], columns=list(unit.columns), use_threads=False)
+    if table.num_rows != sum(n for _, _, n in spans):
+        raise DataError(f"read {table.num_rows} rows, the footer declares {sum(n for _, _, n in spans)}")
+    arrays = [table.column(name).cast(_stringless(table.column(name).type)) for name in unit.columns]
+    rows = pa.array(np.concatenate([np.arange(f, f + n, dtype=np.int64) for _, f, n in spans]))
+    return pa.table([rows, *arrays], names=["file_row_number", *unit.columns]).combine_chunks().to_batches()[0]
+
+
+def _plan_reads(unit: Unit, opts: IndexOptions, arrow_ok: bool) -> list[tuple[int, int]]:
+    """Runs ``[k, j)`` of the unit's row groups read in one go (small ones merged; others alone)."""
+    out: list[tuple[int, int]] = []
+    k, n = 0, len(unit.row_groups)
+    sizes = unit.row_group_bytes or (0,) * n
+    while k < n:
+        j, total = k, 0
+        while arrow_ok and j < n and sizes[j] <= opts.arrow_row_group_bytes and (
+            j == k or total + sizes[j] <= MERGED_READ_BYTES
+        ):
+            total += sizes[j]
+            j += 1
+        out.append((k, max(j, k + 1)))
+        k = max(j, k + 1)
+    return out
+
+
+def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
+    """Index a run of row groups: merged Arrow reads (prefetched on a thread, so reading overlaps the
+    checks), then per row group whatever those did not deliver, through both readers in turn."""
+    rows = _Rows(unit)
     try:
         pf: pq.ParquetFile | None = pq.ParquetFile(unit.path, pre_buffer=False)
     except Exception:  # noqa: BLE001 - Arrow cannot open it: DuckDB alone will try
         pf = None
-    for k, (rg_id, first, num_rows) in enumerate(unit.row_groups):
-        seen: set[int] = set()
-        errors: list[str] = []
+    base = unit.first_row
+    firsts = np.array([f for _, f, _ in unit.row_groups], np.int64)
+    rg_ids = np.array([g for g, _, _ in unit.row_groups], np.int32)
+    done = np.zeros(unit.num_rows, bool)
 
-        def consume(batches: Iterable[pa.RecordBatch], rg_id: int = rg_id, first: int = first,
-                    seen: set[int] = seen) -> None:
-            for batch in batches:
-                file_rows = batch.column(0).to_pylist()
-                a = _cells(batch.column(1))
-                b = batch.column(2).to_pylist()
-                for fr, x, y in zip(file_rows, a, b):
-                    if fr in seen:
-                        continue
-                    seen.add(fr)
-                    rows.add(rg_id, fr - first, fr, check(x, y, opts.max_pixels, opts.full_decode))
+    def consume(batch: pa.RecordBatch, lo: int, hi: int) -> bool:
+        """Check the batch's rows in ``[lo, hi)`` not done yet; True if it held rows outside that range."""
+        fr = batch.column(0).to_numpy().astype(np.int64)
+        inside = (fr >= lo) & (fr < hi)
+        fresh = np.flatnonzero(inside)
+        fresh = fresh[~done[fr[fresh] - base]]
+        if len(fresh) > 1 and not (fr[fresh][1:] > fr[fresh][:-1]).all():  # repeats: the first one counts
+            _, keep = np.unique(fr[fresh], return_index=True)
+            fresh = fresh[np.sort(keep)]
+        if len(fresh) != batch.num_rows:
+            batch = batch.take(pa.array(fresh))
+        fr = fr[fresh]
+        rgi = np.searchsorted(firsts, fr, side="right") - 1
+        accepted = _fast_rows(unit, opts, batch, rows, rg_ids[rgi], firsts[rgi])
+        _check_rows(rows, unit, opts, rg_ids[rgi], firsts[rgi], batch, np.flatnonzero(~accepted))
+        done[fr - base] = True
+        return not inside.all()
 
-        small = unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
-        readers = [_arrow_batches, _duckdb_batches] if small else [_duckdb_batches, _arrow_batches]
-        if pf is None:
-            readers = [_duckdb_batches]
-        for reader in readers:  # the second reader only runs if the first fails; done rows are skipped
-            try:
-                consume(reader(unit, k, opts.batch_rows, pf))
-                break
-            except Exception as exc:  # noqa: BLE001 - any reader error: try the other reader, then quarantine
-                errors.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(exc).__name__}: {exc}")
-        missing = [fr for fr in range(first, first + num_rows) if fr not in seen]
-        if missing:
-            detail = "; ".join(errors)[:500] or "rows declared by the footer were not returned"
-            for fr in missing:
-                seen.add(fr)
-                rows.add_failed(rg_id, fr - first, fr, ROW_GROUP_UNREADABLE,
-                                f"row group {rg_id} cannot be read: {detail}")
-        if len(seen) != num_rows:
-            raise DataError(f"{unit.path}: row group {rg_id} returned rows outside the footer's {num_rows} rows")
-    table = rows.table()
-    return table.sort_by("file_row") if table.num_rows > 1 else table
+    reads = _plan_reads(unit, opts, pf is not None)
+    with ThreadPoolExecutor(1, thread_name_prefix="index-read") as reader_thread:
+        prefetched = [reader_thread.submit(_read_span, unit, k, j, unit.path) if pf is not None and (
+            unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True) else None
+            for k, j in reads[:1]]
+        for i, (k, j) in enumerate(reads):
+            fut = prefetched[i]
+            if i + 1 < len(reads):  # start the next read before checking this one
+                k2, j2 = reads[i + 1]
+                small = unit.row_group_bytes[k2] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
+                prefetched.append(reader_thread.submit(_read_span, unit, k2, j2, unit.path)
+                                  if pf is not None and small else None)
+            if fut is not None:
+                try:
+                    batch = fut.result()
+                except Exception:  # noqa: BLE001 - the per-row-group readers below retry and name the error
+                    batch = None
+                if batch is not None:
+                    consume(batch, int(firsts[k]), int(firsts[j - 1]) + unit.row_groups[j - 1][2])
+                prefetched[i] = None
+            for r in range(k, j):
+                _read_row_group(unit, opts, r, pf, done, base, consume, rows)
+    return rows.table()
+
+
+def _read_row_group(unit: Unit, opts: IndexOptions, k: int, pf: pq.ParquetFile | None, done: np.ndarray,
+                    base: int, consume: Callable[[pa.RecordBatch, int, int], bool], rows: _Rows) -> None:
+    """Row group ``k`` of the unit through the readers in turn (rows done already are skipped);
+    rows no reader returns are quarantined as ``row_group_unreadable``."""
+    rg_id, first, num_rows = unit.row_groups[k]
+    if done[first - base:first - base + num_rows].all():
+        return
+    errors: list[str] = []
+    outside = False
+    small = unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
+    readers = [_arrow_batches, _duckdb_batches] if small else [_duckdb_batches, _arrow_batches]
+    if pf is None:
+        readers = [_duckdb_batches]
+    for reader in readers:  # the second reader only runs if the first fails; done rows are skipped
+        try:
+            for batch in reader(unit, k, opts.batch_rows, pf):
+                outside |= consume(batch, first, first + num_rows)
+            break
+        except Exception as exc:  # noqa: BLE001 - any reader error: try the other reader, then quarantine
+            errors.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(exc).__name__}: {exc}")
+    missing = np.flatnonzero(~done[first - base:first - base + num_rows])
+    if len(missing):
+        detail = "; ".join(errors)[:500] or "rows declared by the footer were not returned"
+        for r in missing.tolist():
+            rows.add_failed(rg_id, r, first + r, ROW_GROUP_UNREADABLE, f"row group {rg_id} cannot be read: {detail}")
+        done[first - base:first - base + num_rows] = True
+    if outside:
+        raise DataError(f"{unit.path}: row group {rg_id} returned rows outside the footer's {num_rows} rows")
 
 
 def _index_jsonl_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
@@ -454,6 +675,7 @@ class FileRecord:
     reasons: Counter = field(default_factory=Counter)
     units: list[Unit] = field(default_factory=list)
     pre_rows: tuple[list[tuple[int, int, int]], tuple[str, str]] | None = None  # (spans, problem): schema error
+    written: list[pa.Table] | None = None  # the part's tables as written in this run, while they fit KEEP_ROWS
 
 
 def file_identity(path: str, kind: str) -> tuple[int, int, str]:
@@ -742,26 +964,40 @@ def _warm_up() -> None:
 
 
 def _work(unit: Unit) -> int:
-    """Rough size of a unit in rows (JSONL: bytes / 256) to decide whether a pool pays off."""
-    return unit.num_rows if unit.kind == "parquet" else (unit.end - unit.start) // 256 + 1
+    """Rough cost of a unit in rows, counting 10 KB of (uncompressed) row-group data as one more row
+    (JSONL: a line per 256 bytes); decides whether a process pool pays off."""
+    if unit.kind == "parquet":
+        return unit.num_rows + sum(unit.row_group_bytes) // 10_000
+    return (unit.end - unit.start) // 256 + 1
+
+
+def _done(value: pa.Table) -> Future[pa.Table]:
+    fut: Future[pa.Table] = Future()
+    fut.set_result(value)
+    return fut
 
 
 class _Pool:
     """In-order results over a process pool with a bounded number of units in flight.
 
     Workers come from a fork server (safe inside Dagster's threaded step process) and only when
-    there is enough work; tiny datasets are indexed in-process. A worker that dies (a decoder
-    segfault, the OOM killer) breaks the pool: the pool is rebuilt, the unit is retried alone, and
-    if it kills its worker again its rows are quarantined as ``worker_crashed``.
+    there is enough work (``min_rows_for_pool``): starting them costs ~0.4 s of a core. Less work,
+    and the units submitted while the workers start, are indexed in this process on ``workers``
+    threads (Arrow's parquet decoding and most numpy work release the GIL, so reading one unit
+    overlaps checking another). A worker that dies (a decoder segfault, the OOM killer) breaks the
+    pool: the pool is rebuilt, the unit is retried alone, and if it kills its worker again its rows
+    are quarantined as ``worker_crashed``.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.executor: ProcessPoolExecutor | None = None
         self._starter: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
-        """Start the workers in a background thread so their start-up (~0.4 s) overlaps planning."""
+        """Start the workers in a background thread so their start-up (~0.4 s) overlaps other work."""
         if self.executor is None and self._starter is None and self.workers > 1:
             self._starter = threading.Thread(target=self._start, name="index-pool-start", daemon=True)
             self._starter.start()
@@ -770,53 +1006,68 @@ class _Pool:
         executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
         for _ in range(self.workers):
             executor.submit(_warm_up)
-        self.executor = executor
+        with self._lock:
+            if not self._closed:
+                self.executor = executor
+                return
+        executor.shutdown(wait=True, cancel_futures=True)  # closed while starting: nobody will use it
 
-    def _join(self) -> None:
-        if self._starter is not None:
-            self._starter.join()
-            self._starter = None
+    def _ready(self) -> ProcessPoolExecutor | None:
+        with self._lock:
+            return self.executor
 
     def map(self, units: list[Unit], opts: IndexOptions) -> Iterator[tuple[Unit, pa.Table]]:
-        it = iter(units)
-        while self._starter is not None and self._starter.is_alive():
-            unit = next(it, None)  # work in this process while the workers start
-            if unit is None:
-                break
-            yield unit, index_unit(unit, opts)
-        self._join()
-        units = list(it)
-        if self.executor is None and self.workers > 1 and len(units) > 1 and (
-            sum(_work(u) for u in units) >= opts.min_rows_for_pool
-        ):
-            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
-        if self.executor is None:
-            for unit in units:
-                yield unit, index_unit(unit, opts)
-            return
-        pending: deque[tuple[Unit, Future[pa.Table]]] = deque()
-        it = iter(units)
+        units = list(units)
+        if self.workers > 1 and len(units) > 1 and sum(_work(u) for u in units) >= opts.min_rows_for_pool:
+            self.start()
+        if self._starter is not None:
+            self._starter.join(timeout=0.1)  # a spawn pool is up by now; a fork server takes ~0.4 s
+        threads = (ThreadPoolExecutor(self.workers, thread_name_prefix="index-unit")
+                   if self.workers > 1 and self._starter is None else None)
+        pending: deque[tuple[Unit, Future[pa.Table], bool]] = deque()  # (unit, result, in a worker process)
         limit = 2 * self.workers + 2
-        for unit in it:
-            pending.append((unit, self.executor.submit(index_unit, unit, opts)))
-            if len(pending) >= limit:
-                break
-        while pending:
-            unit, fut = pending.popleft()
-            try:
-                table = fut.result()
-            except BrokenProcessPool:
-                table = self._recover(unit, opts)
-                # every other in-flight unit died with the pool: resubmit them to the new one
-                pending = deque((u, self._submit(u, opts)) for u, _ in pending)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, self._submit(nxt, opts)))
-            yield unit, table
+        it = iter(units)
+        try:
+            while True:
+                while len(pending) < limit:
+                    unit = next(it, None)
+                    if unit is None:
+                        break
+                    if self._ready() is not None:
+                        pending.append((unit, self._submit(unit, opts), True))
+                    elif self._starter is not None and self._starter.is_alive():
+                        # workers are starting: index here, one unit at a time, then look again
+                        pending.append((unit, _done(index_unit(unit, opts)), False))
+                        break
+                    elif threads is not None:
+                        pending.append((unit, threads.submit(index_unit, unit, opts), False))
+                    else:
+                        pending.append((unit, _done(index_unit(unit, opts)), False))
+                if not pending:
+                    return
+                unit, fut, remote = pending.popleft()
+                try:
+                    table = fut.result()
+                except BrokenProcessPool:
+                    if not remote:
+                        raise
+                    table = self._recover(unit, opts)
+                    # every other in-flight unit died with the pool: resubmit them to the new one
+                    pending = deque((u, self._submit(u, opts), True) if r else (u, f, r) for u, f, r in pending)
+                yield unit, table
+        finally:
+            if threads is not None:
+                threads.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, unit: Unit, opts: IndexOptions) -> Future[pa.Table]:
+        """Submit a unit; a pool that broke meanwhile gives a failed future (recovered in turn by :meth:`map`)."""
         assert self.executor is not None
-        return self.executor.submit(index_unit, unit, opts)
+        try:
+            return self.executor.submit(index_unit, unit, opts)
+        except BrokenProcessPool as exc:
+            fut: Future[pa.Table] = Future()
+            fut.set_exception(exc)
+            return fut
 
     def _recover(self, unit: Unit, opts: IndexOptions) -> pa.Table:
         assert self.executor is not None
@@ -830,9 +1081,12 @@ class _Pool:
         return table
 
     def close(self) -> None:
-        self._join()
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        """Shut the workers down; a pool still starting shuts itself down when it is up (no waiting)."""
+        with self._lock:
+            self._closed = True
+            executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Self:
         return self
@@ -910,11 +1164,11 @@ def _index_dataset_locked(
 ) -> DatasetSummary:
     t0 = time.perf_counter()
     parts_dir = ddir / "parts"
-    previous = _load_previous(ddir / "files.parquet")
+    previous = {} if opts.force else _load_previous(ddir / "files.parquet")
     summary = DatasetSummary(entry.name, entry.group, entry.task)
 
     records: list[FileRecord] = []
-    con = duckdb.connect(config={"threads": 1})
+    con = _cursor()
     try:
         for path, kind in _files_for(entry):
             rec = FileRecord(entry=entry, path=path, kind=kind)
@@ -957,15 +1211,27 @@ def _index_dataset_locked(
                 continue
             if rec.pre_rows is not None:
                 _write_schema_error_rows(rec, *rec.pre_rows)
+                rec.rows_read = rec.quarantined = sum(n for _, _, n in rec.pre_rows[0])
             elif not rec.units:
                 pq.write_table(INDEX_SCHEMA.empty_table(), rec.part)
+        kept = 0
+        for rec in records:
+            rec.written = [] if rec.units else None
         for unit, table in pool.map(all_units, opts):
             rec = by_path[unit.path]
             rec.seconds += float((table.schema.metadata or {}).get(b"seconds", b"0"))
             writer = writers.get(unit.path)
             if writer is None:
                 writer = writers[unit.path] = pq.ParquetWriter(rec.part, INDEX_SCHEMA)
-            writer.write_table(table.replace_schema_metadata(None))
+            table = table.replace_schema_metadata(None)
+            writer.write_table(table)
+            if rec.written is not None:  # small runs: the dataset tables are built from memory, not re-read
+                kept += table.num_rows
+                rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
+            ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            rec.rows_read += table.num_rows
+            rec.ok += ok
+            rec.quarantined += table.num_rows - ok
             remaining[unit.path] -= 1
             if remaining[unit.path] == 0:
                 writers.pop(unit.path).close()
@@ -982,8 +1248,7 @@ def _index_dataset_locked(
         if rec.status == "unreadable" and not rec.reused:
             rec.rows_read = rec.ok = rec.quarantined = 0
             rec.part = ""
-        elif not rec.reused:
-            _account(rec)
+        elif not rec.reused:  # rows_read / ok / quarantined were counted from the tables written to the part
             if rec.kind == "jsonl":
                 rec.deps_digest = _deps_digest(_part_image_paths(rec.part))
             if rec.status == "ok" and rec.quarantined == rec.rows_read and rec.rows_read:
@@ -999,25 +1264,14 @@ def _index_dataset_locked(
         if rec.ok + rec.quarantined != rec.rows_read:
             summary.invariant_failures.append(f"{rec.path}: ok {rec.ok} + quarantined {rec.quarantined} != {rec.rows_read}")
 
-    _write_dataset_tables(ddir, entry, records, opts)
+    counts = _write_dataset_tables(ddir, entry, records, opts)
     summary.index_path = str(ddir / "index.parquet")
     summary.quarantine_path = str(ddir / "quarantine.parquet")
     summary.files_path = str(ddir / "files.parquet")
-    _fill_counts(summary)
+    _fill_counts(summary, counts)
     summary.invariant_ok = not summary.invariant_failures
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _account(rec: FileRecord) -> None:
-    pf = pq.ParquetFile(rec.part)
-    rec.rows_read = rec.ok = rec.quarantined = 0
-    for batch in pf.iter_batches(columns=["status"], batch_size=65536):
-        status = batch.column(0).to_pylist()
-        rec.rows_read += len(status)
-        ok = sum(1 for s in status if s == "ok")
-        rec.ok += ok
-        rec.quarantined += len(status) - ok
 
 
 def _row_groups(path: str | Path) -> Iterator[pa.Table]:
@@ -1027,24 +1281,81 @@ def _row_groups(path: str | Path) -> Iterator[pa.Table]:
         yield pf.read_row_group(i)
 
 
-def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> None:
+class _BatchedWriter:
+    """A parquet writer that merges small tables into row groups of up to ``rows`` rows (fewer, larger
+    row groups write and read faster; memory stays bounded by ``rows``)."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 65536) -> None:
+        self.writer = pq.ParquetWriter(path, schema)
+        self.schema, self.rows = schema, rows
+        self.pending: list[pa.Table] = []
+        self.n = 0
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.pending.append(table)
+        self.n += table.num_rows
+        if self.n >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
+            self.pending, self.n = [], 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            self.writer.close()
+
+
+@dataclass
+class _Counts:
+    """Row counts of a dataset's index, gathered while its tables are written."""
+
+    ok: int = 0
+    quarantined: int = 0
+    image_bytes: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+
+#: Index rows of a dataset's freshly indexed files kept in memory to build its tables (bounded memory).
+KEEP_ROWS = 32_768
+
+
+def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> _Counts:
     """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
+    counts = _Counts()
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
-    with pq.ParquetWriter(tmp_index, INDEX_SCHEMA) as iw, pq.ParquetWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
+    with _BatchedWriter(tmp_index, INDEX_SCHEMA) as iw, _BatchedWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
         for rec in records:
             if rec.status == "unreadable":
-                qw.write_table(pa.Table.from_pylist([{
+                qw.write(pa.Table.from_pylist([{
                     "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
                     "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
                     "message": rec.error or "file cannot be opened",
                 }], schema=QUARANTINE_SCHEMA))
+                counts.reasons[FILE_UNREADABLE] += 1
                 continue
-            for table in _row_groups(rec.part):
+            for table in rec.written if rec.written is not None else _row_groups(rec.part):
                 table = table.cast(INDEX_SCHEMA)
-                iw.write_table(table)
-                quarantined = table.filter(pc.equal(table.column("status"), "quarantined"))
+                iw.write(table)
+                status = table.column("status")
+                ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
+                counts.ok += ok
+                counts.quarantined += table.num_rows - ok - status.null_count
+                counts.image_bytes += pc.sum(table.column("image_bytes")).as_py() or 0
+                quarantined = table.filter(pc.equal(status, "quarantined"))
                 if quarantined.num_rows:
-                    qw.write_table(quarantined.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+                    qw.write(quarantined.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+                    for vc in pc.value_counts(quarantined.column("reason")).to_pylist():
+                        counts.reasons[vc["values"]] += vc["counts"]
     os.replace(tmp_index, ddir / "index.parquet")
     os.replace(tmp_quar, ddir / "quarantine.parquet")
     # remove parts of files that left the dataset
@@ -1063,25 +1374,13 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
     tmp_files = ddir / f".files.{os.getpid()}.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=FILES_SCHEMA), tmp_files)
     os.replace(tmp_files, ddir / "files.parquet")
+    return counts
 
 
-def _fill_counts(summary: DatasetSummary) -> None:
-    con = duckdb.connect(config={"threads": 1})
-    try:
-        idx = _sql_str(summary.index_path)
-        ok, quarantined, image_bytes = con.sql(
-            f"SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status <> 'ok'), "
-            f"coalesce(sum(image_bytes), 0) FROM read_parquet({idx})"
-        ).fetchall()[0]
-        reasons = con.sql(
-            f"SELECT reason, count(*) FROM read_parquet({_sql_str(summary.quarantine_path)}) "
-            "GROUP BY reason ORDER BY 2 DESC, 1"
-        ).fetchall()
-    finally:
-        con.close()
-    summary.ok, summary.quarantined, summary.image_bytes = int(ok), int(quarantined), int(image_bytes)
+def _fill_counts(summary: DatasetSummary, counts: _Counts) -> None:
+    summary.ok, summary.quarantined, summary.image_bytes = counts.ok, counts.quarantined, counts.image_bytes
     summary.rows = summary.ok + summary.quarantined
-    summary.reasons = {str(r): int(n) for r, n in reasons}
+    summary.reasons = {str(r): int(n) for r, n in sorted(counts.reasons.items(), key=lambda kv: (-kv[1], str(kv[0])))}
 
 
 @dataclass
@@ -1198,13 +1497,13 @@ def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA), ("files", FILES_SCHEMA)):
             tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
-            with pq.ParquetWriter(tmp, schema) as writer:
+            with _BatchedWriter(tmp, schema) as writer:
                 for entry in registry.entries:
                     src = dataset_dir(out, entry) / f"{name}.parquet"
                     if not src.is_file():
                         continue
                     for table in _row_groups(src):
-                        writer.write_table(table.cast(schema))
+                        writer.write(table.cast(schema))
             os.replace(tmp, out / f"{name}.parquet")
             result[name] = out / f"{name}.parquet"
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
 from typing import BinaryIO, NamedTuple
@@ -41,6 +42,9 @@ _PNG_IEND = b"IEND\xaeB`\x82"
 #: Bytes read for the fast header path (JPEG SOF is usually in the first KB; EXIF can push it on).
 _HEAD_BYTES = 1 << 16
 _JPEG_EOI = b"\xff\xd9"
+#: Pillow calls below toggle process globals (``warnings`` filters, ``ImageFile.LOAD_TRUNCATED_IMAGES``);
+#: the indexer may probe on several threads, so those sections run one at a time (the rare slow path).
+_PIL_LOCK = threading.RLock()
 
 
 class ProbeError(Exception):
@@ -131,15 +135,16 @@ def _trailer_ok(fmt: str, fp: BinaryIO, size: int) -> bool:
 def _full_decode(fp: BinaryIO, fmt_hint: str) -> None:
     """Decode every pixel with truncation treated as an error (whatever another module set)."""
     fp.seek(0)
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as im:
-                im.load()
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    with _PIL_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(fp) as im:
+                    im.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def probe_stream(
@@ -161,7 +166,7 @@ def probe_stream(
             return ImageInfo(width, height, mode, fmt, size)
     fp.seek(0)
     try:
-        with warnings.catch_warnings():
+        with _PIL_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as im:
                 width, height = im.size

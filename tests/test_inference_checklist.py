@@ -149,7 +149,7 @@ def test_cfg_combine_formulas_and_dtypes():
     assert cfg_combine(cb, utb, uib, 4.0, 1.5, "global").dtype == torch.bfloat16
     assert cfg_combine(cb, utb, uib, 4.0, 1.5, "channel").dtype == torch.float32
     assert cfg_combine(cb, utb, uib, 4.0, 1.5, "text_channel").dtype == torch.float32
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="unknown cfg_renorm_type 'local'"):
         cfg_combine(c, ut, ui, 4.0, 1.5, "local")
 
 

@@ -98,7 +98,7 @@ def test_cfg_combine_rules():
     torch.testing.assert_close(cfg_combine(c, ut, ui, 4.0, 1.5, "global", renorm_min=1.0), raw)
     v = cfg_combine(c, ut, None, 4.0, 1.0, "channel")
     assert (v.norm(dim=-1) <= c.norm(dim=-1) * (1 + 1e-5)).all()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="unknown cfg_renorm_type 'local'"):
         cfg_combine(c, ut, ui, 4.0, 1.0, "local")
 
 

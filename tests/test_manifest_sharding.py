@@ -8,7 +8,7 @@ from collections import Counter
 
 import polars as pl
 import pytest
-from test_stats_fixtures import write_fixture
+from stats_fixtures import write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry

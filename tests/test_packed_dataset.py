@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from test_packed_dataset_fixtures import (
+from packed_fixtures import (
     NO_DROPOUT,
     SMALL_EDIT_VIT,
     SMALL_VAE,

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from test_packed_dataset_fixtures import make_dataset, make_manifest, small_fixture
+from packed_fixtures import make_dataset, make_manifest, small_fixture
 from torch.utils.data import DataLoader
 
 from bagel_core.config.errors import ConfigError

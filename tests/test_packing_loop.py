@@ -7,7 +7,7 @@ import random
 
 import polars as pl
 import pytest
-from test_stats_fixtures import write_fixture
+from stats_fixtures import write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import DataError

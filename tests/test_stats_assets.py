@@ -6,7 +6,7 @@ import shutil
 
 import dagster as dg
 import polars as pl
-from test_stats_fixtures import write_fixture
+from stats_fixtures import write_fixture
 
 from assets.resources import PipelineWorkspace
 from assets.sampling_manifest import num_used_data_capacity, sampling_manifest

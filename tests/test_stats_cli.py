@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 import pytest
-from test_stats_fixtures import write_fixture
+from stats_fixtures import write_fixture
 
 from bagel_core.index.stats_cli import add_parser, main
 

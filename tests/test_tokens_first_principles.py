@@ -16,7 +16,7 @@ from fractions import Fraction
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from test_stats_fixtures import image_size, write_fixture
+from stats_fixtures import image_size, write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry

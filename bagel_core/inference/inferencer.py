@@ -66,7 +66,7 @@ def cfg_combine(
     if text_scale <= 1.0 or u_text is None:
         return c
     if renorm_type not in RENORM_TYPES:
-        raise NotImplementedError(f"cfg_renorm_type {renorm_type!r}; choose one of {RENORM_TYPES}")
+        raise ValueError(f"unknown cfg_renorm_type {renorm_type!r}; choose one of {RENORM_TYPES}")
     g = u_text + text_scale * (c - u_text)
     if renorm_type == "text_channel":
         g = _renorm_factor(c, g, renorm_min, per_token=True) * g

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from test_stats_fixtures import Fixture, write_fixture
+from stats_fixtures import Fixture, write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 from packed_fixtures import (
     NO_DROPOUT,
     SMALL_EDIT_VIT,
@@ -25,6 +24,7 @@ from packed_fixtures import (
     make_manifest,
     small_fixture,
 )
+from PIL import Image
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import ConfigError, DataError

@@ -16,7 +16,7 @@ from bagel_core.data.tokenizer import load_tokenizer
 from bagel_core.data.transforms import ImageTransform
 from bagel_core.inference import Inferencer, cfg_active, cfg_combine, flow_timesteps
 from bagel_core.inference import inferencer as inferencer_mod
-from bagel_core.inference.inferencer import GEN_THINK_SYSTEM_PROMPT, latents_to_image
+from bagel_core.inference.inferencer import GEN_THINK_SYSTEM_PROMPT, Guidance, latents_to_image
 from bagel_core.model import AutoEncoder, build_model, preset
 from bagel_core.model.embeddings import unpatchify
 
@@ -90,8 +90,8 @@ def test_denoise_schedule_branches_cfg_and_euler_direction(inf, monkeypatch, ren
     calls, out = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
         gen, cfg_text, cfg_img, 32, 48, torch.Generator().manual_seed(7),
-        cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
-        cfg_renorm_type=renorm, timestep_shift=3.0, num_timesteps=50,
+        Guidance(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
+                 cfg_renorm_type=renorm, timestep_shift=3.0, num_timesteps=50),
     )
     by = {k: [t for n, t, _ in calls if n == k] for k in ("gen", "text", "img")}
     assert len(by["gen"]) == 49 and len(by["text"]) == len(by["img"]) == 41
@@ -124,8 +124,8 @@ def test_no_text_guidance_means_no_extra_branches(inf, monkeypatch):
     calls, out = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
         gen, cfg_text, cfg_img, 16, 32, torch.Generator().manual_seed(0),
-        cfg_text_scale=1.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_min=0.0,
-        cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=5,
+        Guidance(cfg_text_scale=1.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_min=0.0,
+                 cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=5),
     )
     assert [n for n, _, _ in calls] == ["gen"] * 4
     x0 = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
@@ -360,8 +360,8 @@ def test_denoise_interval_edge_uses_fp32_comparison(inf, monkeypatch):
     calls, _ = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
         gen, cfg_text, cfg_img, 16, 16, None,
-        cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
-        cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=6,
+        Guidance(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
+                 cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=6),
     )
     assert [t for n, t, _ in calls if n == "text"] == pytest.approx([1.0, 0.8, 0.6])
     assert len([n for n, _, _ in calls if n == "gen"]) == 5
@@ -399,7 +399,7 @@ def test_interleave_defaults_t2i_and_understanding(inf, monkeypatch):
     assert isinstance(out["image"], Image.Image) and out["text"] is None
     assert seen["size"] == (1024, 1024)  # image_shapes default
     # text 3.0, image 1.5, interval (0.4, 1], renorm min 0 / global, shift 3, 50 steps
-    assert seen["args"] == (3.0, 1.5, (0.4, 1.0), 0.0, "global", 3.0, 50)
+    assert seen["args"] == (Guidance(3.0, 1.5, (0.4, 1.0), 0.0, "global", 3.0, 50),)
     n = _n(inf, "a cat") + 2
     assert (seen["cfg_text"].rope, seen["cfg_img"].rope, seen["gen"].rope) == (0, n, n)
 

@@ -37,6 +37,19 @@ GEN_THINK_SYSTEM_PROMPT = (
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Settings of one denoising run (inference.md 8): CFG scales, interval, renorm and schedule."""
+
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_min: float
+    cfg_renorm_type: str
+    timestep_shift: float
+    num_timesteps: int
+
+
 @dataclass
 class Context:
     """KV cache of the items pushed so far and the next RoPE id."""
@@ -270,13 +283,7 @@ class Inferencer:
         height: int,
         width: int,
         generator: torch.Generator | None,
-        cfg_text_scale: float,
-        cfg_img_scale: float,
-        cfg_interval: tuple[float, float],
-        cfg_renorm_min: float,
-        cfg_renorm_type: str,
-        timestep_shift: float,
-        num_timesteps: int,
+        guidance: Guidance,
     ) -> Image.Image:
         """Euler steps of rectified flow from noise (t=1) to data (t=0) with CFG (inference.md 8-9)."""
         step = self.model.cfg.latent_downsample
@@ -292,17 +299,17 @@ class Inferencer:
         x = torch.randn(
             rows * cols, self.model.cfg.patch_latent_dim, generator=generator, dtype=torch.float32
         )
-        ts = flow_timesteps(num_timesteps, timestep_shift)
+        ts = flow_timesteps(guidance.num_timesteps, guidance.timestep_shift)
         dts = ts[:-1] - ts[1:]
-        for i in range(num_timesteps - 1):
+        for i in range(guidance.num_timesteps - 1):
             t = float(ts[i])
-            active = cfg_active(ts[i], cfg_interval)
-            s_t, s_i = (cfg_text_scale, cfg_img_scale) if active else (1.0, 1.0)
+            active = cfg_active(ts[i], guidance.cfg_interval)
+            s_t, s_i = (guidance.cfg_text_scale, guidance.cfg_img_scale) if active else (1.0, 1.0)
             c = self.velocity(gen, x, t, rows, cols)
             u_t = self.velocity(cfg_text, x, t, rows, cols) if s_t > 1.0 else None
             # Upstream also runs the image branch when s_t <= 1 and then discards it.
             u_i = self.velocity(cfg_img, x, t, rows, cols) if s_i > 1.0 and s_t > 1.0 else None
-            v = cfg_combine(c, u_t, u_i, s_t, s_i, cfg_renorm_type, cfg_renorm_min)
+            v = cfg_combine(c, u_t, u_i, s_t, s_i, guidance.cfg_renorm_type, guidance.cfg_renorm_min)
             # Euler towards data (v points from data to noise); v * dt in v's dtype, x stays fp32.
             x = x - v * dts[i]
         return latents_to_image(self.vae, x, rows, cols, self.model.cfg.latent_patch_size)
@@ -345,13 +352,8 @@ class Inferencer:
             height,
             width,
             generator,
-            cfg_text_scale,
-            cfg_img_scale,
-            cfg_interval,
-            cfg_renorm_min,
-            cfg_renorm_type,
-            timestep_shift,
-            num_timesteps,
+            Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+                     timestep_shift, num_timesteps),
         )
 
     def edit(
@@ -390,13 +392,8 @@ class Inferencer:
             resized.height,
             resized.width,
             generator,
-            cfg_text_scale,
-            cfg_img_scale,
-            cfg_interval,
-            cfg_renorm_min,
-            cfg_renorm_type,
-            timestep_shift,
-            num_timesteps,
+            Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+                     timestep_shift, num_timesteps),
         )
 
     def understand(
@@ -495,13 +492,8 @@ class Inferencer:
                 image_shapes[0],
                 image_shapes[1],
                 generator,
-                cfg_text_scale,
-                cfg_img_scale,
-                cfg_interval,
-                cfg_renorm_min,
-                cfg_renorm_type,
-                timestep_shift,
-                num_timesteps,
+                Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
+                         timestep_shift, num_timesteps),
             )
         )
         return outputs

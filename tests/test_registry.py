@@ -258,3 +258,18 @@ def test_registry_rejects_unknown_groups_and_keys(tmp_path):
         _write_registry(tmp_path, {"t2i_pretrain": {"t2i": {"data_path": "/d"}}})
     with pytest.raises(ConfigError, match="missing 'data_dir'"):
         _write_registry(tmp_path, {"t2i_pretrain": {"t2i": {"num_files": 1}}})
+
+
+def test_unreadable_config_files_name_the_file(tmp_path):
+    bad_yaml = tmp_path / "registry.yaml"
+    bad_yaml.write_text("t2i_pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{bad_yaml} is not valid YAML"):
+        Registry.load(bad_yaml)
+    with pytest.raises(ConfigError, match="dataset config .*missing.yaml does not exist"):
+        load_dataset_config(tmp_path / "missing.yaml")
+    from bagel_core.config.discover import rewrite_parquet_info
+
+    bad_json = tmp_path / "info.json"
+    bad_json.write_bytes(b"{\xff}")
+    with pytest.raises(ConfigError, match=f"{bad_json} is not valid JSON"):
+        rewrite_parquet_info(bad_json, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +12,22 @@ import yaml
 from bagel_core.config.errors import ConfigError
 
 
-def read_yaml(path: str | Path, what: str, create_hint: str) -> Any:
-    """Parse a YAML file (PyYAML = YAML 1.1, as upstream) or raise a :class:`ConfigError` naming it."""
+def _read(path: str | Path, what: str, create_hint: str, kind: str, parse: Callable[[str], Any],
+          errors: tuple[type[Exception], ...]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; {create_hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        return parse(path.read_text(encoding="utf-8"))
+    except (*errors, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid {kind}: {exc}") from exc
+
+
+def read_yaml(path: str | Path, what: str, create_hint: str) -> Any:
+    """Parse a YAML file (PyYAML = YAML 1.1, as upstream) or raise a :class:`ConfigError` naming it."""
+    return _read(path, what, create_hint, "YAML", yaml.safe_load, (yaml.YAMLError,))
 
 
 def read_json(path: str | Path, what: str, create_hint: str) -> Any:
     """Parse a JSON file or raise a :class:`ConfigError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist; {create_hint}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return _read(path, what, create_hint, "JSON", json.loads, (json.JSONDecodeError,))

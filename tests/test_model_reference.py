@@ -15,6 +15,18 @@ from bagel_core.model.qwen2_mot import Qwen2ForCausalLM, Routing
 from bagel_core.model.siglip_navit import SiglipVisionModel
 
 
+def _causal_logits(ours, ids: torch.Tensor) -> torch.Tensor:
+    """Our LM over one causal document (packed path, understanding expert) -> logits."""
+    n = ids.shape[0]
+    layout = PackedLayout.documents([n], "causal")
+    hidden = ours.model(
+        ours.model.embed_tokens(ids),
+        torch.arange(n),
+        Routing.all_und(n),
+        lambda _i, q, k, v: packed_attention(q, k, v, layout),
+    )
+    return ours.lm_head(hidden)
+
 def test_plain_qwen2_matches_transformers():
     from transformers import Qwen2Config
     from transformers import Qwen2ForCausalLM as HFQwen2
@@ -49,15 +61,7 @@ def test_plain_qwen2_matches_transformers():
     ids = torch.randint(0, 300, (1, 11))
     with torch.no_grad():
         want = hf(input_ids=ids).logits[0]
-        n = ids.shape[1]
-        layout = PackedLayout.documents([n], "causal")
-        hidden = ours.model(
-            ours.model.embed_tokens(ids[0]),
-            torch.arange(n),
-            Routing.all_und(n),
-            lambda _i, q, k, v: packed_attention(q, k, v, layout),
-        )
-        got = ours.lm_head(hidden)
+        got = _causal_logits(ours, ids[0])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -105,15 +109,7 @@ def test_qk_norm_matches_transformers_qwen3_attention():
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         want = hf(input_ids=ids).logits[0]
-        n = ids.shape[1]
-        layout = PackedLayout.documents([n], "causal")
-        hidden = ours.model(
-            ours.model.embed_tokens(ids[0]),
-            torch.arange(n),
-            Routing.all_und(n),
-            lambda _i, q, k, v: packed_attention(q, k, v, layout),
-        )
-        got = ours.lm_head(hidden)
+        got = _causal_logits(ours, ids[0])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

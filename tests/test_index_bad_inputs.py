@@ -252,7 +252,7 @@ def test_worker_crash_is_retried_then_quarantined(tmp_path: Path, monkeypatch: p
     # spawned workers see this environment (the shared fork server may predate the variable)
     monkeypatch.setattr(indexer, "_mp_context", lambda: multiprocessing.get_context("spawn"))
     _, index, q, _ = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out", workers=2,
-                               min_rows_for_pool=0, unit_rows=2)
+                               min_rows_for_pool=0, unit_rows=2, sql_scan=False)  # all rows through units
     assert reasons(q) == {"worker_crashed": 5}
     assert q.column("file_row").to_pylist() == [0, 1, 2, 3, 4]
     assert index.num_rows == 15 and index.column("status").to_pylist().count("ok") == 10

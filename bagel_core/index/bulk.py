@@ -109,28 +109,68 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
 def _gather(data: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
     """(rows, k) bytes from ``starts``; indices are clipped, callers mask rows shorter than needed."""
     idx = starts[:, None] + np.arange(k, dtype=np.int64)
-    np.minimum(idx, len(data) - 1, out=idx)
+    np.clip(idx, 0, len(data) - 1, out=idx)
     return data[idx]
+
+
+@dataclass
+class _ByteRows:
+    """Where each image's leading bytes and its last bytes lie in flat uint8 buffers.
+
+    For whole images both are the image itself; the SQL scan hands over only a prefix (``avail``
+    bytes) and the last 8 bytes, and a walk that needs bytes past the prefix is left undecided.
+    """
+
+    data: np.ndarray  # uint8 buffer holding the leading bytes
+    starts: np.ndarray  # int64: where each image's leading bytes start in ``data``
+    avail: np.ndarray  # int64: how many leading bytes are there
+    lens: np.ndarray  # int64: full encoded size
+    tail_data: np.ndarray  # uint8 buffer holding the last bytes
+    tail_end: np.ndarray  # int64: index just past each image's last byte in ``tail_data``
+    valid: np.ndarray  # bool: not null
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    return np.ones(len(arr), bool) if arr.null_count == 0 else np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))
 
 
 def probe_images(arr: pa.Array, max_pixels: int) -> BulkImages:
     """Header verdict for every element of a binary array (the fast part of :func:`probe.probe_bytes`)."""
-    n = len(arr)
-    res = BulkImages(np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int8),
-                     np.zeros(n, np.int64))
     parts = _binary_parts(arr)
-    if parts is None or n == 0:
-        return res
+    if parts is None or len(arr) == 0:
+        return _empty(len(arr))
     starts, lens, data = parts
-    res.nbytes = lens
-    valid = np.ones(n, bool) if arr.null_count == 0 else np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))
+    return _probe(_ByteRows(data, starts, lens, lens, data, starts + lens, _valid(arr)), max_pixels)
+
+
+def probe_heads(head: pa.Array, tail: pa.Array, lens: np.ndarray, max_pixels: int) -> BulkImages:
+    """Header verdicts from each image's first bytes (``head``), last 8 bytes (``tail``) and full size."""
+    hp, tp = _binary_parts(head), _binary_parts(tail)
+    if hp is None or tp is None or len(head) == 0:
+        return _empty(len(head))
+    valid = _valid(head) & _valid(tail)
+    lens = np.asarray(lens, np.int64)
+    return _probe(_ByteRows(hp[2], hp[0], hp[1], lens, tp[2], tp[0] + tp[1], valid), max_pixels)
+
+
+def _empty(n: int) -> BulkImages:
+    return BulkImages(np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int8),
+                      np.zeros(n, np.int64))
+
+
+def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
+    n = len(b.starts)
+    res = _empty(n)
+    res.nbytes = b.lens
+    data, starts, avail, lens = b.data, b.starts, b.avail, b.lens
     cap = np.uint64(min(max(max_pixels, 0), (1 << 64) - 1))
     first = _gather(data, starts, 3)
     # ---- PNG: fixed offsets -----------------------------------------------------------------------
-    png = np.flatnonzero(valid & (lens >= 33) & (first[:, 0] == 0x89) & (first[:, 1] == 0x50) & (first[:, 2] == 0x4E))
+    png = np.flatnonzero(b.valid & (lens >= 33) & (avail >= 33) & (first[:, 0] == 0x89) & (first[:, 1] == 0x50)
+                         & (first[:, 2] == 0x4E))
     if len(png):
         head = _gather(data, starts[png], 33)
-        tail = _gather(data, starts[png] + lens[png] - 8, 8)
+        tail = _gather(b.tail_data, b.tail_end[png] - 8, 8)
         w, h = _be(head[:, 16:20]), _be(head[:, 20:24])
         depth, colour = head[:, 24], head[:, 25]
         mode = _PNG_MODE_CODE[colour]
@@ -145,19 +185,20 @@ def probe_images(arr: pa.Array, max_pixels: int) -> BulkImages:
         res.ok[rows] = True
         res.width[rows], res.height[rows], res.mode[rows] = w[good], h[good], mode[good]
     # ---- JPEG: the marker walk, one step for all rows at a time ---------------------------------------
-    jpg = np.flatnonzero(valid & (lens >= 4) & (first[:, 0] == 0xFF) & (first[:, 1] == 0xD8) & (first[:, 2] == 0xFF))
+    jpg = np.flatnonzero(b.valid & (lens >= 4) & (avail >= 4) & (first[:, 0] == 0xFF) & (first[:, 1] == 0xD8)
+                         & (first[:, 2] == 0xFF))
     if len(jpg):
-        tail = _gather(data, starts[jpg] + lens[jpg] - 2, 2)
+        tail = _gather(b.tail_data, b.tail_end[jpg] - 2, 2)
         jpg = jpg[(tail[:, 0] == 0xFF) & (tail[:, 1] == 0xD9)]  # EOI last: else the per-row path decides
     pos = np.full(len(jpg), 2, np.int64)
     for _ in range(_JPEG_MAX_STEPS):
         if not len(jpg):
             break
-        s, ln = starts[jpg], lens[jpg]
-        room = pos + 4 <= ln
-        b = _gather(data, s + pos, 4)
-        marker = b[:, 1]
-        alive = room & (b[:, 0] == 0xFF) & (marker != 0xDA) & (marker != 0xD9)
+        s, room_to = starts[jpg], avail[jpg]
+        room = pos + 4 <= room_to
+        seg_head = _gather(data, s + pos, 4)
+        marker = seg_head[:, 1]
+        alive = room & (seg_head[:, 0] == 0xFF) & (marker != 0xDA) & (marker != 0xD9)
         fill = alive & (marker == 0xFF)
         rst = alive & ~fill & _JPEG_RST[marker]
         seg = alive & ~fill & ~rst
@@ -168,12 +209,12 @@ def probe_images(arr: pa.Array, max_pixels: int) -> BulkImages:
             height = (f[:, 1].astype(np.int64) << 8) | f[:, 2]
             width = (f[:, 3].astype(np.int64) << 8) | f[:, 4]
             mode = _JPEG_MODE_CODE[f[:, 5]]
-            good = ((pos[rows] + 10 <= ln[rows]) & (f[:, 0] == 8) & (mode >= 0) & (height > 0) & (width > 0)
+            good = ((pos[rows] + 10 <= room_to[rows]) & (f[:, 0] == 8) & (mode >= 0) & (height > 0) & (width > 0)
                     & (width.astype(np.uint64) * height.astype(np.uint64) <= cap))
             done = jpg[rows[good]]
             res.ok[done] = True
             res.width[done], res.height[done], res.mode[done] = width[good], height[good], mode[good]
-        length = (b[:, 2].astype(np.int64) << 8) | b[:, 3]
+        length = (seg_head[:, 2].astype(np.int64) << 8) | seg_head[:, 3]
         pos = pos + np.where(fill, 1, np.where(rst, 2, 2 + length))
         keep = fill | rst | (seg & ~sof)  # still walking; everything else is done or left to the per-row path
         jpg, pos = jpg[keep], pos[keep]

@@ -54,18 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="unit", desc="indexing", file=sys.stderr, dynamic_ncols=True)
-        rows_done = 0
+        bar = tqdm(total=0, unit="row", unit_scale=True, desc="indexing", file=sys.stderr, dynamic_ncols=True)
 
         def progress(event: str, n: int) -> None:
-            nonlocal rows_done
-            if event == "units_total":
+            if event == "rows_total":
                 bar.total = n
                 bar.refresh()
             else:
-                rows_done += n
-                bar.update(1)
-                bar.set_postfix(rows=rows_done, refresh=False)
+                bar.update(n)
 
     try:
         result = index_registry(registry, Path(args.out), opts, datasets=args.dataset, progress=progress)

@@ -84,7 +84,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -98,7 +98,7 @@ import pyarrow.parquet as pq
 
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import DatasetEntry, Registry
-from bagel_core.index import bulk
+from bagel_core.index import bulk, scan
 from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
@@ -215,6 +215,7 @@ class IndexOptions:
     # path, so ~1.5 s), starting worker processes costs more than it saves: threads in this process
     min_rows_for_pool: int = 300_000
     fast_path: bool = True  # vectorised checks accept common rows in bulk (same results; False: all per row)
+    sql_scan: bool = True  # with fast_path: first one DuckDB scan per dataset (scan.py), then units for the rest
 
     def digest(self) -> str:
         key = {"v": INDEX_VERSION, "max_pixels": self.max_pixels, "full_decode": self.full_decode}
@@ -249,10 +250,16 @@ class Unit:
     data_dir: str = ""
     columns: tuple[str, ...] = ()
     row_group_bytes: tuple[int, ...] = ()  # parquet: uncompressed bytes per row group (reader choice)
+    only_rows: tuple[int, ...] | None = None  # parquet: check just these file rows (the rest are done)
 
     @property
     def first_row(self) -> int:
         return self.row_groups[0][1] if self.row_groups else 0
+
+    @property
+    def row_span(self) -> int:
+        """File rows from the first row group's first row to the last one's end (gaps allowed)."""
+        return self.row_groups[-1][1] + self.row_groups[-1][2] - self.first_row if self.row_groups else 0
 
     @property
     def num_rows(self) -> int:
@@ -549,7 +556,10 @@ def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
     base = unit.first_row
     firsts = np.array([f for _, f, _ in unit.row_groups], np.int64)
     rg_ids = np.array([g for g, _, _ in unit.row_groups], np.int32)
-    done = np.zeros(unit.num_rows, bool)
+    done = np.zeros(unit.row_span, bool)
+    if unit.only_rows is not None:
+        done[:] = True
+        done[np.asarray(unit.only_rows, np.int64) - base] = False
 
     def consume(batch: pa.RecordBatch, lo: int, hi: int) -> bool:
         """Check the batch's rows in ``[lo, hi)`` not done yet; True if it held rows outside that range."""
@@ -676,6 +686,9 @@ class FileRecord:
     units: list[Unit] = field(default_factory=list)
     pre_rows: tuple[list[tuple[int, int, int]], tuple[str, str]] | None = None  # (spans, problem): schema error
     written: list[pa.Table] | None = None  # the part's tables as written in this run, while they fit KEEP_ROWS
+    column_types: dict[str, str] = field(default_factory=dict)  # parquet: arrow_type_name per column
+    scanned: bool = False  # the SQL scan wrote its accepted rows to the part; units hold only the rest
+    pending: list[pa.Table] = field(default_factory=list)  # scanned file: unit tables to merge into the part
 
 
 def file_identity(path: str, kind: str) -> tuple[int, int, str]:
@@ -747,7 +760,7 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
     except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
         rec.status, rec.error = "unreadable", f"cannot read parquet schema: {type(exc).__name__}: {exc}"
         return
-    types = {f.name: arrow_type_name(f.type) for f in schema}
+    types = rec.column_types = {f.name: arrow_type_name(f.type) for f in schema}
     groups, rec.footer_rows = facts
     rec.num_columns = len(types)
     rec.num_row_groups = len(groups)
@@ -946,9 +959,11 @@ def _crashed_rows(unit: Unit) -> pa.Table:
     rows = _Rows(unit)
     message = "the worker process indexing this row range died twice (segfault or out of memory)"
     if unit.kind == "parquet":
+        only = None if unit.only_rows is None else set(unit.only_rows)
         for rg_id, first, num_rows in unit.row_groups:
             for r in range(num_rows):
-                rows.add_failed(rg_id, r, first + r, WORKER_CRASHED, message)
+                if only is None or first + r in only:
+                    rows.add_failed(rg_id, r, first + r, WORKER_CRASHED, message)
     else:
         with open(unit.path, "rb") as fp:
             fp.seek(unit.start)
@@ -967,7 +982,8 @@ def _work(unit: Unit) -> int:
     """Rough cost of a unit in rows, counting 10 KB of (uncompressed) row-group data as one more row
     (JSONL: a line per 256 bytes); decides whether a process pool pays off."""
     if unit.kind == "parquet":
-        return unit.num_rows + sum(unit.row_group_bytes) // 10_000
+        rows = unit.num_rows if unit.only_rows is None else len(unit.only_rows)
+        return rows + sum(unit.row_group_bytes) // 10_000
     return (unit.end - unit.start) // 256 + 1
 
 
@@ -1095,7 +1111,7 @@ class _Pool:
         self.close()
 
 
-ProgressFn = Callable[[str, int], None]  # (event, count): ("units_total", n) / ("unit_done", rows)
+ProgressFn = Callable[[str, int], None]  # (event, rows): ("rows_total", n) once per dataset, ("rows_done", n)
 
 
 def _load_previous(files_path: Path) -> dict[str, dict[str, Any]]:
@@ -1140,6 +1156,72 @@ def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
     if entry.jsonl_path is None:
         raise DataError(f"{entry.group}.{entry.name}: a vlm_sft entry needs 'jsonl_path' in the registry")
     return [(str(entry.jsonl_path), "jsonl")]
+
+
+def _scan_first(records: list[FileRecord], opts: IndexOptions, progress: ProgressFn | None) -> None:
+    """First tier (:mod:`scan`): one DuckDB query over the files to index accepts the plain rows and
+    writes them to each file's part; each file's units shrink to the row groups holding the rows it
+    left, and check only those rows."""
+    todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None and all(
+        r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
+    if not todo:
+        return
+    by_path = {r.path: r for r in todo}
+    expected = {r.path: sum(u.num_rows for u in r.units) for r in todo}
+    kept = 0  # accepted rows kept in memory for the dataset tables (beyond KEEP_ROWS: re-read from parts)
+    con = _cursor()
+    con.execute(f"SET threads = {opts.resolved_workers()}")
+    try:
+        for path, verdict in scan.scan_files(con, list(by_path), todo[0].entry.task, opts.max_pixels, expected):
+            if verdict is not None:
+                accepted = _apply_verdict(by_path[path], verdict)
+                kept += accepted
+                if kept > KEEP_ROWS:
+                    by_path[path].written = None
+                if progress:
+                    progress("rows_done", accepted)
+    finally:
+        con.execute("SET threads = 1")
+        con.close()
+
+
+def _apply_verdict(rec: FileRecord, verdict: scan.FileVerdict) -> int:
+    """Write the rows the scan accepted to the file's part; keep units for the rest. Returns accepted rows."""
+    spans = [rg for u in rec.units for rg in u.row_groups]
+    firsts = np.array([f for _, f, _ in spans], np.int64)
+    ids = np.array([g for g, _, _ in spans], np.int32)
+    accepted = verdict.file_rows[verdict.ok]
+    k = np.searchsorted(firsts, accepted, side="right") - 1
+    rows = _Rows(rec.units[0])
+    rows.add_fast(ids[k], firsts[k], accepted, verdict.counts, verdict.width, verdict.height, verdict.mode,
+                  verdict.image_bytes, verdict.num_texts, verdict.text_chars)
+    table = rows.table() if len(accepted) else INDEX_SCHEMA.empty_table()
+    pq.write_table(table, rec.part)
+    rec.scanned = True
+    rec.written = [table]
+    rec.rows_read += table.num_rows
+    rec.ok += table.num_rows
+    left = verdict.file_rows[~verdict.ok]
+    units = []
+    for u in rec.units:
+        mine = left[(left >= u.first_row) & (left < u.first_row + u.row_span)]
+        if not len(mine):
+            continue
+        keep = [i for i, (_, first, n) in enumerate(u.row_groups) if ((mine >= first) & (mine < first + n)).any()]
+        units.append(replace(u, row_groups=tuple(u.row_groups[i] for i in keep),
+                             row_group_bytes=tuple(u.row_group_bytes[i] for i in keep) if u.row_group_bytes else (),
+                             only_rows=tuple(mine.tolist())))
+    rec.units = units
+    return len(accepted)
+
+
+def _merge_into_part(rec: FileRecord) -> pa.Table:
+    """A scanned file's part = the scan's accepted rows + its units' rows, in file-row order."""
+    first = rec.written[0] if rec.written else pq.read_table(rec.part, schema=INDEX_SCHEMA)
+    table = pa.concat_tables([first, *rec.pending]).sort_by("file_row")
+    pq.write_table(table, rec.part)
+    rec.pending = []
+    return table
 
 
 def index_dataset(
@@ -1197,7 +1279,9 @@ def _index_dataset_locked(
         con.close()
 
     if progress:
-        progress("units_total", sum(len(r.units) for r in records))
+        progress("rows_total", sum(max(r.footer_rows, 0) for r in records if r.units))
+    if opts.fast_path and opts.sql_scan and not opts.full_decode:
+        _scan_first(records, opts, progress)
     own_pool = pool is None
     pool = pool or _Pool(opts.resolved_workers())
     try:
@@ -1212,31 +1296,39 @@ def _index_dataset_locked(
             if rec.pre_rows is not None:
                 _write_schema_error_rows(rec, *rec.pre_rows)
                 rec.rows_read = rec.quarantined = sum(n for _, _, n in rec.pre_rows[0])
-            elif not rec.units:
+            elif not rec.units and not rec.scanned:
                 pq.write_table(INDEX_SCHEMA.empty_table(), rec.part)
-        kept = 0
+        kept = sum(t.num_rows for r in records if r.scanned and r.written for t in r.written)
         for rec in records:
-            rec.written = [] if rec.units else None
+            if not rec.scanned:
+                rec.written = [] if rec.units else None
         for unit, table in pool.map(all_units, opts):
             rec = by_path[unit.path]
             rec.seconds += float((table.schema.metadata or {}).get(b"seconds", b"0"))
-            writer = writers.get(unit.path)
-            if writer is None:
-                writer = writers[unit.path] = pq.ParquetWriter(rec.part, INDEX_SCHEMA)
             table = table.replace_schema_metadata(None)
-            writer.write_table(table)
-            if rec.written is not None:  # small runs: the dataset tables are built from memory, not re-read
-                kept += table.num_rows
-                rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
+            if rec.scanned:  # only the rows the scan left: merged into the part when the file is done
+                rec.pending.append(table)
+            else:
+                writer = writers.get(unit.path)
+                if writer is None:
+                    writer = writers[unit.path] = pq.ParquetWriter(rec.part, INDEX_SCHEMA)
+                writer.write_table(table)
+                if rec.written is not None:  # small runs: the dataset tables are built from memory, not re-read
+                    kept += table.num_rows
+                    rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
             ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
             rec.rows_read += table.num_rows
             rec.ok += ok
             rec.quarantined += table.num_rows - ok
             remaining[unit.path] -= 1
             if remaining[unit.path] == 0:
-                writers.pop(unit.path).close()
+                if rec.scanned:
+                    merged = _merge_into_part(rec)
+                    rec.written = [merged] if rec.written is not None else None
+                else:
+                    writers.pop(unit.path).close()
             if progress:
-                progress("unit_done", table.num_rows)
+                progress("rows_done", table.num_rows)
         for w in writers.values():  # pragma: no cover - only on errors above
             w.close()
     finally:
@@ -1437,18 +1529,18 @@ def index_registry(
         if unknown:
             raise DataError(f"unknown dataset(s) {unknown}; registered: {', '.join(registry.names())}")
     summaries = []
-    units_total = 0
+    rows_total = 0
     with _Pool(opts.resolved_workers()) as pool:
         if _estimated_rows(selected) >= opts.min_rows_for_pool:
             pool.start()
         for entry in selected:
             def _progress(event: str, n: int) -> None:
-                nonlocal units_total
+                nonlocal rows_total
                 if progress is None:
                     return
-                if event == "units_total":
-                    units_total += n
-                    progress("units_total", units_total)
+                if event == "rows_total":
+                    rows_total += n
+                    progress("rows_total", rows_total)
                 else:
                     progress(event, n)
             summaries.append(index_dataset(entry, out, opts, pool, _progress if progress else None))

@@ -117,7 +117,7 @@ def test_incremental_reindex_reads_only_changed_files(tmp_path: Path) -> None:
                       ("vlm", "data.jsonl"): False}
     assert index3.num_rows == 5 + 7 + 12 + 4
     assert q3.column("reason").to_pylist() == ["image_corrupt"] * 4
-    assert len(list((out / "datasets" / "t2i_pretrain" / "t2i" / "parts").glob("*.parquet"))) == 2
+    assert len(list((out / "datasets" / "t2i_pretrain" / "t2i" / "parts").glob("*.arrow"))) == 2
 
     # an option that changes results (pixel cap) invalidates every file
     fourth = index_registry(reg, out, IndexOptions(workers=1, max_pixels=100))

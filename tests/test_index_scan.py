@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,16 @@ from bagel_core.index.indexer import IndexOptions, index_registry
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
 
-def _scan(paths: list[Path], task: str) -> dict[str, scan.FileVerdict | None]:
+def _scan(paths: list[Path], task: str, query_rows: int = scan.QUERY_ROWS) -> dict[str, scan.FileVerdict | None]:
+    """Whole-file verdicts (every file here is scanned as a single range)."""
     con = duckdb.connect(config={"threads": 2})
     try:
-        expected = {str(p): pq.ParquetFile(p).metadata.num_rows for p in paths}
-        return dict(scan.scan_files(con, [str(p) for p in paths], task, DEFAULT_MAX_PIXELS, expected))
+        files = {str(p): [(0, pq.ParquetFile(p).metadata.num_rows)] for p in paths}
+        out = {}
+        for path, lo, hi, verdict in scan.scan_files(con, files, task, DEFAULT_MAX_PIXELS, query_rows):
+            assert (lo, hi) == files[path][0]
+            out[path] = verdict
+        return out
     finally:
         con.close()
 
@@ -182,7 +188,8 @@ def test_one_unreadable_file_does_not_cost_the_others(tmp_path: Path) -> None:
 def test_reordered_results_are_refused_not_misattributed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [write_t2i(tmp_path / f"g{i}.parquet", [image_bytes()] * 3, ['{"a": "b"}'] * 3) for i in range(2)]
     real = scan._t2i_sql
-    monkeypatch.setattr(scan, "_t2i_sql", lambda source: f"SELECT * FROM ({real(source)}) ORDER BY r, f NULLS LAST")
+    monkeypatch.setattr(scan, "_SQL", {"t2i": lambda source, first: f"SELECT * FROM ({real(source, first)}) "
+                                                               "ORDER BY r, f NULLS LAST"})
     verdicts = _scan(paths, "t2i")
     # the two-file query came back interleaved and was refused; each file was then scanned alone
     assert all(v is not None and v.ok.all() for v in verdicts.values())
@@ -215,3 +222,45 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
     assert index.column("row_group").to_pylist() == [i // 10 for i in range(40)]
     assert index.column("row_index").to_pylist() == [i % 10 for i in range(40)]
     assert len(checked) == 1  # row 23 went to the Arrow tier (which takes it); row 7 alone reached check_t2i
+
+
+def test_big_files_are_scanned_in_ranges_of_whole_units(tmp_path: Path) -> None:
+    captions = [json.dumps({"a": f"row {i}"}) for i in range(40)]
+    captions[13] = "not json"
+    big = write_t2i(tmp_path / "big.parquet", [image_bytes()] * 40, captions, row_group_size=10)
+    small = [write_t2i(tmp_path / f"s{i}.parquet", [image_bytes()] * 3, ['{"a": "b"}'] * 3) for i in range(3)]
+    files = {str(small[0]): [(0, 3)], str(big): [(0, 10), (10, 20), (20, 30), (30, 40)],
+             str(small[1]): [(0, 3)], str(small[2]): [(0, 3)]}
+    con = duckdb.connect(config={"threads": 2})
+    try:
+        got = list(scan.scan_files(con, files, "t2i", DEFAULT_MAX_PIXELS, query_rows=25))
+    finally:
+        con.close()
+    assert [(Path(p).name, lo, hi) for p, lo, hi, _ in got] == [
+        ("s0.parquet", 0, 3), ("big.parquet", 0, 20), ("big.parquet", 20, 40), ("s1.parquet", 0, 3),
+        ("s2.parquet", 0, 3)]
+    for path, lo, hi, verdict in got:
+        assert verdict is not None and verdict.file_rows.tolist() == list(range(lo, hi))
+    big_ok = np.concatenate([v.ok for p, _, _, v in got if p == str(big)])
+    assert np.flatnonzero(~big_ok).tolist() == [13]
+
+
+def test_indexer_with_tiny_queries_matches_the_per_row_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scan ranges, small-file groups and leftover units together give exactly the per-row index."""
+    d = tmp_path / "t2i"
+    rng = random.Random(1)
+    corpus = _captions_corpus(seed=3, mutants=60)
+    for f in range(4):
+        n = rng.randint(5, 30)
+        images = [rng.choice([image_bytes(9, 7), image_bytes(5, 5, "JPEG")] * 3 + [b"junk", image_bytes(8, 8)[:-3]])
+                  for _ in range(n)]
+        texts = [rng.choice(corpus) if rng.random() < 0.4 else json.dumps({"a": f"x{i}"}) for i in range(n)]
+        write_t2i(d / f"c{f}.parquet", images, texts, row_group_size=4)
+    monkeypatch.setattr(scan, "QUERY_ROWS", 9)
+    reg = registry_for(t2i={"data_dir": d})
+    fast = index_registry(reg, tmp_path / "fast", IndexOptions(workers=1, unit_rows=8))
+    slow = index_registry(reg, tmp_path / "slow", IndexOptions(workers=1, fast_path=False))
+    a, b = pq.read_table(fast.index_path).to_pylist(), pq.read_table(slow.index_path).to_pylist()
+    for r in (*a, *b):  # Pillow names its BytesIO by address
+        r["message"] = r["message"] and re.sub(r"at 0x[0-9a-f]+", "at 0x?", r["message"])
+    assert a == b and sum(r["status"] == "ok" for r in a) >= 10

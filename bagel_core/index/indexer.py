@@ -1173,33 +1173,46 @@ def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
 
 
 def _scan_first(records: list[FileRecord], opts: IndexOptions, progress: ProgressFn | None) -> None:
-    """First tier (:mod:`scan`): one DuckDB query over the files to index accepts the plain rows and
-    writes them to each file's part; each file's units shrink to the row groups holding the rows it
-    left, and check only those rows."""
+    """First tier (:mod:`scan`): DuckDB queries over the files to index accept the plain rows, which
+    go straight to each file's part; each file's units shrink to the row groups holding the rows the
+    scan left, and check only those rows."""
     todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None and all(
         r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
     if not todo:
         return
     by_path = {r.path: r for r in todo}
-    expected = {r.path: sum(u.num_rows for u in r.units) for r in todo}
+    files = {r.path: [(u.first_row, u.first_row + u.row_span) for u in r.units] for r in todo}
     kept = 0  # accepted rows kept in memory for the dataset tables (beyond KEEP_ROWS: re-read from parts)
+    writer: _PartWriter | None = None
+    writer_path = ""
     con = _scan_con(opts.resolved_workers())
     try:
-        for path, verdict in scan.scan_files(con, list(by_path), todo[0].entry.task, opts.max_pixels, expected):
-            if verdict is not None:
-                accepted = _apply_verdict(by_path[path], verdict)
-                kept += accepted
-                if kept > KEEP_ROWS:
-                    by_path[path].written = None
-                if progress:
-                    progress("rows_done", accepted)
+        for path, lo, hi, verdict in scan.scan_files(con, files, todo[0].entry.task, opts.max_pixels):
+            if verdict is None:
+                continue
+            rec = by_path[path]
+            if path != writer_path:  # ranges arrive in file order: the previous file's part is complete
+                if writer is not None:
+                    writer.close()
+                writer, writer_path = _PartWriter(rec.part), path
+                rec.scanned, rec.written = True, []
+            table = _accept_rows(rec, verdict, lo, hi)
+            writer.write_table(table)
+            kept += table.num_rows
+            if rec.written is not None:
+                rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
+            if progress:
+                progress("rows_done", table.num_rows)
     finally:
+        if writer is not None:
+            writer.close()
         con.close()
 
 
-def _apply_verdict(rec: FileRecord, verdict: scan.FileVerdict) -> int:
-    """Write the rows the scan accepted to the file's part; keep units for the rest. Returns accepted rows."""
-    spans = [rg for u in rec.units for rg in u.row_groups]
+def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -> pa.Table:
+    """Index rows the scan accepted in file rows ``[lo, hi)``; the units there keep only the rest."""
+    inside = [u for u in rec.units if lo <= u.first_row < hi]
+    spans = [rg for u in inside for rg in u.row_groups]
     firsts = np.array([f for _, f, _ in spans], np.int64)
     ids = np.array([g for g, _, _ in spans], np.int32)
     accepted = verdict.file_rows[verdict.ok]
@@ -1208,14 +1221,11 @@ def _apply_verdict(rec: FileRecord, verdict: scan.FileVerdict) -> int:
     rows.add_fast(ids[k], firsts[k], accepted, verdict.counts, verdict.width, verdict.height, verdict.mode,
                   verdict.image_bytes, verdict.num_texts, verdict.text_chars)
     table = rows.table() if len(accepted) else INDEX_SCHEMA.empty_table()
-    _write_part(rec.part, table)
-    rec.scanned = True
-    rec.written = [table]
     rec.rows_read += table.num_rows
     rec.ok += table.num_rows
     left = verdict.file_rows[~verdict.ok]
-    units = []
-    for u in rec.units:
+    units = [u for u in rec.units if not lo <= u.first_row < hi]
+    for u in inside:
         mine = left[(left >= u.first_row) & (left < u.first_row + u.row_span)]
         if not len(mine):
             continue
@@ -1223,14 +1233,14 @@ def _apply_verdict(rec: FileRecord, verdict: scan.FileVerdict) -> int:
         units.append(replace(u, row_groups=tuple(u.row_groups[i] for i in keep),
                              row_group_bytes=tuple(u.row_group_bytes[i] for i in keep) if u.row_group_bytes else (),
                              only_rows=tuple(mine.tolist())))
-    rec.units = units
-    return len(accepted)
+    rec.units = sorted(units, key=lambda u: u.first_row)
+    return table
 
 
 def _merge_into_part(rec: FileRecord) -> pa.Table:
     """A scanned file's part = the scan's accepted rows + its units' rows, in file-row order."""
-    first = rec.written[0] if rec.written else pa.concat_tables(list(_part_tables(rec.part)))
-    table = pa.concat_tables([first, *rec.pending]).sort_by("file_row")
+    accepted = rec.written if rec.written is not None else list(_part_tables(rec.part))
+    table = pa.concat_tables([INDEX_SCHEMA.empty_table(), *accepted, *rec.pending]).sort_by("file_row")
     _write_part(rec.part, table)
     rec.pending = []
     return table
@@ -1420,7 +1430,7 @@ class _BatchedWriter:
     """A parquet writer that merges small tables into row groups of up to ``rows`` rows (fewer, larger
     row groups write and read faster; memory stays bounded by ``rows``)."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 65536) -> None:
+    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 16_384) -> None:
         self.writer = pq.ParquetWriter(path, schema)
         self.schema, self.rows = schema, rows
         self.pending: list[pa.Table] = []
@@ -1461,7 +1471,7 @@ class _Counts:
 
 
 #: Index rows of a dataset's freshly indexed files kept in memory to build its tables (bounded memory).
-KEEP_ROWS = 32_768
+KEEP_ROWS = 16_384
 
 
 def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> _Counts:
@@ -1469,8 +1479,28 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
     counts = _Counts()
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
     with _BatchedWriter(tmp_index, INDEX_SCHEMA) as iw, _BatchedWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
+        pending: list[pa.Table] = []  # per-file tables are small: count and write them in batches
+
+        def emit() -> None:
+            if not pending:
+                return
+            table = pa.concat_tables(pending).cast(INDEX_SCHEMA)
+            pending.clear()
+            iw.write(table)
+            status = table.column("status")
+            ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
+            counts.ok += ok
+            counts.quarantined += table.num_rows - ok - status.null_count
+            counts.image_bytes += pc.sum(table.column("image_bytes")).as_py() or 0
+            quarantined = table.filter(pc.equal(status, "quarantined"))
+            if quarantined.num_rows:
+                qw.write(quarantined.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+                for vc in pc.value_counts(quarantined.column("reason")).to_pylist():
+                    counts.reasons[vc["values"]] += vc["counts"]
+
         for rec in records:
             if rec.status == "unreadable":
+                emit()  # quarantine rows stay in file order
                 qw.write(pa.Table.from_pylist([{
                     "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
                     "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
@@ -1479,18 +1509,10 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
                 counts.reasons[FILE_UNREADABLE] += 1
                 continue
             for table in rec.written if rec.written is not None else _part_tables(rec.part):
-                table = table.cast(INDEX_SCHEMA)
-                iw.write(table)
-                status = table.column("status")
-                ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
-                counts.ok += ok
-                counts.quarantined += table.num_rows - ok - status.null_count
-                counts.image_bytes += pc.sum(table.column("image_bytes")).as_py() or 0
-                quarantined = table.filter(pc.equal(status, "quarantined"))
-                if quarantined.num_rows:
-                    qw.write(quarantined.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
-                    for vc in pc.value_counts(quarantined.column("reason")).to_pylist():
-                        counts.reasons[vc["values"]] += vc["counts"]
+                pending.append(table)
+                if sum(t.num_rows for t in pending) >= iw.rows:
+                    emit()
+        emit()
     os.replace(tmp_index, ddir / "index.parquet")
     os.replace(tmp_quar, ddir / "quarantine.parquet")
     # remove parts of files that left the dataset
@@ -1632,16 +1654,25 @@ def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA), ("files", FILES_SCHEMA)):
             tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
-            with _BatchedWriter(tmp, schema) as writer:
-                for entry in registry.entries:
-                    src = dataset_dir(out, entry) / f"{name}.parquet"
-                    if not src.is_file():
-                        continue
-                    for table in _row_groups(src):
-                        writer.write(table.cast(schema))
+            sources = [p for e in registry.entries if (p := dataset_dir(out, e) / f"{name}.parquet").is_file()]
+            if len(sources) == 1 and pq.read_schema(sources[0]).equals(schema):
+                _link_or_copy(sources[0], tmp)  # the union of one table is that table
+            else:
+                with _BatchedWriter(tmp, schema) as writer:
+                    for src in sources:
+                        for table in _row_groups(src):
+                            writer.write(table.cast(schema))
             os.replace(tmp, out / f"{name}.parquet")
             result[name] = out / f"{name}.parquet"
     return result
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (our writers replace files, never modify them in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def clear_dataset(out_dir: str | Path, entry: DatasetEntry) -> None:

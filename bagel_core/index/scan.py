@@ -39,8 +39,12 @@ from bagel_core.index import bulk
 
 #: Leading bytes of each image handed to the header probe (the JPEG walk must reach SOFn within them).
 HEAD_BYTES = 512
-#: Rows per Arrow batch pulled from DuckDB (memory ~ HEAD_BYTES x this, independent of dataset size).
-BATCH_ROWS = 32_768
+#: Rows per Arrow batch handed to numpy.
+BATCH_ROWS = 8_192
+#: Rows per DuckDB query: small files are scanned together up to this many rows, bigger ones in row
+#: ranges of about this size. DuckDB materialises a result (~HEAD_BYTES per row) before the first
+#: batch arrives, so this bounds the tier's memory whatever the dataset size.
+QUERY_ROWS = 16_384
 
 # Python's whitespace (str.isspace / str.strip) as an RE2 class: a string matching it is not blank.
 # (every such code point is below U+3001; a test checks the whole range)
@@ -56,14 +60,14 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _t2i_sql(source: str) -> str:
+def _t2i_sql(source: str, first_row: int) -> str:
     return f"""
-WITH s AS (
-  SELECT CASE WHEN file_row_number = 0 THEN filename END AS f, file_row_number AS r, image,
+WITH s AS NOT MATERIALIZED (
+  SELECT CASE WHEN file_row_number = {first_row} THEN filename END AS f, file_row_number AS r, image,
          CASE WHEN json_valid(captions) AND regexp_matches(right(captions, 16), {_lit(_ENDS_WITH_STRING_MEMBER)})
               THEN captions END AS c
   FROM {source}),
-j AS (SELECT f, r, image, json_keys(c) AS keys, json_type(c, '$.*') AS types,
+j AS NOT MATERIALIZED (SELECT f, r, image, json_keys(c) AS keys, json_type(c, '$.*') AS types,
              array_to_string(json_extract_string(c, '$.*'), '') AS joined FROM s)
 SELECT f, r, octet_length(image) AS n, image[1:{HEAD_BYTES}] AS head, image[-8:] AS tail,
   CASE WHEN len(keys) >= 1 AND len(list_distinct(keys)) = len(keys) AND list_unique(types) = 1
@@ -72,9 +76,9 @@ SELECT f, r, octet_length(image) AS n, image[1:{HEAD_BYTES}] AS head, image[-8:]
 FROM j"""
 
 
-def _edit_sql(source: str) -> str:
+def _edit_sql(source: str, first_row: int) -> str:
     return f"""
-SELECT CASE WHEN file_row_number = 0 THEN filename END AS f, file_row_number AS r,
+SELECT CASE WHEN file_row_number = {first_row} THEN filename END AS f, file_row_number AS r,
   list_transform(image_list, lambda b: octet_length(b)) AS n,
   list_transform(image_list, lambda b: b[1:{HEAD_BYTES}]) AS head,
   list_transform(image_list, lambda b: b[-8:]) AS tail,
@@ -189,24 +193,27 @@ def _rebatched(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def _stream(con: duckdb.DuckDBPyConnection, paths: list[str], task: str,
-            max_pixels: int) -> Iterator[FileVerdict]:
-    """Verdicts per file, in ``paths`` order, from one query.
+def _stream(con: duckdb.DuckDBPyConnection, paths: list[str], task: str, max_pixels: int,
+            first_row: int = 0, end_row: int | None = None) -> Iterator[FileVerdict]:
+    """Verdicts per file, in ``paths`` order, from one query (one path: optionally rows
+    ``[first_row, end_row)`` only, pruned by row group).
 
-    DuckDB keeps the scan's order; the query names the file only on each file's row 0, and every
-    other row must continue its predecessor (row number + 1), so a reordered result is an error,
-    never a row credited to the wrong file.
+    DuckDB keeps the scan's order; the query names the file only on its first row, and every other
+    row must continue its predecessor (row number + 1), so a reordered result is an error, never a
+    row credited to the wrong file.
     """
     source = "read_parquet([" + ", ".join(_lit(p) for p in paths) + "], filename=true, file_row_number=true)"
+    if end_row is not None:
+        source += f" WHERE file_row_number >= {first_row} AND file_row_number < {end_row}"
     position = {p: i for i, p in enumerate(paths)}
     current, last_row, chunks = -1, -1, []
-    for batch in _rebatched(con.sql(_SQL[task](source)).to_arrow_reader(BATCH_ROWS)):
+    for batch in _rebatched(con.sql(_SQL[task](source, first_row)).to_arrow_reader(BATCH_ROWS)):
         rows = _ints(batch.column("r"))
         names = batch.column("f")
         starts = np.asarray(names.is_valid().to_numpy(zero_copy_only=False), bool)
         previous = np.concatenate([[last_row], rows[:-1]])
         new_files = [position.get(str(v), -1) for v in names.drop_null().to_pylist()]
-        if not (starts | (rows == previous + 1)).all() or (starts & (rows != 0)).any() or (
+        if not (starts | (rows == previous + 1)).all() or (starts & (rows != first_row)).any() or (
             np.diff([current, *new_files]) <= 0
         ).any():
             raise RuntimeError("DuckDB returned rows out of file order")
@@ -236,33 +243,74 @@ def _select(chunk: _Chunk, mask: np.ndarray) -> _Chunk:
                   chunk.mode[child], chunk.image_bytes[keep_ok], chunk.num_texts[keep_ok], chunk.text_chars[keep_ok])
 
 
-def scan_files(con: duckdb.DuckDBPyConnection, paths: list[str], task: str, max_pixels: int,
-               expected_rows: dict[str, int]) -> Iterator[tuple[str, FileVerdict | None]]:
-    """``(path, verdict)`` for every path: None where DuckDB cannot read the file or returns another
-    number of rows than its footer declares (the per-row path then reads it and names the problem).
+Scanned = tuple[str, int, int, FileVerdict | None]  # (path, first row, end row, verdict)
 
-    One query covers all files; if it fails part-way, the files it had not finished are retried one
-    query each, so one bad shard costs only itself.
+
+def scan_files(con: duckdb.DuckDBPyConnection, files: dict[str, list[tuple[int, int]]], task: str,
+               max_pixels: int, query_rows: int = QUERY_ROWS) -> Iterator[Scanned]:
+    """Verdicts for ``files`` (path -> the row ranges its units cover, ascending and contiguous), in
+    order, as ``(path, first_row, end_row, verdict)``; each range is whole units. The verdict is None
+    where DuckDB cannot read the rows or returns another number of them (the per-row path then reads
+    them and names the problem).
+
+    Small files share a query (up to ``query_rows`` rows); a bigger file is scanned in ranges of
+    whole units of about ``query_rows`` rows. A multi-file query that fails part-way is retried one
+    file at a time for the files it had not finished, so one bad shard costs only itself.
     """
-    done: set[str] = set()
+    group: list[str] = []
+    group_rows = 0
+    for path, ranges in files.items():
+        if not ranges:
+            continue
+        rows = ranges[-1][1] - ranges[0][0]
+        if group and group_rows + rows > query_rows:
+            yield from _scan_whole(con, group, files, task, max_pixels)
+            group, group_rows = [], 0
+        if rows <= query_rows:
+            group.append(path)
+            group_rows += rows
+            continue
+        lo = ranges[0][0]
+        for k, (_, hi) in enumerate(ranges):
+            if k + 1 == len(ranges) or ranges[k + 1][1] - lo > query_rows:
+                yield from _scan_range(con, path, lo, hi, task, max_pixels)
+                lo = hi
+    if group:
+        yield from _scan_whole(con, group, files, task, max_pixels)
 
-    def checked(v: FileVerdict) -> tuple[str, FileVerdict | None]:
-        done.add(v.path)
-        return v.path, v if len(v.file_rows) == expected_rows.get(v.path, -1) else None
 
-    if not paths:
+def _expected(files: dict[str, list[tuple[int, int]]], path: str) -> tuple[int, int]:
+    return files[path][0][0], files[path][-1][1]
+
+
+def _scan_range(con: duckdb.DuckDBPyConnection, path: str, lo: int, hi: int, task: str,
+                max_pixels: int) -> Iterator[Scanned]:
+    try:
+        verdicts = list(_stream(con, [path], task, max_pixels, lo, hi))
+    except _SCAN_ERRORS:
+        verdicts = []
+    ok = len(verdicts) == 1 and verdicts[0].file_rows.tolist() == list(range(lo, hi))
+    yield path, lo, hi, verdicts[0] if ok else None
+
+
+def _scan_whole(con: duckdb.DuckDBPyConnection, paths: list[str], files: dict[str, list[tuple[int, int]]],
+                task: str, max_pixels: int) -> Iterator[Scanned]:
+    if len(paths) == 1 or any(_expected(files, p)[0] != 0 for p in paths):
+        for p in paths:
+            yield from _scan_range(con, p, *_expected(files, p), task, max_pixels)
         return
+    done: set[str] = set()
     try:
         for verdict in _stream(con, paths, task, max_pixels):
-            yield checked(verdict)
-    except (duckdb.Error, RuntimeError, pa.ArrowException, OSError):  # reader errors surface as OSError
-        if len(paths) == 1:
-            yield paths[0], None
-            return
-        for p in paths:
-            if p not in done:
-                yield from scan_files(con, [p], task, max_pixels, expected_rows)
-        return
-    for p in paths:  # files with no rows returned at all
+            lo, hi = _expected(files, verdict.path)
+            done.add(verdict.path)
+            yield verdict.path, lo, hi, verdict if len(verdict.file_rows) == hi - lo else None
+    except _SCAN_ERRORS:
+        pass
+    for p in paths:  # not finished (the query failed part-way) or not returned at all: alone
         if p not in done:
-            yield p, (None if expected_rows.get(p, 0) else _finish(p, []))
+            yield from _scan_range(con, p, *_expected(files, p), task, max_pixels)
+
+
+#: Reader and order errors (DuckDB's reader errors surface as OSError through Arrow's stream).
+_SCAN_ERRORS = (duckdb.Error, RuntimeError, pa.ArrowException, OSError)

@@ -8,14 +8,18 @@ Data: the built-in example generator's T2I part scaled to ``--rows`` rows (gener
 Printed side by side, in one run, on the same files (warm page cache for both):
 
 * raw ceiling: ``SELECT count(*), sum(octet_length(image))`` with DuckDB on all cores;
+* the scan tier's SQL alone (``bagel_core.index.scan``: image head/tail slices and the caption JSON
+  checks, exported to Arrow): the DuckDB share of the checks, a floor for any end-to-end figure;
 * indexer: ``index_registry`` (``force=True``: every file re-read), full validation per sample,
-  end to end (planning, checks, parts, dataset and combined tables, parquet_info, registry);
+  end to end (planning, checks, parts, dataset and combined tables, parquet_info, registry); best
+  of 3 runs in one fresh process, like the raw scan's best of 3 warm runs (first run in the JSON);
 * the same on photo-sized images (~150 KB noise JPEGs), where reading the bytes dominates;
 * peak RSS of the indexer (main process and largest worker) in a fresh process at 1x and 4x:
-  memory must not grow with dataset size (rows stream per row group; results per file).
+  memory must not grow with dataset size (the scan tier queries at most ``scan.QUERY_ROWS`` rows at
+  a time; units stream per row group; results per file).
 
-Below ``min_rows_for_pool`` of work the indexer runs its ``workers`` as threads in one process
-(no worker processes: "RSS worker" is then 0); above it, as a fork-server process pool.
+The scan tier accepts every row of this data, so no units run: "RSS worker" is 0. (Units, for the
+rows the scan leaves, run as threads below ``min_rows_for_pool`` rows, else on a process pool.)
 Timings vary run to run on a shared machine: run it a few times and take the median.
 """
 
@@ -114,6 +118,27 @@ def raw_scan(t2i_dir: Path, threads: int) -> tuple[int, int, float]:
         n, nbytes = con.sql(q).fetchall()[0]
         best = min(best, time.perf_counter() - t0)
     return int(n), int(nbytes), best
+
+
+def scan_floor(t2i_dir: Path, threads: int) -> float:
+    """The scan tier's DuckDB query alone (image head/tail + caption JSON checks, into Arrow; no
+    Python): the least per-row work DuckDB can do for the checks, whatever surrounds it."""
+    import duckdb
+
+    from bagel_core.index import scan
+
+    files = sorted(str(p) for p in t2i_dir.glob("*.parquet"))
+    source = "read_parquet([" + ", ".join(f"'{p}'" for p in files) + "], filename=true, file_row_number=true)"
+    q = scan._t2i_sql(source, 0)
+    con = duckdb.connect(config={"threads": threads})
+    con.sql(q).to_arrow_table()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        con.sql(q).to_arrow_table()
+        best = min(best, time.perf_counter() - t0)
+    con.close()
+    return best
 
 
 class _RssSampler:
@@ -252,6 +277,7 @@ def main() -> None:
     speedup = parallel_calibration(workers)
     n_raw, raw_bytes, raw_s = raw_scan(one, workers)
     n_raw4, _, raw4_s = raw_scan(four, workers)
+    floor_s = scan_floor(one, workers)
     r1 = _run_child(reg1, data / "out_1x", workers)
     r1_serial = _run_child(reg1, data / "out_1x_serial", 1)
     r4 = _run_child(reg4, data / "out_4x", workers)
@@ -266,6 +292,8 @@ def main() -> None:
     print(f"{'':<34}{'rows':>10}{'seconds':>10}{'rows/s':>13}{'x raw':>8}{'RSS main MB':>13}"
           f"{'RSS worker MB':>15}{'RSS tree MB':>13}")
     print(f"{'raw DuckDB scan 1x':<34}{n_raw:>10,}{raw_s:>10.3f}{rate(n_raw, raw_s)}{1.0:>8.1f}")
+    print(f"{'scan tier SQL alone 1x':<34}{n_raw:>10,}{floor_s:>10.3f}{rate(n_raw, floor_s)}{floor_s / raw_s:>8.1f}"
+          "   (DuckDB part of the checks, no Python: the floor)")
     print(f"{'indexer 1x (' + str(workers) + ' workers)':<34}{r1['rows']:>10,}{r1['seconds']:>10.3f}"
           f"{rate(r1['rows'], r1['seconds'])}{r1['seconds'] / raw_s:>8.1f}{r1['rss_main_mb']:>13.0f}"
           f"{r1['rss_worker_mb']:>15.0f}{r1['rss_total_mb']:>13.0f}")

@@ -44,29 +44,32 @@ Outputs under ``out_dir`` (all parquet, streamed; nothing holds a whole dataset 
 * ``dataset_info.yaml`` -- the registry with ``parquet_info_path`` of edit entries pointing at the
   generated JSON and ``num_files`` / ``num_total_samples`` taken from the index.
 
-Reading: DuckDB reads footers (``parquet_metadata`` / ``parquet_file_metadata``: row groups, row
-counts, sizes) and streams row groups larger than ``arrow_row_group_bytes`` with
-``file_row_number`` (memory ~ one batch); smaller row groups are decoded by Arrow's reader, which
-measured ~3x faster for image BLOBs than DuckDB's Arrow export. Either reader is the other's
-fallback, so a row group only one of them can read still gets indexed (e.g. invalid UTF-8, which
-DuckDB refuses for a whole row group, is quarantined per row). JSONL is read as bytes in Python
-(DuckDB's JSON reader either aborts on a bad line or silently skips it with ``ignore_errors``).
+Three tiers, each only *accepting* what the next would accept with the same values, so reasons
+and messages of bad input never depend on which tier saw a row (``IndexOptions(fast_path=False)``
+sends every row through the last one; differential tests compare):
 
-Checking: each batch of rows first goes through the vectorised fast path (:mod:`bagel_core.index.bulk`:
-PNG/JPEG headers, trailers and the pixel cap over the whole binary column with numpy, captions /
-instructions in a tight loop); it only *accepts* rows, building their index columns in bulk. Every
-other row (another image format, any problem at all) goes through the per-row checks of
-:mod:`bagel_core.index.checks`, so reasons and messages never depend on the fast path
-(``IndexOptions(fast_path=False)`` sends every row the per-row way; a differential test compares).
-Consecutive small row groups are read with one Arrow call (up to ``MERGED_READ_BYTES``), the next
-read running on a thread while the current batch is checked.
+1. **Scan** (:mod:`bagel_core.index.scan`, parquet only): DuckDB queries over all files to index,
+   on every core, reduce each row to its images' first bytes and last 8 bytes plus the caption /
+   instruction verdict computed in SQL; numpy probes the headers. Small files share a query, big
+   ones go in unit-aligned row ranges (``scan.QUERY_ROWS``): memory is bounded whatever the
+   dataset size. Accepted rows go straight to the file's part.
+2. **Bulk** (:mod:`bagel_core.index.bulk`): for the row groups holding rows the scan left (or all
+   of a file DuckDB refuses, e.g. invalid UTF-8 or a corrupt page), Arrow decodes the rows and numpy
+   checks PNG/JPEG headers, trailers and the pixel cap on whole images, texts in a tight loop.
+3. **Per row** (:mod:`bagel_core.index.checks`): everything else, with the exact reason and message.
 
-Parallelism: the unit of work is a run of row groups (up to ``unit_rows`` rows) or a JSONL byte
-range. With enough work (``min_rows_for_pool``) units go to a fork-server process pool
-(``workers``, default: every usable CPU); below that they run on ``workers`` threads in this
+Footers are read once per file with Arrow (row groups, row counts, sizes, schema). Tiers 2-3 run
+per unit: a run of row groups (up to ``unit_rows`` rows) or a JSONL byte range, read by Arrow (row
+groups larger than ``arrow_row_group_bytes``: streamed through DuckDB with ``file_row_number``;
+either reader is the other's fallback, so a row group only one of them can read still gets
+indexed). JSONL is read as bytes in Python (DuckDB's JSON reader either aborts on a bad line or
+silently skips it with ``ignore_errors``).
+
+Parallelism: DuckDB's threads for the scan; for units, with enough work (``min_rows_for_pool``) a
+fork-server process pool (``workers``, default: every usable CPU), else ``workers`` threads in this
 process (Arrow decoding and numpy release the GIL; worker start-up would cost more than it saves).
 Results stream back in order with a bounded number in flight and are written per file, so peak
-memory depends on row-group size, never on dataset size.
+memory depends on row-group and query sizes, never on dataset size.
 """
 
 from __future__ import annotations
@@ -727,43 +730,20 @@ def file_identity(path: str, kind: str) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, "headtail:" + h.hexdigest()
 
 
-FooterFacts = tuple[list[tuple[int, int, int]], int]  # ([(row group, rows, bytes)], footer rows)
+FooterFacts = tuple[list[tuple[int, int, int]], int, pa.Schema]  # ([(row group, rows, bytes)], rows, schema)
 
 
-def _footer_facts(paths: list[str], con: duckdb.DuckDBPyConnection) -> dict[str, FooterFacts | str]:
-    """Row-group facts of many files with two DuckDB queries; per file (naming the error) if one fails."""
-    out: dict[str, FooterFacts | str] = {}
-    if not paths:
-        return out
-    listing = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+def _footer_facts(path: str) -> FooterFacts | str:
+    """Row groups (id, rows, uncompressed bytes), declared rows and schema from one read of the footer,
+    or the error that stopped it."""
     try:
-        groups = con.sql(
-            "SELECT file_name, row_group_id, any_value(row_group_num_rows), any_value(row_group_bytes) "
-            f"FROM parquet_metadata({listing}) GROUP BY ALL ORDER BY 1, 2"
-        ).fetchall()
-        totals = dict(con.sql(f"SELECT file_name, num_rows FROM parquet_file_metadata({listing})").fetchall())
-    except Exception:  # noqa: BLE001 - some file is unreadable: find out which, one by one
-        if len(paths) == 1:
-            try:
-                con.sql(f"SELECT * FROM parquet_file_metadata({_sql_str(paths[0])})").fetchall()
-                con.sql(f"SELECT * FROM parquet_metadata({_sql_str(paths[0])})").fetchall()
-                return {paths[0]: "footer query failed"}
-            except Exception as exc:  # noqa: BLE001 - the message is what we report
-                return {paths[0]: f"{type(exc).__name__}: {exc}"}
-        for p in paths:
-            out.update(_footer_facts([p], con))
-        return out
-    if set(totals) != set(paths):  # DuckDB normalised a name: fall back to one query per file
-        if len(paths) == 1:
-            facts = [(int(g), int(n), int(b or 0)) for _, g, n, b in groups]
-            return {paths[0]: (facts, int(next(iter(totals.values()), 0)))}
-        for p in paths:
-            out.update(_footer_facts([p], con))
-        return out
-    per_file: dict[str, list[tuple[int, int, int]]] = {p: [] for p in paths}
-    for name, rg, n, nbytes in groups:
-        per_file[name].append((int(rg), int(n), int(nbytes or 0)))
-    return {p: (per_file[p], int(totals[p])) for p in paths}
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+        groups = [(i, meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+                  for i in range(meta.num_row_groups)]
+    except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
+        return f"{type(exc).__name__}: {exc}"
+    return groups, meta.num_rows, schema
 
 
 def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions) -> None:
@@ -771,13 +751,8 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
     if isinstance(facts, str):
         rec.status, rec.error = "unreadable", f"cannot open parquet footer: {facts}"
         return
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
-        rec.status, rec.error = "unreadable", f"cannot read parquet schema: {type(exc).__name__}: {exc}"
-        return
+    groups, rec.footer_rows, schema = facts
     types = rec.column_types = {f.name: arrow_type_name(f.type) for f in schema}
-    groups, rec.footer_rows = facts
     rec.num_columns = len(types)
     rec.num_row_groups = len(groups)
     first = 0
@@ -1272,33 +1247,28 @@ def _index_dataset_locked(
     summary = DatasetSummary(entry.name, entry.group, entry.task)
 
     records: list[FileRecord] = []
-    con = _cursor()
-    try:
-        for path, kind in _files_for(entry):
-            rec = FileRecord(entry=entry, path=path, kind=kind)
-            rec.part = str(parts_dir / (hashlib.sha1(path.encode()).hexdigest()[:20] + ".arrow"))
-            records.append(rec)
-            try:
-                rec.size, rec.mtime_ns, rec.footer_hash = file_identity(path, kind)
-            except OSError as exc:
-                rec.status, rec.error = "unreadable", f"cannot open: {exc}"
-                continue
-            prev = previous.get(path)
-            if _can_reuse(rec, prev, opts):
-                assert prev is not None
-                for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
-                            "quarantined", "status", "error", "part"):
-                    setattr(rec, key, prev[key])
-                rec.reused = True
-                continue
-            if kind == "jsonl":
-                _plan_jsonl(rec, opts)
-        to_plan = [r for r in records if r.kind == "parquet" and not r.reused and r.status != "unreadable"]
-        facts = _footer_facts([r.path for r in to_plan], con)
-        for rec in to_plan:
-            _plan_parquet(rec, facts[rec.path], opts)
-    finally:
-        con.close()
+    for path, kind in _files_for(entry):
+        rec = FileRecord(entry=entry, path=path, kind=kind)
+        rec.part = str(parts_dir / (hashlib.sha1(path.encode()).hexdigest()[:20] + ".arrow"))
+        records.append(rec)
+        try:
+            rec.size, rec.mtime_ns, rec.footer_hash = file_identity(path, kind)
+        except OSError as exc:
+            rec.status, rec.error = "unreadable", f"cannot open: {exc}"
+            continue
+        prev = previous.get(path)
+        if _can_reuse(rec, prev, opts):
+            assert prev is not None
+            for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
+                        "quarantined", "status", "error", "part"):
+                setattr(rec, key, prev[key])
+            rec.reused = True
+            continue
+        if kind == "jsonl":
+            _plan_jsonl(rec, opts)
+    for rec in records:
+        if rec.kind == "parquet" and not rec.reused and rec.status != "unreadable":
+            _plan_parquet(rec, _footer_facts(rec.path), opts)
 
     if progress:
         progress("rows_total", sum(max(r.footer_rows, 0) for r in records if r.units))

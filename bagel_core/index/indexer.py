@@ -38,8 +38,9 @@ Outputs under ``out_dir`` (all parquet, streamed; nothing holds a whole dataset 
   count) whenever the file could be opened. An unopenable file has status ``unreadable``.
 * ``parquet_info/<dataset>.json`` -- upstream ``parquet_info`` (see :mod:`bagel_core.index.parquet_info`).
 * ``datasets/<group>/<name>/`` -- the same three tables per dataset (the unit Dagster partitions
-  on) and ``parts/``, one index part per source file (Arrow IPC: a cache, ~4x cheaper to write and
-  read than parquet), reused when the file's identity is unchanged.
+  on) and ``parts/<run>.arrow``: the index rows of the dataset's latest run as Arrow IPC record
+  batches per source file (a cache: cheap to write, memory-mapped to read); a later run reads a
+  file's batches back instead of re-checking it when the file's identity is unchanged.
 
 * ``dataset_info.yaml`` -- the registry with ``parquet_info_path`` of edit entries pointing at the
   generated JSON and ``num_files`` / ``num_total_samples`` taken from the index.
@@ -106,7 +107,7 @@ from bagel_core.index import bulk, scan
 from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 
 # File / row-group level reason classes.
 FILE_UNREADABLE = "file_unreadable"
@@ -197,6 +198,7 @@ FILES_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("reused", pa.bool_()),
         ("part", pa.string()),
+        ("part_batches", pa.list_(pa.int32())),  # record batches of ``part`` holding this file's rows
         ("seconds", pa.float64()),  # worker compute time spent on the file in this run
     ]
 )
@@ -704,10 +706,10 @@ class FileRecord:
     reasons: Counter = field(default_factory=Counter)
     units: list[Unit] = field(default_factory=list)
     pre_rows: tuple[list[tuple[int, int, int]], tuple[str, str]] | None = None  # (spans, problem): schema error
-    written: list[pa.Table] | None = None  # the part's tables as written in this run, while they fit KEEP_ROWS
+    written: list[pa.Table] = field(default_factory=list)  # this run's tables, kept while they fit KEEP_ROWS
+    in_memory: bool = True  # ``written`` holds all of them (else: read back from the part)
     column_types: dict[str, str] = field(default_factory=dict)  # parquet: arrow_type_name per column
-    scanned: bool = False  # the SQL scan wrote its accepted rows to the part; units hold only the rest
-    pending: list[pa.Table] = field(default_factory=list)  # scanned file: unit tables to merge into the part
+    batches: list[int] = field(default_factory=list)  # record batches of ``part`` with this file's rows
 
 
 def file_identity(path: str, kind: str) -> tuple[int, int, str]:
@@ -806,15 +808,15 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
         flush()
 
 
-def _write_schema_error_rows(rec: FileRecord, spans: list[tuple[int, int, int]], problem: tuple[str, str]) -> None:
+def _schema_error_rows(rec: FileRecord, spans: list[tuple[int, int, int]],
+                       problem: tuple[str, str]) -> Iterator[pa.Table]:
     """Quarantine every footer-declared row of a file with wrong columns, one row group at a time."""
     entry = rec.entry
-    with _PartWriter(rec.part) as writer:
-        for rg_id, first_row, num_rows in spans:
-            rows = _Rows(Unit(entry.name, entry.group, entry.task, rec.path, "parquet"))
-            for r in range(num_rows):
-                rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
-            writer.write_table(rows.table())
+    for rg_id, first_row, num_rows in spans:
+        rows = _Rows(Unit(entry.name, entry.group, entry.task, rec.path, "parquet"))
+        for r in range(num_rows):
+            rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
+        yield rows.table()
 
 
 def _plan_jsonl(rec: FileRecord, opts: IndexOptions) -> None:
@@ -877,9 +879,9 @@ def _deps_digest(image_paths: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _part_image_paths(part: str) -> Iterator[str]:
-    """Every file a JSONL part's rows depend on (images and videos)."""
-    for table in _part_tables(part):
+def _part_image_paths(tables: Iterable[pa.Table]) -> Iterator[str]:
+    """Every file a JSONL file's index rows depend on (images and videos)."""
+    for table in tables:
         for paths in table.column("image_paths").to_pylist():
             yield from paths
         yield from (v for v in table.column("video_path").to_pylist() if v)
@@ -1113,7 +1115,7 @@ def _load_previous(files_path: Path) -> dict[str, dict[str, Any]]:
     return {row["source_file"]: row for row in table.to_pylist()}
 
 
-def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions) -> bool:
+def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions, parts: _PartReaders) -> bool:
     if prev is None or opts.force:
         return False
     if (prev["size"], prev["mtime_ns"], prev["footer_hash"], prev["options_digest"]) != (
@@ -1125,7 +1127,8 @@ def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions)
     part = prev["part"]
     if not part or not Path(part).is_file():
         return False
-    return rec.kind != "jsonl" or prev["deps_digest"] == _deps_digest(_part_image_paths(part))
+    return rec.kind != "jsonl" or prev["deps_digest"] == _deps_digest(
+        _part_image_paths(parts.tables(part, prev["part_batches"])))
 
 
 def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
@@ -1147,9 +1150,9 @@ def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
     return [(str(entry.jsonl_path), "jsonl")]
 
 
-def _scan_first(records: list[FileRecord], opts: IndexOptions, progress: ProgressFn | None) -> None:
+def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, progress: ProgressFn | None) -> None:
     """First tier (:mod:`scan`): DuckDB queries over the files to index accept the plain rows, which
-    go straight to each file's part; each file's units shrink to the row groups holding the rows the
+    go straight to the run's part; each file's units shrink to the row groups holding the rows the
     scan left, and check only those rows."""
     todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None and all(
         r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
@@ -1157,30 +1160,15 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, progress: Progres
         return
     by_path = {r.path: r for r in todo}
     files = {r.path: [(u.first_row, u.first_row + u.row_span) for u in r.units] for r in todo}
-    kept = 0  # accepted rows kept in memory for the dataset tables (beyond KEEP_ROWS: re-read from parts)
-    writer: _PartWriter | None = None
-    writer_path = ""
     con = _scan_con(opts.resolved_workers())
     try:
         for path, lo, hi, verdict in scan.scan_files(con, files, todo[0].entry.task, opts.max_pixels):
-            if verdict is None:
-                continue
-            rec = by_path[path]
-            if path != writer_path:  # ranges arrive in file order: the previous file's part is complete
-                if writer is not None:
-                    writer.close()
-                writer, writer_path = _PartWriter(rec.part), path
-                rec.scanned, rec.written = True, []
-            table = _accept_rows(rec, verdict, lo, hi)
-            writer.write_table(table)
-            kept += table.num_rows
-            if rec.written is not None:
-                rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
-            if progress:
-                progress("rows_done", table.num_rows)
+            if verdict is not None:
+                table = _accept_rows(by_path[path], verdict, lo, hi)
+                run.add(by_path[path], table)
+                if progress:
+                    progress("rows_done", table.num_rows)
     finally:
-        if writer is not None:
-            writer.close()
         con.close()
 
 
@@ -1212,13 +1200,125 @@ def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -
     return table
 
 
-def _merge_into_part(rec: FileRecord) -> pa.Table:
-    """A scanned file's part = the scan's accepted rows + its units' rows, in file-row order."""
-    accepted = rec.written if rec.written is not None else list(_part_tables(rec.part))
-    table = pa.concat_tables([INDEX_SCHEMA.empty_table(), *accepted, *rec.pending]).sort_by("file_row")
-    _write_part(rec.part, table)
-    rec.pending = []
-    return table
+def _plan_files(entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: IndexOptions,
+                parts: _PartReaders) -> list[FileRecord]:
+    """One record per file: identity, reuse decision, and for files to read the units of work."""
+    records: list[FileRecord] = []
+    for path, kind in _files_for(entry):
+        rec = FileRecord(entry=entry, path=path, kind=kind)
+        records.append(rec)
+        try:
+            rec.size, rec.mtime_ns, rec.footer_hash = file_identity(path, kind)
+        except OSError as exc:
+            rec.status, rec.error = "unreadable", f"cannot open: {exc}"
+            continue
+        prev = previous.get(path)
+        if _can_reuse(rec, prev, opts, parts):
+            assert prev is not None
+            for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
+                        "quarantined", "status", "error", "part"):
+                setattr(rec, key, prev[key])
+            rec.batches = list(prev["part_batches"] or [])
+            rec.reused = True
+            continue
+        if kind == "jsonl":
+            _plan_jsonl(rec, opts)
+        else:
+            _plan_parquet(rec, _footer_facts(path), opts)
+    return records
+
+
+def _run_units(records: list[FileRecord], opts: IndexOptions, pool: _Pool | None, run: _RunPart,
+               progress: ProgressFn | None) -> None:
+    """Tiers 2-3 for every unit left, on the pool; their rows go to the run's part as they arrive."""
+    units = [u for r in records for u in r.units]
+    if not units:
+        return
+    by_path = {r.path: r for r in records}
+    own_pool = pool is None
+    pool = pool or _Pool(opts.resolved_workers())
+    try:
+        for unit, table in pool.map(units, opts):
+            rec = by_path[unit.path]
+            rec.seconds += float((table.schema.metadata or {}).get(b"seconds", b"0"))
+            table = table.replace_schema_metadata(None)
+            run.add(rec, table)
+            ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            rec.rows_read += table.num_rows
+            rec.ok += ok
+            rec.quarantined += table.num_rows - ok
+            if progress:
+                progress("rows_done", table.num_rows)
+    finally:
+        if own_pool:
+            pool.close()
+
+
+class _RunPart:
+    """The index rows of one run over a dataset: one Arrow IPC file, record batches per source file.
+
+    ``files.parquet`` lists each file's batches (``part_batches``); a later run that reuses the file
+    reads those batches (memory-mapped) and copies them into its own part, so only the newest part
+    is referenced and older ones are deleted. Tables are also kept in memory up to ``KEEP_ROWS``
+    rows for the dataset tables, which then need not read them back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.writer = pa.ipc.new_file(str(path), INDEX_SCHEMA)
+        self.batches = 0
+        self.kept = 0
+
+    def add(self, rec: FileRecord, table: pa.Table) -> None:
+        rec.part = str(self.path)
+        for batch in table.to_batches():
+            if batch.num_rows:
+                self.writer.write_batch(batch)
+                rec.batches.append(self.batches)
+                self.batches += 1
+        if rec.in_memory and self.kept + table.num_rows <= KEEP_ROWS:
+            rec.written.append(table)
+            self.kept += table.num_rows
+        else:
+            rec.in_memory, rec.written = False, []
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class _PartReaders:
+    """Open (memory-mapped) parts, one reader per file however many source files it holds."""
+
+    def __init__(self) -> None:
+        self.readers: dict[str, tuple[pa.MemoryMappedFile, pa.ipc.RecordBatchFileReader]] = {}
+
+    def tables(self, part: str, batches: Iterable[int]) -> Iterator[pa.Table]:
+        if part not in self.readers:
+            source = pa.memory_map(part)
+            self.readers[part] = (source, pa.ipc.open_file(source))
+        reader = self.readers[part][1]
+        for i in batches:
+            yield pa.Table.from_batches([reader.get_batch(i)])
+
+    def close(self) -> None:
+        for source, _ in self.readers.values():
+            source.close()
+        self.readers.clear()
+
+
+def _file_tables(rec: FileRecord, parts: _PartReaders) -> list[pa.Table]:
+    """A file's index rows of this run (from memory or the closed part), in file-row order: the scan's
+    accepted rows and the units' rows arrive separately and are merged here."""
+    tables = rec.written if rec.in_memory else list(parts.tables(rec.part, rec.batches))
+    if len(tables) > 1:
+        merged = pa.concat_tables(tables)
+        rows = merged.column("file_row").to_numpy()
+        if not (rows[1:] > rows[:-1]).all():
+            return [merged.sort_by("file_row")]
+    return tables
 
 
 def index_dataset(
@@ -1246,95 +1346,37 @@ def _index_dataset_locked(
     previous = {} if opts.force else _load_previous(ddir / "files.parquet")
     summary = DatasetSummary(entry.name, entry.group, entry.task)
 
-    records: list[FileRecord] = []
-    for path, kind in _files_for(entry):
-        rec = FileRecord(entry=entry, path=path, kind=kind)
-        rec.part = str(parts_dir / (hashlib.sha1(path.encode()).hexdigest()[:20] + ".arrow"))
-        records.append(rec)
-        try:
-            rec.size, rec.mtime_ns, rec.footer_hash = file_identity(path, kind)
-        except OSError as exc:
-            rec.status, rec.error = "unreadable", f"cannot open: {exc}"
-            continue
-        prev = previous.get(path)
-        if _can_reuse(rec, prev, opts):
-            assert prev is not None
-            for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
-                        "quarantined", "status", "error", "part"):
-                setattr(rec, key, prev[key])
-            rec.reused = True
-            continue
-        if kind == "jsonl":
-            _plan_jsonl(rec, opts)
-    for rec in records:
-        if rec.kind == "parquet" and not rec.reused and rec.status != "unreadable":
-            _plan_parquet(rec, _footer_facts(rec.path), opts)
-
-    if progress:
-        progress("rows_total", sum(max(r.footer_rows, 0) for r in records if r.units))
-    if opts.fast_path and opts.sql_scan and not opts.full_decode:
-        _scan_first(records, opts, progress)
-    own_pool = pool is None
-    pool = pool or _Pool(opts.resolved_workers())
+    parts = _PartReaders()
+    run = _RunPart(parts_dir / f"{time.time_ns():x}-{os.getpid()}.arrow")
     try:
-        all_units = [u for r in records for u in r.units]
-        by_path = {r.path: r for r in records}
-        writers: dict[str, _PartWriter] = {}
-        remaining = Counter(u.path for u in all_units)
-        # files without units (reused, unreadable, schema errors, empty) are finalised first
-        for rec in records:
-            if rec.reused or rec.status == "unreadable":
-                continue
-            if rec.pre_rows is not None:
-                _write_schema_error_rows(rec, *rec.pre_rows)
+        records = _plan_files(entry, previous, opts, parts)
+        if progress:
+            progress("rows_total", sum(max(r.footer_rows, 0) for r in records if r.units))
+        for rec in records:  # rows known without reading data: reused files, schema errors, empty files
+            if rec.reused and rec.status != "unreadable":
+                old_part, old_batches, rec.batches = rec.part, rec.batches, []
+                for table in parts.tables(old_part, old_batches):
+                    run.add(rec, table)
+            elif rec.pre_rows is not None:
+                for table in _schema_error_rows(rec, *rec.pre_rows):
+                    run.add(rec, table)
                 rec.rows_read = rec.quarantined = sum(n for _, _, n in rec.pre_rows[0])
-            elif not rec.units and not rec.scanned:
-                _write_part(rec.part, INDEX_SCHEMA.empty_table())
-        kept = sum(t.num_rows for r in records if r.scanned and r.written for t in r.written)
-        for rec in records:
-            if not rec.scanned:
-                rec.written = [] if rec.units else None
-        for unit, table in pool.map(all_units, opts):
-            rec = by_path[unit.path]
-            rec.seconds += float((table.schema.metadata or {}).get(b"seconds", b"0"))
-            table = table.replace_schema_metadata(None)
-            if rec.scanned:  # only the rows the scan left: merged into the part when the file is done
-                rec.pending.append(table)
-            else:
-                writer = writers.get(unit.path)
-                if writer is None:
-                    writer = writers[unit.path] = _PartWriter(rec.part)
-                writer.write_table(table)
-                if rec.written is not None:  # small runs: the dataset tables are built from memory, not re-read
-                    kept += table.num_rows
-                    rec.written = rec.written + [table] if kept <= KEEP_ROWS else None
-            ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
-            rec.rows_read += table.num_rows
-            rec.ok += ok
-            rec.quarantined += table.num_rows - ok
-            remaining[unit.path] -= 1
-            if remaining[unit.path] == 0:
-                if rec.scanned:
-                    merged = _merge_into_part(rec)
-                    rec.written = [merged] if rec.written is not None else None
-                else:
-                    writers.pop(unit.path).close()
-            if progress:
-                progress("rows_done", table.num_rows)
-        for w in writers.values():  # pragma: no cover - only on errors above
-            w.close()
+            elif rec.status != "unreadable" and not rec.units:
+                run.add(rec, INDEX_SCHEMA.empty_table())
+        if opts.fast_path and opts.sql_scan and not opts.full_decode:
+            _scan_first(records, opts, run, progress)
+        _run_units(records, opts, pool, run, progress)
     finally:
-        if own_pool:
-            pool.close()
+        run.close()
 
-    # accounting per file, from the parts actually written
+    # accounting per file, from the rows actually written
     for rec in records:
         if rec.status == "unreadable" and not rec.reused:
             rec.rows_read = rec.ok = rec.quarantined = 0
-            rec.part = ""
-        elif not rec.reused:  # rows_read / ok / quarantined were counted from the tables written to the part
+            rec.part, rec.batches = "", []
+        elif not rec.reused:  # rows_read / ok / quarantined were counted from the tables written
             if rec.kind == "jsonl":
-                rec.deps_digest = _deps_digest(_part_image_paths(rec.part))
+                rec.deps_digest = _deps_digest(_part_image_paths(_file_tables(rec, parts)))
             if rec.status == "ok" and rec.quarantined == rec.rows_read and rec.rows_read:
                 rec.status = "all_quarantined"
         summary.files += 1
@@ -1348,7 +1390,11 @@ def _index_dataset_locked(
         if rec.ok + rec.quarantined != rec.rows_read:
             summary.invariant_failures.append(f"{rec.path}: ok {rec.ok} + quarantined {rec.quarantined} != {rec.rows_read}")
 
-    counts = _write_dataset_tables(ddir, entry, records, opts)
+    counts = _write_dataset_tables(ddir, entry, records, opts, parts)
+    parts.close()
+    for stale in parts_dir.iterdir():  # earlier runs' parts (reused rows were copied into this one)
+        if stale != run.path:
+            stale.unlink()
     summary.index_path = str(ddir / "index.parquet")
     summary.quarantine_path = str(ddir / "quarantine.parquet")
     summary.files_path = str(ddir / "files.parquet")
@@ -1356,37 +1402,6 @@ def _index_dataset_locked(
     summary.invariant_ok = not summary.invariant_failures
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-class _PartWriter:
-    """Writes one file's index part (Arrow IPC file; schema INDEX_SCHEMA) table by table."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.writer = pa.ipc.new_file(str(path), INDEX_SCHEMA)
-
-    def write_table(self, table: pa.Table) -> None:
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _write_part(path: str | Path, table: pa.Table) -> None:
-    with _PartWriter(path) as writer:
-        writer.write_table(table)
-
-
-def _part_tables(path: str | Path) -> Iterator[pa.Table]:
-    """A part's record batches as tables (memory-mapped: nothing is copied until used)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path)))
-    for i in range(reader.num_record_batches):
-        yield pa.Table.from_batches([reader.get_batch(i)])
 
 
 def _row_groups(path: str | Path) -> Iterator[pa.Table]:
@@ -1444,7 +1459,8 @@ class _Counts:
 KEEP_ROWS = 16_384
 
 
-def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions) -> _Counts:
+def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions,
+                          parts: _PartReaders) -> _Counts:
     """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
     counts = _Counts()
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
@@ -1478,25 +1494,21 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
                 }], schema=QUARANTINE_SCHEMA))
                 counts.reasons[FILE_UNREADABLE] += 1
                 continue
-            for table in rec.written if rec.written is not None else _part_tables(rec.part):
+            for table in _file_tables(rec, parts):
                 pending.append(table)
                 if sum(t.num_rows for t in pending) >= iw.rows:
                     emit()
         emit()
     os.replace(tmp_index, ddir / "index.parquet")
     os.replace(tmp_quar, ddir / "quarantine.parquet")
-    # remove parts of files that left the dataset
-    keep = {rec.part for rec in records if rec.part}
-    for part in (ddir / "parts").iterdir():
-        if str(part) not in keep:
-            part.unlink()
     digest = opts.digest()
     rows = [{
         "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": r.path, "kind": r.kind,
         "size": r.size, "mtime_ns": r.mtime_ns, "footer_hash": r.footer_hash, "deps_digest": r.deps_digest,
         "options_digest": digest, "num_row_groups": r.num_row_groups, "num_columns": r.num_columns,
         "footer_rows": r.footer_rows, "rows_read": r.rows_read, "ok": r.ok, "quarantined": r.quarantined,
-        "status": r.status, "error": r.error, "reused": r.reused, "part": r.part, "seconds": r.seconds,
+        "status": r.status, "error": r.error, "reused": r.reused, "part": r.part,
+        "part_batches": r.batches, "seconds": r.seconds,
     } for r in records]
     tmp_files = ddir / f".files.{os.getpid()}.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=FILES_SCHEMA), tmp_files)

@@ -39,7 +39,7 @@ Outputs under ``out_dir`` (all parquet, streamed; nothing holds a whole dataset 
 * ``parquet_info/<dataset>.json`` -- upstream ``parquet_info`` (see :mod:`bagel_core.index.parquet_info`).
 * ``datasets/<group>/<name>/`` -- the same three tables per dataset (the unit Dagster partitions
   on) and ``parts/<run>.arrow``: the index rows of the dataset's latest run as Arrow IPC record
-  batches per source file (a cache: cheap to write, memory-mapped to read); a later run reads a
+  batches per source file (a cache: cheap to write and read); a later run reads a
   file's batches back instead of re-checking it when the file's identity is unchanged.
 
 * ``dataset_info.yaml`` -- the registry with ``parquet_info_path`` of edit entries pointing at the
@@ -1166,6 +1166,7 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, pr
             if verdict is not None:
                 table = _accept_rows(by_path[path], verdict, lo, hi)
                 run.add(by_path[path], table)
+                pa.default_memory_pool().release_unused()  # keep RSS flat: the allocator retains freed batches
                 if progress:
                     progress("rows_done", table.num_rows)
     finally:
@@ -1258,7 +1259,7 @@ class _RunPart:
     """The index rows of one run over a dataset: one Arrow IPC file, record batches per source file.
 
     ``files.parquet`` lists each file's batches (``part_batches``); a later run that reuses the file
-    reads those batches (memory-mapped) and copies them into its own part, so only the newest part
+    reads those batches and copies them into its own part, so only the newest part
     is referenced and older ones are deleted. Tables are also kept in memory up to ``KEEP_ROWS``
     rows for the dataset tables, which then need not read them back.
     """
@@ -1290,14 +1291,16 @@ class _RunPart:
 
 
 class _PartReaders:
-    """Open (memory-mapped) parts, one reader per file however many source files it holds."""
+    """Open parts, one reader per file however many source files it holds. Batches are read, not
+    memory-mapped: mapped pages would count as resident for as long as the part is open, so peak
+    RSS would grow with the dataset."""
 
     def __init__(self) -> None:
-        self.readers: dict[str, tuple[pa.MemoryMappedFile, pa.ipc.RecordBatchFileReader]] = {}
+        self.readers: dict[str, tuple[pa.OSFile, pa.ipc.RecordBatchFileReader]] = {}
 
     def tables(self, part: str, batches: Iterable[int]) -> Iterator[pa.Table]:
         if part not in self.readers:
-            source = pa.memory_map(part)
+            source = pa.OSFile(part, "rb")
             self.readers[part] = (source, pa.ipc.open_file(source))
         reader = self.readers[part][1]
         for i in batches:
@@ -1472,6 +1475,7 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
                 return
             table = pa.concat_tables(pending).cast(INDEX_SCHEMA)
             pending.clear()
+            pa.default_memory_pool().release_unused()
             iw.write(table)
             status = table.column("status")
             ok = pc.sum(pc.equal(status, "ok")).as_py() or 0

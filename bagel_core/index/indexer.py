@@ -1582,7 +1582,7 @@ def index_registry(
     summaries = []
     rows_total = 0
     with _Pool(opts.resolved_workers()) as pool:
-        if _estimated_rows(selected) >= opts.min_rows_for_pool:
+        if _estimated_rows(selected, scanned=opts.fast_path and opts.sql_scan) >= opts.min_rows_for_pool:
             pool.start()
         for entry in selected:
             def _progress(event: str, n: int) -> None:
@@ -1614,12 +1614,14 @@ def _registry_counts(files_path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _estimated_rows(entries: list[DatasetEntry]) -> int:
-    """Cheap guess of the work ahead from file sizes (a row ~ 4 KB of parquet or 256 B of JSONL)."""
+def _estimated_rows(entries: list[DatasetEntry], scanned: bool) -> int:
+    """Cheap guess of the unit work ahead from file sizes (a row ~ 4 KB of parquet or 256 B of JSONL),
+    to start the process pool early. With the scan tier on, parquet rows are left out: only what the
+    scan leaves becomes units, and ``_Pool.map`` decides on that."""
     total = 0
     for e in entries:
         try:
-            if e.is_parquet:
+            if e.is_parquet and not scanned:
                 total += sum(p.stat().st_size for p in e.parquet_files()) // 4096
             elif e.jsonl_path is not None and e.jsonl_path.is_file():
                 total += e.jsonl_path.stat().st_size // 256

@@ -264,3 +264,21 @@ def test_indexer_with_tiny_queries_matches_the_per_row_path(tmp_path: Path, monk
     for r in (*a, *b):  # Pillow names its BytesIO by address
         r["message"] = r["message"] and re.sub(r"at 0x[0-9a-f]+", "at 0x?", r["message"])
     assert a == b and sum(r["status"] == "ok" for r in a) >= 10
+
+
+def test_glob_characters_in_file_names_never_read_another_file(tmp_path: Path) -> None:
+    """DuckDB expands ``[1]`` in a path as a glob (matching ``a1.parquet``); the scan must notice the
+    file it got is not the one asked for and leave the file to the next tier."""
+    write_t2i(tmp_path / "a1.parquet", [image_bytes(10, 10)] * 3, ['{"a": "other file"}'] * 3)
+    odd = write_t2i(tmp_path / "a[1].parquet", [image_bytes(20, 20)] * 3, ['{"a": "mine"}'] * 3)
+    verdicts = _scan([tmp_path / "a1.parquet", odd], "t2i")
+    assert verdicts[str(odd)] is None
+    good = verdicts[str(tmp_path / "a1.parquet")]
+    assert good is not None and good.ok.all() and good.width.tolist() == [10] * 3
+    assert not scan.is_literal_path(str(odd))  # so the indexer never gives it to DuckDB
+    for row_group_bytes in (256 << 20, 0):  # units read by Arrow first, or by DuckDB first (big row groups)
+        result = index_registry(registry_for(t2i={"data_dir": tmp_path}), tmp_path / f"out{row_group_bytes}",
+                                IndexOptions(workers=1, arrow_row_group_bytes=row_group_bytes))
+        rows = pq.read_table(result.index_path).to_pylist()
+        assert {(Path(r["source_file"]).name, tuple(r["image_sizes"][0]), r["text_chars"]) for r in rows} == {
+            ("a1.parquet", (10, 10), 10), ("a[1].parquet", (20, 20), 4)}

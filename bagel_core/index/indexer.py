@@ -413,6 +413,8 @@ def _close_worker_con() -> None:
 
 def _duckdb_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile | None) -> Iterator[pa.RecordBatch]:
     """One row group streamed through DuckDB (pruned on ``file_row_number``; memory ~ one batch)."""
+    if not scan.is_literal_path(unit.path):
+        raise DataError("the path has glob characters that DuckDB would expand: Arrow reads this file")
     con = _cursor()  # units may run on threads: a connection each
     try:
         cols = ", ".join(f'"{c}"' for c in unit.columns)
@@ -1154,8 +1156,9 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, pr
     """First tier (:mod:`scan`): DuckDB queries over the files to index accept the plain rows, which
     go straight to the run's part; each file's units shrink to the row groups holding the rows the
     scan left, and check only those rows."""
-    todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None and all(
-        r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
+    todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None
+            and scan.is_literal_path(r.path)
+            and all(r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
     if not todo:
         return
     by_path = {r.path: r for r in todo}

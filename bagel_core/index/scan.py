@@ -56,6 +56,12 @@ _NON_SPACE = "[^" + "".join(f"\\x{{{c:x}}}" for c in PY_SPACE) + "]"
 _ENDS_WITH_STRING_MEMBER = r'"[ \t\n\r]*\}[ \t\n\r]*$'
 
 
+def is_literal_path(path: str) -> bool:
+    """False for paths DuckDB's ``read_parquet`` would expand as a glob (``a[1].parquet`` reads
+    ``a1.parquet``): those files are read by Arrow only."""
+    return not any(c in path for c in "*?[]{}")
+
+
 def _lit(text: str) -> str:
     """A SQL string literal (DuckDB keeps backslashes literally)."""
     return "'" + text.replace("'", "''") + "'"

@@ -106,6 +106,7 @@ def _summary_metadata(summaries: list[DatasetSummary], seconds: float) -> dict[s
         "files_unreadable": sum(s.files_unreadable for s in summaries),
         "file_bytes": sum(s.file_bytes for s in summaries),
         "image_bytes": sum(s.image_bytes for s in summaries),
+        "rows_accepted_by_scan": sum(s.scan_accepted for s in summaries),
         "duration_s": round(seconds, 3),
         "rows_per_s": round(rows / seconds, 1) if seconds > 0 else 0.0,
     }

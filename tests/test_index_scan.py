@@ -222,6 +222,7 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
     assert index.column("row_group").to_pylist() == [i // 10 for i in range(40)]
     assert index.column("row_index").to_pylist() == [i % 10 for i in range(40)]
     assert len(checked) == 1  # row 23 went to the Arrow tier (which takes it); row 7 alone reached check_t2i
+    assert result.datasets[0].scan_accepted == 38
 
 
 def test_big_files_are_scanned_in_ranges_of_whole_units(tmp_path: Path) -> None:

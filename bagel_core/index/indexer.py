@@ -916,6 +916,7 @@ class DatasetSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     file_bytes: int = 0
     image_bytes: int = 0
+    scan_accepted: int = 0  # rows the DuckDB scan tier accepted (the rest went through units)
     seconds: float = 0.0
     index_path: str = ""
     quarantine_path: str = ""
@@ -1152,15 +1153,16 @@ def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
     return [(str(entry.jsonl_path), "jsonl")]
 
 
-def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, progress: ProgressFn | None) -> None:
+def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, progress: ProgressFn | None) -> int:
     """First tier (:mod:`scan`): DuckDB queries over the files to index accept the plain rows, which
     go straight to the run's part; each file's units shrink to the row groups holding the rows the
-    scan left, and check only those rows."""
+    scan left, and check only those rows. Returns the rows accepted."""
     todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None
             and scan.is_literal_path(r.path)
             and all(r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
     if not todo:
-        return
+        return 0
+    accepted = 0
     by_path = {r.path: r for r in todo}
     files = {r.path: [(u.first_row, u.first_row + u.row_span) for u in r.units] for r in todo}
     con = _scan_con(opts.resolved_workers())
@@ -1169,11 +1171,13 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, pr
             if verdict is not None:
                 table = _accept_rows(by_path[path], verdict, lo, hi)
                 run.add(by_path[path], table)
+                accepted += table.num_rows
                 pa.default_memory_pool().release_unused()  # keep RSS flat: the allocator retains freed batches
                 if progress:
                     progress("rows_done", table.num_rows)
     finally:
         con.close()
+    return accepted
 
 
 def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -> pa.Table:
@@ -1370,7 +1374,7 @@ def _index_dataset_locked(
             elif rec.status != "unreadable" and not rec.units:
                 run.add(rec, INDEX_SCHEMA.empty_table())
         if opts.fast_path and opts.sql_scan and not opts.full_decode:
-            _scan_first(records, opts, run, progress)
+            summary.scan_accepted = _scan_first(records, opts, run, progress)
         _run_units(records, opts, pool, run, progress)
     finally:
         run.close()

@@ -202,7 +202,7 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
     d = tmp_path / "t2i"
     captions = [json.dumps({"a": f"row {i}"}) for i in range(40)]
     captions[7] = '{"a": "b",}'  # not JSON for Python: quarantined by the per-row path
-    captions[23] = '{"a": "\\n", "b": "x"}'  # plain for Python, left by the scan (escaped newline)
+    captions[23] = '{"a": "\\ud800 lone surrogate"}'  # fine for json.loads, refused by DuckDB's JSON reader
     write_t2i(d / "a.parquet", [image_bytes()] * 40, captions, row_group_size=10)
     checked: list[int] = []
     real = checks.check_t2i
@@ -223,6 +223,7 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
     assert index.column("row_index").to_pylist() == [i % 10 for i in range(40)]
     assert len(checked) == 1  # row 23 went to the Arrow tier (which takes it); row 7 alone reached check_t2i
     assert result.datasets[0].scan_accepted == 38
+    assert index.column("status").to_pylist()[23] == "ok" and index.column("text_chars").to_pylist()[23] == 16
 
 
 def test_big_files_are_scanned_in_ranges_of_whole_units(tmp_path: Path) -> None:

@@ -1288,7 +1288,8 @@ class _RunPart:
         if rec.in_memory and self.kept + table.num_rows <= KEEP_ROWS:
             rec.written.append(table)
             self.kept += table.num_rows
-        else:
+        elif rec.in_memory:  # this file is read back from the part: its tables leave memory
+            self.kept -= sum(t.num_rows for t in rec.written)
             rec.in_memory, rec.written = False, []
 
     def close(self) -> None:

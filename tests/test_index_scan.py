@@ -284,3 +284,22 @@ def test_glob_characters_in_file_names_never_read_another_file(tmp_path: Path) -
         rows = pq.read_table(result.index_path).to_pylist()
         assert {(Path(r["source_file"]).name, tuple(r["image_sizes"][0]), r["text_chars"]) for r in rows} == {
             ("a1.parquet", (10, 10), 10), ("a[1].parquet", (20, 20), 4)}
+
+
+def test_rows_read_back_from_the_part_give_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond KEEP_ROWS, a file's rows are read back from the run's part (scan rows and unit rows of
+    one file merged there): same index as when everything stays in memory."""
+    d = tmp_path / "t2i"
+    for f in range(3):
+        captions = [json.dumps({"a": f"f{f} row {i}"}) for i in range(12)]
+        captions[f * 3 + 1] = '{"a": "\\ud800"}'  # left by the scan, taken by the bulk tier
+        captions[f * 3 + 2] = "[]"  # quarantined per row
+        write_t2i(d / f"c{f}.parquet", [image_bytes()] * 12, captions, row_group_size=4)
+    reg = registry_for(t2i={"data_dir": d})
+    in_memory = pq.read_table(index_registry(reg, tmp_path / "a", IndexOptions(workers=1)).index_path)
+    from bagel_core.index import indexer
+    monkeypatch.setattr(indexer, "KEEP_ROWS", 5)
+    read_back = index_registry(reg, tmp_path / "b", IndexOptions(workers=1))
+    assert pq.read_table(read_back.index_path).to_pylist() == in_memory.to_pylist()
+    assert in_memory.column("status").to_pylist().count("quarantined") == 3
+    assert read_back.datasets[0].scan_accepted == 30

@@ -302,4 +302,5 @@ def test_rows_read_back_from_the_part_give_the_same_index(tmp_path: Path, monkey
     read_back = index_registry(reg, tmp_path / "b", IndexOptions(workers=1))
     assert pq.read_table(read_back.index_path).to_pylist() == in_memory.to_pylist()
     assert in_memory.column("status").to_pylist().count("quarantined") == 3
+    assert in_memory.column("file_row").to_pylist() == list(range(12)) * 3  # scan and unit rows merged in order
     assert read_back.datasets[0].scan_accepted == 30

@@ -24,7 +24,7 @@ from test_index_fixtures import (
 )
 
 from bagel_core.config.errors import DataError
-from bagel_core.index import indexer
+from bagel_core.index import pool, units
 
 
 def _quarantine_rows(q: pa.Table, reason: str) -> list[dict]:
@@ -248,9 +248,9 @@ def test_worker_crash_is_retried_then_quarantined(tmp_path: Path, monkeypatch: p
     good_t2i(d / "a.parquet", n=5, row_group_size=2)
     bad = good_t2i(d / "b.parquet", n=5, row_group_size=2)
     good_t2i(d / "c.parquet", n=5, row_group_size=2)
-    monkeypatch.setenv(indexer.CRASH_ENV, str(bad))
+    monkeypatch.setenv(units.CRASH_ENV, str(bad))
     # spawned workers see this environment (the shared fork server may predate the variable)
-    monkeypatch.setattr(indexer, "_mp_context", lambda: multiprocessing.get_context("spawn"))
+    monkeypatch.setattr(pool, "_mp_context", lambda: multiprocessing.get_context("spawn"))
     _, index, q, _ = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out", workers=2,
                                min_rows_for_pool=0, unit_rows=2, sql_scan=False)  # all rows through units
     assert reasons(q) == {"worker_crashed": 5}

@@ -192,7 +192,7 @@ def test_fast_header_agrees_with_pillow(name: str, data: bytes) -> None:
 
 def test_zero_copy_cells_take_the_fast_path() -> None:
     """Arrow buffers export signed bytes; the indexer's views must compare like ``bytes``."""
-    from bagel_core.index.indexer import _cells
+    from bagel_core.index.units import _cells
 
     cells = _cells(pa.array([image_bytes(), image_bytes(fmt="JPEG")], pa.binary()))
     assert [probe.fast_header(c) for c in cells] == [(32, 24, "RGB", "PNG"), (32, 24, "RGB", "JPEG")]

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from test_index_fixtures import _variants, image_bytes, png_declaring, registry_for, write_edit, write_t2i
 
-from bagel_core.index import bulk, checks, scan
+from bagel_core.index import bulk, checks, indexer, scan, units
 from bagel_core.index.indexer import IndexOptions, index_registry
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
@@ -211,8 +211,7 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
         checked.append(1)
         return real(image, text, *args)
 
-    from bagel_core.index import indexer
-    monkeypatch.setattr(indexer, "check_t2i", spy)
+    monkeypatch.setattr(units, "check_t2i", spy)
     result = index_registry(registry_for(t2i={"data_dir": d}), tmp_path / "out",
                             IndexOptions(workers=1, fast_path=True))
     index = pq.read_table(result.index_path)
@@ -297,7 +296,6 @@ def test_rows_read_back_from_the_part_give_the_same_index(tmp_path: Path, monkey
         write_t2i(d / f"c{f}.parquet", [image_bytes()] * 12, captions, row_group_size=4)
     reg = registry_for(t2i={"data_dir": d})
     in_memory = pq.read_table(index_registry(reg, tmp_path / "a", IndexOptions(workers=1)).index_path)
-    from bagel_core.index import indexer
     monkeypatch.setattr(indexer, "KEEP_ROWS", 5)
     read_back = index_registry(reg, tmp_path / "b", IndexOptions(workers=1))
     assert pq.read_table(read_back.index_path).to_pylist() == in_memory.to_pylist()

@@ -60,7 +60,7 @@ sends every row through the last one; differential tests compare):
 3. **Per row** (:mod:`bagel_core.index.checks`): everything else, with the exact reason and message.
 
 Footers are read once per file with Arrow (row groups, row counts, sizes, schema). Tiers 2-3 run
-per unit: a run of row groups (up to ``unit_rows`` rows) or a JSONL byte range, read by Arrow (row
+per unit (:mod:`bagel_core.index.units`, on :mod:`bagel_core.index.pool`): a run of row groups (up to ``unit_rows`` rows) or a JSONL byte range, read by Arrow (row
 groups larger than ``arrow_row_group_bytes``: streamed through DuckDB with ``file_row_number``;
 either reader is the other's fallback, so a row group only one of them can read still gets
 indexed). JSONL is read as bytes in Python (DuckDB's JSON reader either aborts on a bad line or
@@ -75,27 +75,18 @@ memory depends on row-group and query sizes, never on dataset size.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import fcntl
 import hashlib
-import json
-import multiprocessing
 import os
 import shutil
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
-from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Self
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -103,583 +94,20 @@ import pyarrow.parquet as pq
 
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import DatasetEntry, Registry
-from bagel_core.index import bulk, scan
-from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
-from bagel_core.index.probe import DEFAULT_MAX_PIXELS
-
-INDEX_VERSION = 4
-
-# File / row-group level reason classes.
-FILE_UNREADABLE = "file_unreadable"
-ROW_GROUP_UNREADABLE = "row_group_unreadable"
-MISSING_COLUMN = "missing_column"
-COLUMN_TYPE = "column_type"
-WORKER_CRASHED = "worker_crashed"
-
-#: Fault injection for tests: a worker indexing a unit of this file path exits abruptly.
-CRASH_ENV = "BAGEL_INDEX_TEST_CRASH_PATH"
-
-#: Columns each parquet task reads and the (normalised) Arrow types accepted for them.
-PARQUET_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
-    "t2i": {"image": ("binary",), "captions": ("string", "binary")},
-    "edit": {"image_list": ("list<binary>",), "instruction_list": ("list<list<string>>", "list<list<binary>>")},
-}
-
-
-def arrow_type_name(t: pa.DataType) -> str:
-    """Arrow type as ``binary`` / ``string`` / ``list<...>``, folding large/view variants together."""
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t) or (
-        pa.types.is_fixed_size_binary(t)
-    ):
-        return "binary"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "string"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
-        return f"list<{arrow_type_name(t.value_type)}>"
-    return str(t)
-
-
-INDEX_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
-        ("row_group", pa.int32()),
-        ("row_index", pa.int64()),
-        ("file_row", pa.int64()),
-        ("image_sizes", pa.list_(pa.list_(pa.int32()))),
-        ("num_images", pa.int32()),
-        ("image_modes", pa.list_(pa.string())),
-        ("image_bytes", pa.int64()),
-        ("num_texts", pa.int32()),
-        ("text_chars", pa.int64()),
-        ("image_paths", pa.list_(pa.string())),
-        ("video_path", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-    ]
+from bagel_core.index import scan
+from bagel_core.index.pool import Pool
+from bagel_core.index.schema import (
+    COLUMN_TYPE,
+    FILE_UNREADABLE,
+    FILES_SCHEMA,
+    INDEX_SCHEMA,
+    MISSING_COLUMN,
+    PARQUET_COLUMNS,
+    QUARANTINE_SCHEMA,
+    IndexOptions,
+    arrow_type_name,
 )
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
-        ("row_group", pa.int32()),
-        ("row_index", pa.int64()),
-        ("file_row", pa.int64()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-    ]
-)
-
-FILES_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
-        ("kind", pa.string()),
-        ("size", pa.int64()),
-        ("mtime_ns", pa.int64()),
-        ("footer_hash", pa.string()),
-        ("deps_digest", pa.string()),
-        ("options_digest", pa.string()),
-        ("num_row_groups", pa.int32()),
-        ("num_columns", pa.int32()),
-        ("footer_rows", pa.int64()),
-        ("rows_read", pa.int64()),
-        ("ok", pa.int64()),
-        ("quarantined", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("reused", pa.bool_()),
-        ("part", pa.string()),
-        ("part_batches", pa.list_(pa.int32())),  # record batches of ``part`` holding this file's rows
-        ("seconds", pa.float64()),  # worker compute time spent on the file in this run
-    ]
-)
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    """Knobs that change what the index says (they are part of the cache key) and how it runs."""
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    full_decode: bool = False
-    workers: int | None = None  # None: every CPU this process may use
-    batch_rows: int = 128
-    arrow_row_group_bytes: int = 256 << 20  # bigger row groups are streamed through DuckDB instead
-    unit_rows: int = 4096  # parquet row groups are merged up to this many rows per unit
-    unit_bytes: int = 256 << 20  # ... and this many (uncompressed) bytes
-    jsonl_chunk_bytes: int = 4 << 20
-    force: bool = False  # ignore the incremental cache
-    # below this much work (rows; 10 KB of row-group data counts as a row too: ~5 us each on the fast
-    # path, so ~1.5 s), starting worker processes costs more than it saves: threads in this process
-    min_rows_for_pool: int = 300_000
-    fast_path: bool = True  # vectorised checks accept common rows in bulk (same results; False: all per row)
-    sql_scan: bool = True  # with fast_path: first one DuckDB scan per dataset (scan.py), then units for the rest
-
-    def digest(self) -> str:
-        key = {"v": INDEX_VERSION, "max_pixels": self.max_pixels, "full_decode": self.full_decode}
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    def resolved_workers(self) -> int:
-        if self.workers is not None:
-            return max(1, self.workers)
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - non-Linux
-            return max(1, os.cpu_count() or 1)
-
-
-# ---- units of work ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Unit:
-    """A run of parquet row groups or one JSONL byte range: what a worker process indexes.
-
-    Small row groups are merged into one unit so the fixed cost of a DuckDB query is amortised.
-    """
-
-    dataset: str
-    group: str
-    task: str
-    path: str
-    kind: str  # "parquet" | "jsonl"
-    row_groups: tuple[tuple[int, int, int], ...] = ()  # parquet: (row group id, first file row, rows)
-    start: int = 0  # jsonl: byte range [start, end)
-    end: int = 0
-    first_line: int = 0
-    data_dir: str = ""
-    columns: tuple[str, ...] = ()
-    row_group_bytes: tuple[int, ...] = ()  # parquet: uncompressed bytes per row group (reader choice)
-    only_rows: tuple[int, ...] | None = None  # parquet: check just these file rows (the rest are done)
-
-    @property
-    def first_row(self) -> int:
-        return self.row_groups[0][1] if self.row_groups else 0
-
-    @property
-    def row_span(self) -> int:
-        """File rows from the first row group's first row to the last one's end (gaps allowed)."""
-        return self.row_groups[-1][1] + self.row_groups[-1][2] - self.first_row if self.row_groups else 0
-
-    @property
-    def num_rows(self) -> int:
-        return sum(n for _, _, n in self.row_groups)
-
-
-class _Rows:
-    """Index rows of one unit: per-row results (Python values) plus fast-path chunks (columns).
-
-    Constant columns are filled in at the end; :meth:`table` returns the rows sorted by file row.
-    """
-
-    _CONSTANT = ("dataset", "group", "task", "source_file")
-
-    def __init__(self, unit: Unit) -> None:
-        self.unit = unit
-        self.cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_SCHEMA if f.name not in self._CONSTANT}
-        self.fast: list[tuple[np.ndarray, ...]] = []
-
-    def add(self, row_group: int, row_index: int, file_row: int, res: SampleResult) -> None:
-        c = self.cols
-        c["row_group"].append(row_group)
-        c["row_index"].append(row_index)
-        c["file_row"].append(file_row)
-        c["image_sizes"].append(res.sizes)
-        c["num_images"].append(len(res.sizes))
-        c["image_modes"].append(res.modes)
-        c["image_bytes"].append(res.image_bytes)
-        c["num_texts"].append(res.num_texts)
-        c["text_chars"].append(res.text_chars)
-        c["image_paths"].append(res.image_paths)
-        c["video_path"].append(res.video_path)
-        if res.problems:
-            c["status"].append("quarantined")
-            c["reason"].append(res.reason)
-            c["message"].append(res.message)
-        else:
-            c["status"].append("ok")
-            c["reason"].append(None)
-            c["message"].append(None)
-
-    def add_failed(self, row_group: int, row_index: int, file_row: int, reason: str, message: str) -> None:
-        res = SampleResult()
-        res.fail(reason, message)
-        self.add(row_group, row_index, file_row, res)
-
-    def add_fast(self, row_group: np.ndarray, first_row: np.ndarray, file_rows: np.ndarray, counts: np.ndarray,
-                 width: np.ndarray, height: np.ndarray, mode: np.ndarray, image_bytes: np.ndarray,
-                 num_texts: np.ndarray, text_chars: np.ndarray) -> None:
-        """Rows the fast path accepted (status ok), one array element per row (``row_group``, the row
-        group's ``first_row``, ...); each row has ``counts`` images whose width/height/mode codes follow
-        in row order."""
-        if len(file_rows):
-            self.fast.append((row_group, file_rows - first_row, file_rows, counts, width, height, mode,
-                              image_bytes, num_texts, text_chars))
-
-    def _fast_table(self) -> pa.Table:
-        rg, ri, fr, counts, width, height, mode, nbytes, ntexts, nchars = (
-            np.concatenate([chunk[k] for chunk in self.fast]) for k in range(10)
-        )
-        n, m = len(fr), len(width)
-        row_off = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
-        pairs = pa.array(np.stack([width, height], 1).astype(np.int32).ravel())
-        sizes = pa.ListArray.from_arrays(row_off, pa.ListArray.from_arrays(
-            pa.array(np.arange(0, 2 * m + 1, 2, dtype=np.int32)), pairs))
-        modes = pa.ListArray.from_arrays(row_off, pa.array(bulk.MODES, pa.string()).take(pa.array(mode)))
-        u = self.unit
-        none = pa.nulls(n, pa.string())
-        data = {
-            "dataset": pa.repeat(u.dataset, n), "group": pa.repeat(u.group, n), "task": pa.repeat(u.task, n),
-            "source_file": pa.repeat(u.path, n), "row_group": rg, "row_index": ri, "file_row": fr,
-            "image_sizes": sizes, "num_images": counts.astype(np.int32), "image_modes": modes,
-            "image_bytes": nbytes.astype(np.int64), "num_texts": ntexts.astype(np.int32),
-            "text_chars": nchars.astype(np.int64),
-            "image_paths": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())),
-            "video_path": none, "status": pa.repeat("ok", n), "reason": none, "message": none,
-        }
-        return pa.table([pa.array(data[f.name], f.type) if isinstance(data[f.name], np.ndarray)
-                         else data[f.name].cast(f.type) for f in INDEX_SCHEMA], schema=INDEX_SCHEMA)
-
-    def table(self) -> pa.Table:
-        n = len(self.cols["file_row"])
-        u = self.unit
-        tables = []
-        if n or not self.fast:
-            data = {"dataset": [u.dataset] * n, "group": [u.group] * n, "task": [u.task] * n,
-                    "source_file": [u.path] * n, **self.cols}
-            tables.append(pa.Table.from_pydict(data, schema=INDEX_SCHEMA))
-        if self.fast:
-            tables.append(self._fast_table())
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        rows = table.column("file_row").to_numpy()
-        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
-            table = table.sort_by("file_row")
-        return table
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-_CON: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_CON_LOCK = threading.Lock()
-
-
-def _worker_con() -> duckdb.DuckDBPyConnection:
-    """One single-threaded DuckDB connection per process (connecting costs ~15-20 ms)."""
-    global _CON
-    with _CON_LOCK:
-        if _CON is None or _CON[0] != os.getpid():
-            _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
-        return _CON[1]
-
-
-def _cursor() -> duckdb.DuckDBPyConnection:
-    """A connection of its own (thread-safe; ~0.1 ms) on the process's cached DuckDB database; close it after use."""
-    base = _worker_con()
-    with _CON_LOCK:
-        return base.cursor()
-
-
-_SCAN_CONS: dict[tuple[int, int], duckdb.DuckDBPyConnection] = {}
-
-
-def _scan_con(threads: int) -> duckdb.DuckDBPyConnection:
-    """A cursor on a cached database created with ``threads`` threads for the scan tier (raising
-    ``threads`` on the single-threaded worker database afterwards measured ~25 % slower)."""
-    key = (os.getpid(), threads)
-    with _CON_LOCK:
-        if key not in _SCAN_CONS:
-            _SCAN_CONS[key] = duckdb.connect(config={"threads": threads})
-        return _SCAN_CONS[key].cursor()
-
-
-@atexit.register
-def _close_worker_con() -> None:
-    """Close the cached connections before interpreter shutdown (else DuckDB's bindings report leaks)."""
-    global _CON
-    if _CON is not None:
-        _CON[1].close()
-        _CON = None
-    for key in list(_SCAN_CONS):
-        _SCAN_CONS.pop(key).close()
-
-
-def _duckdb_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile | None) -> Iterator[pa.RecordBatch]:
-    """One row group streamed through DuckDB (pruned on ``file_row_number``; memory ~ one batch)."""
-    if not scan.is_literal_path(unit.path):
-        raise DataError("the path has glob characters that DuckDB would expand: Arrow reads this file")
-    con = _cursor()  # units may run on threads: a connection each
-    try:
-        cols = ", ".join(f'"{c}"' for c in unit.columns)
-        _, lo, n = unit.row_groups[rg_index]
-        rel = con.sql(
-            f"SELECT file_row_number, {cols} FROM read_parquet({_sql_str(unit.path)}, file_row_number=true) "
-            f"WHERE file_row_number >= {lo} AND file_row_number < {lo + n}"
-        )
-        yield from rel.to_arrow_reader(batch_rows)
-    finally:
-        con.close()
-
-
-def _arrow_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-    """One row group decoded by Arrow's reader straight into Arrow buffers.
-
-    Why not DuckDB here: exporting BLOB columns from DuckDB to Arrow copies every byte and measured
-    ~3x slower than Arrow decoding the pages itself. Strings are cast to binary so an invalid
-    UTF-8 value is quarantined per row (DuckDB refuses the whole row group).
-    """
-    rg_id, first_row, _ = unit.row_groups[rg_index]
-    table = pf.read_row_group(rg_id, columns=list(unit.columns))
-    arrays = [table.column(name).cast(_stringless(table.column(name).type)) for name in unit.columns]
-    rows = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
-    # the row group is in memory already: one batch per chunk, no re-slicing (batch_rows is for DuckDB)
-    yield from pa.table([rows, *arrays], names=["file_row_number", *unit.columns]).combine_chunks().to_batches()
-
-
-def _stringless(t: pa.DataType) -> pa.DataType:
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return pa.binary()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return pa.list_(_stringless(t.value_type))
-    return t
-
-
-def _cells(arr: pa.Array) -> list[Any]:
-    """Python values of a column; binary cells as zero-copy memoryviews (images are never copied)."""
-    if pa.types.is_binary(arr.type) and arr.null_count == 0 and len(arr):
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4).tolist()
-        data = arr.buffers()[2]
-        view = memoryview(data).cast("B") if data is not None else memoryview(b"")  # Arrow exports "b"
-        return [view[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
-    return arr.to_pylist()
-
-
-def _check_rows(rows: _Rows, unit: Unit, opts: IndexOptions, rg: np.ndarray, first: np.ndarray,
-                batch: pa.RecordBatch, take: np.ndarray) -> None:
-    """Per-row checks (:mod:`checks`) of the batch rows ``take``: the reference path."""
-    if not len(take):
-        return
-    check = check_t2i if unit.task == "t2i" else check_edit
-    file_rows = batch.column(0).to_numpy()
-    if len(take) == batch.num_rows:
-        a, b = _cells(batch.column(1)), batch.column(2).to_pylist()
-    else:
-        idx = pa.array(take)
-        a, b = _cells(batch.column(1).take(idx)), batch.column(2).take(idx).to_pylist()
-    for i, x, y in zip(take.tolist(), a, b):
-        fr = int(file_rows[i])
-        rows.add(int(rg[i]), fr - int(first[i]), fr, check(x, y, opts.max_pixels, opts.full_decode))
-
-
-def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: _Rows, rg: np.ndarray,
-               first: np.ndarray) -> np.ndarray:
-    """Vectorised checks (:mod:`bulk`) of a whole batch; adds the rows they accept, returns their mask.
-
-    ``rg`` / ``first``: per batch row, its row group and that row group's first file row.
-    """
-    n = batch.num_rows
-    accepted = np.zeros(n, bool)
-    if not opts.fast_path or opts.full_decode or n == 0:
-        return accepted
-    file_rows = batch.column(0).to_numpy()
-    if unit.task == "t2i":
-        images = bulk.probe_images(batch.column(1), opts.max_pixels)
-        candidates = np.flatnonzero(images.ok)
-        if not len(candidates):
-            return accepted
-        captions = batch.column(2)
-        if len(candidates) != n:
-            captions = captions.take(pa.array(candidates))
-        texts = bulk.as_strings(captions)
-        if texts is None:  # some caption is not UTF-8: the per-row path names it
-            return accepted
-        ok, num_texts, text_chars = bulk.captions_ok(texts)
-        okm = np.asarray(ok, bool)
-        sel = candidates[okm]
-        accepted[sel] = True
-        rows.add_fast(rg[sel], first[sel], file_rows[sel], np.ones(len(sel), np.int32), images.width[sel],
-                      images.height[sel], images.mode[sel], images.nbytes[sel],
-                      np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
-        return accepted
-    lists = batch.column(1)
-    if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
-        return accepted
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    counts = offsets[1:] - offsets[:-1]
-    images = bulk.probe_images(lists.values, opts.max_pixels)
-    bad = np.concatenate([[0], np.cumsum(~images.ok, dtype=np.int64)])
-    nbytes = np.concatenate([[0], np.cumsum(images.nbytes, dtype=np.int64)])
-    valid = np.ones(n, bool) if lists.null_count == 0 else lists.is_valid().to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(valid & (counts >= 2) & (bad[offsets[1:]] == bad[offsets[:-1]]))
-    if not len(candidates):
-        return accepted
-    instructions = bulk.as_strings(batch.column(2).take(pa.array(candidates)))
-    if instructions is None:
-        return accepted
-    ok, num_texts, text_chars = bulk.instructions_ok(counts[candidates].tolist(), instructions)
-    okm = np.asarray(ok, bool)
-    sel = candidates[okm]
-    accepted[sel] = True
-    child = (np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in sel.tolist()]) if len(sel)
-             else np.zeros(0, np.int64))
-    rows.add_fast(rg[sel], first[sel], file_rows[sel], counts[sel].astype(np.int32), images.width[child],
-                  images.height[child], images.mode[child], nbytes[offsets[sel + 1]] - nbytes[offsets[sel]],
-                  np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
-    return accepted
-
-
-#: Consecutive small row groups are read by Arrow in one call up to this many (uncompressed) bytes.
-MERGED_READ_BYTES = 16 << 20
-
-
-def _read_span(unit: Unit, k: int, j: int, path: str) -> pa.RecordBatch:
-    """Row groups ``k..j-1`` of a unit with one Arrow read, as one batch (strings cast to binary)."""
-    pf = pq.ParquetFile(path, pre_buffer=False)
-    spans = unit.row_groups[k:j]
-    table = pf.read_row_groups([g for g, _, _ in spans], columns=list(unit.columns), use_threads=False)
-    if table.num_rows != sum(n for _, _, n in spans):
-        raise DataError(f"read {table.num_rows} rows, the footer declares {sum(n for _, _, n in spans)}")
-    arrays = [table.column(name).cast(_stringless(table.column(name).type)) for name in unit.columns]
-    rows = pa.array(np.concatenate([np.arange(f, f + n, dtype=np.int64) for _, f, n in spans]))
-    return pa.table([rows, *arrays], names=["file_row_number", *unit.columns]).combine_chunks().to_batches()[0]
-
-
-def _plan_reads(unit: Unit, opts: IndexOptions, arrow_ok: bool) -> list[tuple[int, int]]:
-    """Runs ``[k, j)`` of the unit's row groups read in one go (small ones merged; others alone)."""
-    out: list[tuple[int, int]] = []
-    k, n = 0, len(unit.row_groups)
-    sizes = unit.row_group_bytes or (0,) * n
-    while k < n:
-        j, total = k, 0
-        while arrow_ok and j < n and sizes[j] <= opts.arrow_row_group_bytes and (
-            j == k or total + sizes[j] <= MERGED_READ_BYTES
-        ):
-            total += sizes[j]
-            j += 1
-        out.append((k, max(j, k + 1)))
-        k = max(j, k + 1)
-    return out
-
-
-def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
-    """Index a run of row groups: merged Arrow reads (prefetched on a thread, so reading overlaps the
-    checks), then per row group whatever those did not deliver, through both readers in turn."""
-    rows = _Rows(unit)
-    try:
-        pf: pq.ParquetFile | None = pq.ParquetFile(unit.path, pre_buffer=False)
-    except Exception:  # noqa: BLE001 - Arrow cannot open it: DuckDB alone will try
-        pf = None
-    base = unit.first_row
-    firsts = np.array([f for _, f, _ in unit.row_groups], np.int64)
-    rg_ids = np.array([g for g, _, _ in unit.row_groups], np.int32)
-    done = np.zeros(unit.row_span, bool)
-    if unit.only_rows is not None:
-        done[:] = True
-        done[np.asarray(unit.only_rows, np.int64) - base] = False
-
-    def consume(batch: pa.RecordBatch, lo: int, hi: int) -> bool:
-        """Check the batch's rows in ``[lo, hi)`` not done yet; True if it held rows outside that range."""
-        fr = batch.column(0).to_numpy().astype(np.int64)
-        inside = (fr >= lo) & (fr < hi)
-        fresh = np.flatnonzero(inside)
-        fresh = fresh[~done[fr[fresh] - base]]
-        if len(fresh) > 1 and not (fr[fresh][1:] > fr[fresh][:-1]).all():  # repeats: the first one counts
-            _, keep = np.unique(fr[fresh], return_index=True)
-            fresh = fresh[np.sort(keep)]
-        if len(fresh) != batch.num_rows:
-            batch = batch.take(pa.array(fresh))
-        fr = fr[fresh]
-        rgi = np.searchsorted(firsts, fr, side="right") - 1
-        accepted = _fast_rows(unit, opts, batch, rows, rg_ids[rgi], firsts[rgi])
-        _check_rows(rows, unit, opts, rg_ids[rgi], firsts[rgi], batch, np.flatnonzero(~accepted))
-        done[fr - base] = True
-        return not inside.all()
-
-    reads = _plan_reads(unit, opts, pf is not None)
-    with ThreadPoolExecutor(1, thread_name_prefix="index-read") as reader_thread:
-        prefetched = [reader_thread.submit(_read_span, unit, k, j, unit.path) if pf is not None and (
-            unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True) else None
-            for k, j in reads[:1]]
-        for i, (k, j) in enumerate(reads):
-            fut = prefetched[i]
-            if i + 1 < len(reads):  # start the next read before checking this one
-                k2, j2 = reads[i + 1]
-                small = unit.row_group_bytes[k2] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
-                prefetched.append(reader_thread.submit(_read_span, unit, k2, j2, unit.path)
-                                  if pf is not None and small else None)
-            if fut is not None:
-                try:
-                    batch = fut.result()
-                except Exception:  # noqa: BLE001 - the per-row-group readers below retry and name the error
-                    batch = None
-                if batch is not None:
-                    consume(batch, int(firsts[k]), int(firsts[j - 1]) + unit.row_groups[j - 1][2])
-                prefetched[i] = None
-            for r in range(k, j):
-                _read_row_group(unit, opts, r, pf, done, base, consume, rows)
-    return rows.table()
-
-
-def _read_row_group(unit: Unit, opts: IndexOptions, k: int, pf: pq.ParquetFile | None, done: np.ndarray,
-                    base: int, consume: Callable[[pa.RecordBatch, int, int], bool], rows: _Rows) -> None:
-    """Row group ``k`` of the unit through the readers in turn (rows done already are skipped);
-    rows no reader returns are quarantined as ``row_group_unreadable``."""
-    rg_id, first, num_rows = unit.row_groups[k]
-    if done[first - base:first - base + num_rows].all():
-        return
-    errors: list[str] = []
-    outside = False
-    small = unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
-    readers = [_arrow_batches, _duckdb_batches] if small else [_duckdb_batches, _arrow_batches]
-    if pf is None:
-        readers = [_duckdb_batches]
-    for reader in readers:  # the second reader only runs if the first fails; done rows are skipped
-        try:
-            for batch in reader(unit, k, opts.batch_rows, pf):
-                outside |= consume(batch, first, first + num_rows)
-            break
-        except Exception as exc:  # noqa: BLE001 - any reader error: try the other reader, then quarantine
-            errors.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(exc).__name__}: {exc}")
-    missing = np.flatnonzero(~done[first - base:first - base + num_rows])
-    if len(missing):
-        detail = "; ".join(errors)[:500] or "rows declared by the footer were not returned"
-        for r in missing.tolist():
-            rows.add_failed(rg_id, r, first + r, ROW_GROUP_UNREADABLE, f"row group {rg_id} cannot be read: {detail}")
-        done[first - base:first - base + num_rows] = True
-    if outside:
-        raise DataError(f"{unit.path}: row group {rg_id} returned rows outside the footer's {num_rows} rows")
-
-
-def _index_jsonl_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
-    rows = _Rows(unit)
-    with open(unit.path, "rb") as fp:
-        fp.seek(unit.start)
-        data = fp.read(unit.end - unit.start)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the range's last line
-    for k, raw in enumerate(lines):
-        line_no = unit.first_line + k
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        rows.add(-1, line_no, line_no, check_vlm_line(raw, unit.data_dir, opts.max_pixels, opts.full_decode))
-    return rows.table()
-
-
-def index_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
-    """Index one unit (runs in a worker process); rows sorted by file row, compute seconds in metadata."""
-    if os.environ.get(CRASH_ENV) == unit.path and multiprocessing.parent_process() is not None:
-        os._exit(70)  # simulate a decoder segfault in a worker (never in the main process)
-    t0 = time.perf_counter()
-    table = _index_parquet_unit(unit, opts) if unit.kind == "parquet" else _index_jsonl_unit(unit, opts)
-    return table.replace_schema_metadata({"seconds": repr(time.perf_counter() - t0)})
+from bagel_core.index.units import IndexRows, Unit
 
 
 # ---- planning: identity, footer facts, units -------------------------------------------------------
@@ -815,7 +243,7 @@ def _schema_error_rows(rec: FileRecord, spans: list[tuple[int, int, int]],
     """Quarantine every footer-declared row of a file with wrong columns, one row group at a time."""
     entry = rec.entry
     for rg_id, first_row, num_rows in spans:
-        rows = _Rows(Unit(entry.name, entry.group, entry.task, rec.path, "parquet"))
+        rows = IndexRows(Unit(entry.name, entry.group, entry.task, rec.path, "parquet"))
         for r in range(num_rows):
             rows.add_failed(rg_id, r, first_row + r, problem[0], problem[1])
         yield rows.table()
@@ -934,177 +362,6 @@ class DatasetSummary:
         return d
 
 
-def _mp_context() -> BaseContext:
-    """``forkserver`` preloaded with this module where available, else ``spawn``.
-
-    Never plain ``fork``: the caller may be a threaded Dagster step process or hold DuckDB/Arrow
-    native threads. The fork server imports the indexer once, so each worker starts in milliseconds.
-    """
-    try:
-        ctx = get_context("forkserver")
-    except ValueError:  # pragma: no cover - platforms without fork
-        return get_context("spawn")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
-def _crashed_rows(unit: Unit) -> pa.Table:
-    """Rows of a unit whose worker process died twice: every row quarantined, locations exact."""
-    rows = _Rows(unit)
-    message = "the worker process indexing this row range died twice (segfault or out of memory)"
-    if unit.kind == "parquet":
-        only = None if unit.only_rows is None else set(unit.only_rows)
-        for rg_id, first, num_rows in unit.row_groups:
-            for r in range(num_rows):
-                if only is None or first + r in only:
-                    rows.add_failed(rg_id, r, first + r, WORKER_CRASHED, message)
-    else:
-        with open(unit.path, "rb") as fp:
-            fp.seek(unit.start)
-            data = fp.read(unit.end - unit.start)
-        n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-        for k in range(n_lines):
-            rows.add_failed(-1, unit.first_line + k, unit.first_line + k, WORKER_CRASHED, message)
-    return rows.table()
-
-
-def _warm_up() -> None:
-    """No-op task: makes the pool start its workers."""
-
-
-def _work(unit: Unit) -> int:
-    """Rough cost of a unit in rows, counting 10 KB of (uncompressed) row-group data as one more row
-    (JSONL: a line per 256 bytes); decides whether a process pool pays off."""
-    if unit.kind == "parquet":
-        rows = unit.num_rows if unit.only_rows is None else len(unit.only_rows)
-        return rows + sum(unit.row_group_bytes) // 10_000
-    return (unit.end - unit.start) // 256 + 1
-
-
-def _done(value: pa.Table) -> Future[pa.Table]:
-    fut: Future[pa.Table] = Future()
-    fut.set_result(value)
-    return fut
-
-
-class _Pool:
-    """In-order results over a process pool with a bounded number of units in flight.
-
-    Workers come from a fork server (safe inside Dagster's threaded step process) and only when
-    there is enough work (``min_rows_for_pool``): starting them costs ~0.4 s of a core. Less work,
-    and the units submitted while the workers start, are indexed in this process on ``workers``
-    threads (Arrow's parquet decoding and most numpy work release the GIL, so reading one unit
-    overlaps checking another). A worker that dies (a decoder segfault, the OOM killer) breaks the
-    pool: the pool is rebuilt, the unit is retried alone, and if it kills its worker again its rows
-    are quarantined as ``worker_crashed``.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.executor: ProcessPoolExecutor | None = None
-        self._starter: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def start(self) -> None:
-        """Start the workers in a background thread so their start-up (~0.4 s) overlaps other work."""
-        if self.executor is None and self._starter is None and self.workers > 1:
-            self._starter = threading.Thread(target=self._start, name="index-pool-start", daemon=True)
-            self._starter.start()
-
-    def _start(self) -> None:
-        executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
-        for _ in range(self.workers):
-            executor.submit(_warm_up)
-        with self._lock:
-            if not self._closed:
-                self.executor = executor
-                return
-        executor.shutdown(wait=True, cancel_futures=True)  # closed while starting: nobody will use it
-
-    def _ready(self) -> ProcessPoolExecutor | None:
-        with self._lock:
-            return self.executor
-
-    def map(self, units: list[Unit], opts: IndexOptions) -> Iterator[tuple[Unit, pa.Table]]:
-        units = list(units)
-        if self.workers > 1 and len(units) > 1 and sum(_work(u) for u in units) >= opts.min_rows_for_pool:
-            self.start()
-        if self._starter is not None:
-            self._starter.join(timeout=0.1)  # a spawn pool is up by now; a fork server takes ~0.4 s
-        threads = (ThreadPoolExecutor(self.workers, thread_name_prefix="index-unit")
-                   if self.workers > 1 and self._starter is None else None)
-        pending: deque[tuple[Unit, Future[pa.Table], bool]] = deque()  # (unit, result, in a worker process)
-        limit = 2 * self.workers + 2
-        it = iter(units)
-        try:
-            while True:
-                while len(pending) < limit:
-                    unit = next(it, None)
-                    if unit is None:
-                        break
-                    if self._ready() is not None:
-                        pending.append((unit, self._submit(unit, opts), True))
-                    elif self._starter is not None and self._starter.is_alive():
-                        # workers are starting: index here, one unit at a time, then look again
-                        pending.append((unit, _done(index_unit(unit, opts)), False))
-                        break
-                    elif threads is not None:
-                        pending.append((unit, threads.submit(index_unit, unit, opts), False))
-                    else:
-                        pending.append((unit, _done(index_unit(unit, opts)), False))
-                if not pending:
-                    return
-                unit, fut, remote = pending.popleft()
-                try:
-                    table = fut.result()
-                except BrokenProcessPool:
-                    if not remote:
-                        raise
-                    table = self._recover(unit, opts)
-                    # every other in-flight unit died with the pool: resubmit them to the new one
-                    pending = deque((u, self._submit(u, opts), True) if r else (u, f, r) for u, f, r in pending)
-                yield unit, table
-        finally:
-            if threads is not None:
-                threads.shutdown(wait=True, cancel_futures=True)
-
-    def _submit(self, unit: Unit, opts: IndexOptions) -> Future[pa.Table]:
-        """Submit a unit; a pool that broke meanwhile gives a failed future (recovered in turn by :meth:`map`)."""
-        assert self.executor is not None
-        try:
-            return self.executor.submit(index_unit, unit, opts)
-        except BrokenProcessPool as exc:
-            fut: Future[pa.Table] = Future()
-            fut.set_exception(exc)
-            return fut
-
-    def _recover(self, unit: Unit, opts: IndexOptions) -> pa.Table:
-        assert self.executor is not None
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as alone:
-                table = alone.submit(index_unit, unit, opts).result()
-        except BrokenProcessPool:
-            table = _crashed_rows(unit)
-        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
-        return table
-
-    def close(self) -> None:
-        """Shut the workers down; a pool still starting shuts itself down when it is up (no waiting)."""
-        with self._lock:
-            self._closed = True
-            executor, self.executor = self.executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 ProgressFn = Callable[[str, int], None]  # (event, rows): ("rows_total", n) once per dataset, ("rows_done", n)
 
 
@@ -1165,7 +422,7 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, pr
     accepted = 0
     by_path = {r.path: r for r in todo}
     files = {r.path: [(u.first_row, u.first_row + u.row_span) for u in r.units] for r in todo}
-    con = _scan_con(opts.resolved_workers())
+    con = scan.connection(opts.resolved_workers())
     try:
         for path, lo, hi, verdict in scan.scan_files(con, files, todo[0].entry.task, opts.max_pixels):
             if verdict is not None:
@@ -1188,7 +445,7 @@ def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -
     ids = np.array([g for g, _, _ in spans], np.int32)
     accepted = verdict.file_rows[verdict.ok]
     k = np.searchsorted(firsts, accepted, side="right") - 1
-    rows = _Rows(rec.units[0])
+    rows = IndexRows(rec.units[0])
     rows.add_fast(ids[k], firsts[k], accepted, verdict.counts, verdict.width, verdict.height, verdict.mode,
                   verdict.image_bytes, verdict.num_texts, verdict.text_chars)
     table = rows.table() if len(accepted) else INDEX_SCHEMA.empty_table()
@@ -1236,7 +493,7 @@ def _plan_files(entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: 
     return records
 
 
-def _run_units(records: list[FileRecord], opts: IndexOptions, pool: _Pool | None, run: _RunPart,
+def _run_units(records: list[FileRecord], opts: IndexOptions, pool: Pool | None, run: _RunPart,
                progress: ProgressFn | None) -> None:
     """Tiers 2-3 for every unit left, on the pool; their rows go to the run's part as they arrive."""
     units = [u for r in records for u in r.units]
@@ -1244,7 +501,7 @@ def _run_units(records: list[FileRecord], opts: IndexOptions, pool: _Pool | None
         return
     by_path = {r.path: r for r in records}
     own_pool = pool is None
-    pool = pool or _Pool(opts.resolved_workers())
+    pool = pool or Pool(opts.resolved_workers())
     try:
         for unit, table in pool.map(units, opts):
             rec = by_path[unit.path]
@@ -1336,7 +593,7 @@ def index_dataset(
     entry: DatasetEntry,
     out_dir: str | Path,
     opts: IndexOptions | None = None,
-    pool: _Pool | None = None,
+    pool: Pool | None = None,
     progress: ProgressFn | None = None,
 ) -> DatasetSummary:
     """Index one dataset into ``out_dir/datasets/<group>/<name>/`` (incremental per file)."""
@@ -1350,7 +607,7 @@ def index_dataset(
 
 
 def _index_dataset_locked(
-    entry: DatasetEntry, ddir: Path, opts: IndexOptions, pool: _Pool | None, progress: ProgressFn | None
+    entry: DatasetEntry, ddir: Path, opts: IndexOptions, pool: Pool | None, progress: ProgressFn | None
 ) -> DatasetSummary:
     t0 = time.perf_counter()
     parts_dir = ddir / "parts"
@@ -1589,7 +846,7 @@ def index_registry(
             raise DataError(f"unknown dataset(s) {unknown}; registered: {', '.join(registry.names())}")
     summaries = []
     rows_total = 0
-    with _Pool(opts.resolved_workers()) as pool:
+    with Pool(opts.resolved_workers()) as pool:
         if _estimated_rows(selected, scanned=opts.fast_path and opts.sql_scan) >= opts.min_rows_for_pool:
             pool.start()
         for entry in selected:
@@ -1625,7 +882,7 @@ def _registry_counts(files_path: Path) -> dict[str, tuple[int, int]]:
 def _estimated_rows(entries: list[DatasetEntry], scanned: bool) -> int:
     """Cheap guess of the unit work ahead from file sizes (a row ~ 4 KB of parquet or 256 B of JSONL),
     to start the process pool early. With the scan tier on, parquet rows are left out: only what the
-    scan leaves becomes units, and ``_Pool.map`` decides on that."""
+    scan leaves becomes units, and ``Pool.map`` decides on that."""
     total = 0
     for e in entries:
         try:

@@ -45,15 +45,21 @@ def arrow_type_name(t: pa.DataType) -> str:
     return str(t)
 
 
+#: Where a sample is: the leading columns of the index and quarantine tables.
+_LOCATION = [
+    ("dataset", pa.string()),
+    ("group", pa.string()),
+    ("task", pa.string()),
+    ("source_file", pa.string()),
+    ("row_group", pa.int32()),
+    ("row_index", pa.int64()),
+    ("file_row", pa.int64()),
+]
+_VERDICT = [("reason", pa.string()), ("message", pa.string())]
+
 INDEX_SCHEMA = pa.schema(
     [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
-        ("row_group", pa.int32()),
-        ("row_index", pa.int64()),
-        ("file_row", pa.int64()),
+        *_LOCATION,
         ("image_sizes", pa.list_(pa.list_(pa.int32()))),
         ("num_images", pa.int32()),
         ("image_modes", pa.list_(pa.string())),
@@ -63,31 +69,15 @@ INDEX_SCHEMA = pa.schema(
         ("image_paths", pa.list_(pa.string())),
         ("video_path", pa.string()),
         ("status", pa.string()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
+        *_VERDICT,
     ]
 )
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
-        ("row_group", pa.int32()),
-        ("row_index", pa.int64()),
-        ("file_row", pa.int64()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-    ]
-)
+QUARANTINE_SCHEMA = pa.schema([*_LOCATION, *_VERDICT])
 
 FILES_SCHEMA = pa.schema(
     [
-        ("dataset", pa.string()),
-        ("group", pa.string()),
-        ("task", pa.string()),
-        ("source_file", pa.string()),
+        *_LOCATION[:4],
         ("kind", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),

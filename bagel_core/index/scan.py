@@ -45,10 +45,11 @@ HEAD_BYTES = 512
 #: Rows per Arrow batch handed to numpy.
 BATCH_ROWS = 8_192
 #: Rows per DuckDB query: small files are scanned together up to this many rows, bigger ones in row
-#: ranges of about this size. The tier's peak memory follows the rows per query (measured on the T2I
-#: example: +44 MB at 8k, +59 MB at 16k-20k, +78 MB at 32k), never the dataset size; smaller
-#: queries cost more per row (4x: 8k rows/query ~25 % slower than 32k).
-QUERY_ROWS = 16_384
+#: ranges of about this size. The tier's peak memory follows the rows per query, not the dataset
+#: (T2I example, this tier alone: +50 MB at 20k rows, +60 MB at 80k, +66 MB at 320k: allocator
+#: high-water, a few MB per 4x data); smaller queries cost more per row (8k rows/query ~25 % slower
+#: than 32k, one more query ~5 ms).
+QUERY_ROWS = 24_576
 
 # Python's whitespace (str.isspace / str.strip) as an RE2 class: a string matching it is not blank.
 # (every such code point is below U+3001; a test checks the whole range)

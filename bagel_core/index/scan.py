@@ -31,7 +31,8 @@ import atexit
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import duckdb
 import numpy as np
@@ -167,6 +168,9 @@ def _verdicts(batch: pa.RecordBatch, task: str, max_pixels: int) -> FileVerdict:
 
 
 def _finish(path: str, chunks: list[FileVerdict]) -> FileVerdict:
+    if len(chunks) == 1:
+        return replace(chunks[0], path=path)
+
     def cat(name: str, dtype: type) -> np.ndarray:
         parts = [getattr(c, name) for c in chunks]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
@@ -219,28 +223,29 @@ def _stream(con: duckdb.DuckDBPyConnection, paths: list[str], task: str, max_pix
         seg = np.cumsum(starts) - 1
         which = np.where(seg >= 0, np.asarray(new_files + [0], np.int64)[np.maximum(seg, 0)], current)
         chunk = _verdicts(batch, task, max_pixels)
-        for k in dict.fromkeys(which.tolist()):
+        for k, piece in _per_file(chunk, which):
             if k != current:
                 if current >= 0:
                     yield _finish(paths[current], chunks)
                 current, chunks = k, []
-            chunks.append(_select(chunk, which == k))
+            chunks.append(piece)
         last_row = int(rows[-1])
     if current >= 0:
         yield _finish(paths[current], chunks)
 
 
-def _select(chunk: FileVerdict, mask: np.ndarray) -> FileVerdict:
-    if mask.all():
-        return chunk
-    ok_rank = np.cumsum(chunk.ok) - 1  # position of each accepted row among the accepted
-    keep_ok = ok_rank[mask & chunk.ok]
-    child_end = np.cumsum(chunk.counts, dtype=np.int64)
-    child_start = child_end - chunk.counts
-    child = _ranges(child_start[keep_ok], chunk.counts[keep_ok])
-    return FileVerdict("", chunk.file_rows[mask], chunk.ok[mask], chunk.counts[keep_ok], chunk.width[child],
-                       chunk.height[child], chunk.mode[child], chunk.image_bytes[keep_ok], chunk.num_texts[keep_ok],
-                       chunk.text_chars[keep_ok])
+def _per_file(chunk: FileVerdict, which: np.ndarray) -> Iterator[tuple[int, FileVerdict]]:
+    """Split a batch's verdict into its files' pieces: ``which`` (file per row) is non-decreasing, so
+    each piece is a run of rows, of accepted rows and of their images: views, no copies."""
+    bounds = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(which)]
+    ok_cum = np.concatenate([[0], np.cumsum(chunk.ok)])
+    image_cum = np.concatenate([[0], np.cumsum(chunk.counts, dtype=np.int64)])
+    for a, b in pairwise(bounds):
+        oa, ob = int(ok_cum[a]), int(ok_cum[b])
+        ia, ib = int(image_cum[oa]), int(image_cum[ob])
+        yield int(which[a]), FileVerdict(
+            "", chunk.file_rows[a:b], chunk.ok[a:b], chunk.counts[oa:ob], chunk.width[ia:ib], chunk.height[ia:ib],
+            chunk.mode[ia:ib], chunk.image_bytes[oa:ob], chunk.num_texts[oa:ob], chunk.text_chars[oa:ob])
 
 
 Scanned = tuple[str, int, int, FileVerdict | None]  # (path, first row, end row, verdict)

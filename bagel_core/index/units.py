@@ -28,6 +28,8 @@ from bagel_core.index import bulk, scan
 from bagel_core.index.checks import SampleResult, check_edit, check_t2i, check_vlm_line
 from bagel_core.index.schema import INDEX_SCHEMA, ROW_GROUP_UNREADABLE, WORKER_CRASHED, IndexOptions
 
+_MODE_NAMES = pa.array(bulk.MODES, pa.string())
+
 #: Fault injection for tests: a worker indexing a unit of this file path exits abruptly.
 CRASH_ENV = "BAGEL_INDEX_TEST_CRASH_PATH"
 
@@ -126,7 +128,7 @@ class IndexRows:
         pairs = pa.array(np.stack([width, height], 1).astype(np.int32).ravel())
         sizes = pa.ListArray.from_arrays(row_off, pa.ListArray.from_arrays(
             pa.array(np.arange(0, 2 * m + 1, 2, dtype=np.int32)), pairs))
-        modes = pa.ListArray.from_arrays(row_off, pa.array(bulk.MODES, pa.string()).take(pa.array(mode)))
+        modes = pa.ListArray.from_arrays(row_off, _MODE_NAMES.take(mode))
         u = self.unit
         none = pa.nulls(n, pa.string())
         data = {
@@ -138,8 +140,15 @@ class IndexRows:
             "image_paths": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())),
             "video_path": none, "status": pa.repeat("ok", n), "reason": none, "message": none,
         }
-        return pa.table([pa.array(data[f.name], f.type) if isinstance(data[f.name], np.ndarray)
-                         else data[f.name].cast(f.type) for f in INDEX_SCHEMA], schema=INDEX_SCHEMA)
+        columns = []
+        for f in INDEX_SCHEMA:
+            col = data[f.name]
+            if isinstance(col, np.ndarray):
+                col = pa.array(col, f.type)
+            elif col.type != f.type:
+                col = col.cast(f.type)
+            columns.append(col)
+        return pa.table(columns, schema=INDEX_SCHEMA)
 
     def table(self) -> pa.Table:
         n = len(self.cols["file_row"])

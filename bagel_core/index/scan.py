@@ -1,4 +1,4 @@
-"""First tier of the indexer: one DuckDB scan over a dataset's parquet shards accepts the plain rows.
+"""First tier of the indexer: DuckDB scans over a dataset's parquet shards accept the plain rows.
 
 Why: a raw DuckDB scan of the T2I example reads ~1.5 M rows/s on two cores, while Arrow decoding
 the same columns into this process costs ~4x that before a single check runs, and checking texts
@@ -10,7 +10,7 @@ decide exactly.
 
 Like :mod:`bulk`, this tier only *accepts*. A row is accepted only when :mod:`checks` would return
 the same sizes, modes, byte and text counts with no problem; every other row (and every row of a
-file DuckDB refuses: invalid UTF-8, a corrupt page, ...) goes to the per-row path, so reasons and
+file DuckDB refuses: invalid UTF-8, a corrupt page, ...) goes to the next tiers, so reasons and
 messages of bad input never depend on this tier. Captions are read with DuckDB's JSON functions
 (yyjson), accepted only where that reader and ``json.loads`` provably agree:
 
@@ -98,8 +98,8 @@ SELECT CASE WHEN file_row_number = {first_row} THEN filename END AS f, file_row_
         AND list_bool_and(list_transform(instruction_list, lambda alts: coalesce(
               len(alts) >= 1 AND list_count(alts) = len(alts)
               AND list_bool_or(list_transform(alts, lambda t: regexp_matches(t, {_lit(_NON_SPACE)}))), false)))
-       THEN list_sum(list_transform(instruction_list, lambda alts: len(alts))) END AS num_texts,
-  list_sum(list_transform(instruction_list, lambda alts: list_sum(list_transform(alts, lambda t: length(t)))))
+       THEN list_sum(list_transform(instruction_list, lambda alts: len(alts)))::BIGINT END AS num_texts,
+  list_sum(list_transform(instruction_list, lambda alts: list_sum(list_transform(alts, lambda t: length(t)))))::BIGINT
     AS text_chars
 FROM {source}"""
 

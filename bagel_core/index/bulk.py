@@ -224,6 +224,21 @@ def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
     return res
 
 
+def list_rows(images: BulkImages, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of a list-of-images column whose images are ``[starts, ends)`` of ``images``:
+    (every image of the row accepted, encoded bytes of the row)."""
+    bad = np.concatenate([[0], np.cumsum(~images.ok, dtype=np.int64)])
+    nbytes = np.concatenate([[0], np.cumsum(images.nbytes, dtype=np.int64)])
+    return bad[ends] == bad[starts], nbytes[ends] - nbytes[starts]
+
+
+def flat_indices(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without the Python loop."""
+    counts = np.asarray(counts, np.int64)
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(np.asarray(starts, np.int64) - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
 # ---- texts ----------------------------------------------------------------------------------------
 _SCAN = json.JSONDecoder().scan_once  # the C scanner json.loads uses: same acceptance, no wrappers
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import duckdb
 
+from bagel_core.index.scan import sql_literal
+
 #: Long-edge buckets (pixels) of the size table; BAGEL resizes to 512..1024 (VAE) / 378..980 (ViT).
 SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("< 256", 0, 256),
@@ -23,7 +25,7 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
 
 
 def _sources(paths: Sequence[str | Path]) -> str:
-    quoted = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+    quoted = ", ".join(sql_literal(str(p)) for p in paths)
     return f"read_parquet([{quoted}])"
 
 

@@ -8,17 +8,14 @@ otherwise. A unit may name ``only_rows``: the rows the scan tier left, the other
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,49 +164,16 @@ class IndexRows:
         return table
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-_CON: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_CON_LOCK = threading.Lock()
-
-
-def _worker_con() -> duckdb.DuckDBPyConnection:
-    """One single-threaded DuckDB connection per process (connecting costs ~15-20 ms)."""
-    global _CON
-    with _CON_LOCK:
-        if _CON is None or _CON[0] != os.getpid():
-            _CON = (os.getpid(), duckdb.connect(config={"threads": 1}))
-        return _CON[1]
-
-
-def _cursor() -> duckdb.DuckDBPyConnection:
-    """A connection of its own (thread-safe; ~0.1 ms) on the process's cached DuckDB database; close it after use."""
-    base = _worker_con()
-    with _CON_LOCK:
-        return base.cursor()
-
-
-@atexit.register
-def _close_worker_con() -> None:
-    """Close the cached connection before interpreter shutdown (else DuckDB's bindings report leaks)."""
-    global _CON
-    if _CON is not None:
-        _CON[1].close()
-        _CON = None
-
-
 def _duckdb_batches(unit: Unit, rg_index: int, batch_rows: int, pf: pq.ParquetFile | None) -> Iterator[pa.RecordBatch]:
     """One row group streamed through DuckDB (pruned on ``file_row_number``; memory ~ one batch)."""
     if not scan.is_literal_path(unit.path):
         raise DataError("the path has glob characters that DuckDB would expand: Arrow reads this file")
-    con = _cursor()  # units may run on threads: a connection each
+    con = scan.connection(1)  # units may run on threads: a cursor each
     try:
         cols = ", ".join(f'"{c}"' for c in unit.columns)
         _, lo, n = unit.row_groups[rg_index]
         rel = con.sql(
-            f"SELECT file_row_number, {cols} FROM read_parquet({_sql_str(unit.path)}, file_row_number=true) "
+            f"SELECT file_row_number, {cols} FROM read_parquet({scan.sql_literal(unit.path)}, file_row_number=true) "
             f"WHERE file_row_number >= {lo} AND file_row_number < {lo + n}"
         )
         yield from rel.to_arrow_reader(batch_rows)
@@ -303,10 +267,9 @@ def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: Inde
     offsets = lists.offsets.to_numpy().astype(np.int64)
     counts = offsets[1:] - offsets[:-1]
     images = bulk.probe_images(lists.values, opts.max_pixels)
-    bad = np.concatenate([[0], np.cumsum(~images.ok, dtype=np.int64)])
-    nbytes = np.concatenate([[0], np.cumsum(images.nbytes, dtype=np.int64)])
+    all_ok, row_bytes = bulk.list_rows(images, offsets[:-1], offsets[1:])
     valid = np.ones(n, bool) if lists.null_count == 0 else lists.is_valid().to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(valid & (counts >= 2) & (bad[offsets[1:]] == bad[offsets[:-1]]))
+    candidates = np.flatnonzero(valid & (counts >= 2) & all_ok)
     if not len(candidates):
         return accepted
     instructions = bulk.as_strings(batch.column(2).take(pa.array(candidates)))
@@ -316,10 +279,9 @@ def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: Inde
     okm = np.asarray(ok, bool)
     sel = candidates[okm]
     accepted[sel] = True
-    child = (np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in sel.tolist()]) if len(sel)
-             else np.zeros(0, np.int64))
+    child = bulk.flat_indices(offsets[sel], counts[sel])
     rows.add_fast(rg[sel], first[sel], file_rows[sel], counts[sel].astype(np.int32), images.width[child],
-                  images.height[child], images.mode[child], nbytes[offsets[sel + 1]] - nbytes[offsets[sel]],
+                  images.height[child], images.mode[child], row_bytes[sel],
                   np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
     return accepted
 

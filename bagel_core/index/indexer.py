@@ -681,11 +681,13 @@ def _row_groups(path: str | Path) -> Iterator[pa.Table]:
 
 class _BatchedWriter:
     """A parquet writer that merges small tables into row groups of up to ``rows`` rows (fewer, larger
-    row groups write and read faster; memory stays bounded by ``rows``)."""
+    row groups write and read faster; memory stays bounded by ``rows``). ``on_flush`` sees each
+    merged table before it is written (counting per batch, not per small table)."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 16_384) -> None:
+    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 16_384,
+                 on_flush: Callable[[pa.Table], None] | None = None) -> None:
         self.writer = pq.ParquetWriter(path, schema)
-        self.schema, self.rows = schema, rows
+        self.schema, self.rows, self.on_flush = schema, rows, on_flush
         self.pending: list[pa.Table] = []
         self.n = 0
 
@@ -699,8 +701,12 @@ class _BatchedWriter:
 
     def flush(self) -> None:
         if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
+            table = pa.concat_tables(self.pending).combine_chunks().cast(self.schema)
             self.pending, self.n = [], 0
+            pa.default_memory_pool().release_unused()  # keep RSS flat: the allocator retains freed tables
+            if self.on_flush is not None:
+                self.on_flush(table)
+            self.writer.write_table(table)
 
     def __enter__(self) -> Self:
         return self
@@ -732,16 +738,9 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
     """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
     counts = _Counts()
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
-    with _BatchedWriter(tmp_index, INDEX_SCHEMA) as iw, _BatchedWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
-        pending: list[pa.Table] = []  # per-file tables are small: count and write them in batches
+    with _BatchedWriter(tmp_quar, QUARANTINE_SCHEMA) as qw:
 
-        def emit() -> None:
-            if not pending:
-                return
-            table = pa.concat_tables(pending).cast(INDEX_SCHEMA)
-            pending.clear()
-            pa.default_memory_pool().release_unused()
-            iw.write(table)
+        def count(table: pa.Table) -> None:
             status = table.column("status")
             ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
             counts.ok += ok
@@ -753,21 +752,19 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
                 for vc in pc.value_counts(quarantined.column("reason")).to_pylist():
                     counts.reasons[vc["values"]] += vc["counts"]
 
-        for rec in records:
-            if rec.status == "unreadable":
-                emit()  # quarantine rows stay in file order
-                qw.write(pa.Table.from_pylist([{
-                    "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
-                    "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
-                    "message": rec.error or "file cannot be opened",
-                }], schema=QUARANTINE_SCHEMA))
-                counts.reasons[FILE_UNREADABLE] += 1
-                continue
-            for table in _file_tables(rec, parts):
-                pending.append(table)
-                if sum(t.num_rows for t in pending) >= iw.rows:
-                    emit()
-        emit()
+        with _BatchedWriter(tmp_index, INDEX_SCHEMA, on_flush=count) as iw:
+            for rec in records:
+                if rec.status == "unreadable":
+                    iw.flush()  # quarantine rows stay in file order
+                    qw.write(pa.Table.from_pylist([{
+                        "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
+                        "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
+                        "message": rec.error or "file cannot be opened",
+                    }], schema=QUARANTINE_SCHEMA))
+                    counts.reasons[FILE_UNREADABLE] += 1
+                    continue
+                for table in _file_tables(rec, parts):
+                    iw.write(table)
     os.replace(tmp_index, ddir / "index.parquet")
     os.replace(tmp_quar, ddir / "quarantine.parquet")
     digest = opts.digest()

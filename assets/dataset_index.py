@@ -17,12 +17,12 @@ inside the step (they need the fresh results) and block downstream assets on fai
 """
 
 
-import base64
 import warnings
 from typing import Any
 
 import dagster as dg
 
+from assets import presentation
 from assets.resources import PipelineWorkspace
 from bagel_core.config.registry import Registry
 from bagel_core.index.indexer import INDEX_SCHEMA, DatasetSummary, IndexOptions, dataset_key, index_registry
@@ -30,8 +30,7 @@ from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 from bagel_core.index.report import (
     duplicate_keys,
     image_size_distribution,
-    size_distribution_markdown,
-    size_scatter_png,
+    image_size_sample,
 )
 
 #: One partition per registry dataset; keys are added from the registry at run time.
@@ -65,25 +64,37 @@ def sync_dataset_partitions(instance: dg.DagsterInstance, registry: Registry) ->
     return keys
 
 
-def _reasons_md(summaries: list[DatasetSummary]) -> str:
-    lines = ["| dataset | reason | samples |", "|---|---|---:|"]
-    for s in summaries:
-        for reason, n in s.reasons.items():
-            lines.append(f"| {s.group}.{s.dataset} | {reason} | {n:,} |")
-    return "\n".join(lines) if len(lines) > 2 else "no quarantined samples"
+def _reason_rows(summaries: list[DatasetSummary]) -> list[dict[str, Any]]:
+    return [{"dataset": f"{s.group}.{s.dataset}", "reason": reason, "samples": n}
+            for s in summaries for reason, n in s.reasons.items()]
+
+
+def _draw_sizes(sizes: list[tuple[int, int]]):
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        ws, hs = zip(*sizes)
+        ax.hexbin(ws, hs, gridsize=25, mincnt=1, cmap="viridis")
+        ax.set_xlabel("width (px)")
+        ax.set_ylabel("height (px)")
+        ax.set_title(f"image sizes ({len(sizes):,} sampled)")
+    return draw
 
 
 def _size_metadata(index_paths: list[str]) -> dict[str, Any]:
     dist = image_size_distribution(index_paths)
-    md = size_distribution_markdown(dist)
-    png = size_scatter_png(index_paths)
-    if png is not None:
-        md += "\n\n![image sizes](data:image/png;base64," + base64.b64encode(png).decode() + ")"
-    return {
-        "image_size_distribution": dg.MetadataValue.md(md),
+    sizes = image_size_sample(index_paths)
+    metadata: dict[str, Any] = {
         "image_size_buckets": dg.MetadataValue.json(dist["buckets"]),
+        "image_sizes_by_long_edge": presentation.table(
+            [{"long_edge": label, "images": n} for label, n in dist["buckets"].items()]),  # type: ignore[union-attr]
         "images": int(dist["images"]),  # type: ignore[arg-type]
     }
+    if dist["top_sizes"]:
+        metadata["image_sizes_most_common"] = presentation.table(dist["top_sizes"])  # type: ignore[arg-type]
+    if sizes:
+        metadata["image_size_distribution"] = presentation.figure(_draw_sizes(sizes), "image sizes", size=(4, 3),
+                                                                  dpi=72)
+    return metadata
 
 
 def _summary_metadata(summaries: list[DatasetSummary], seconds: float) -> dict[str, Any]:
@@ -99,7 +110,7 @@ def _summary_metadata(summaries: list[DatasetSummary], seconds: float) -> dict[s
         "ok": rows - quarantined,
         "quarantined": quarantined,
         "quarantined_by_reason": dg.MetadataValue.json(reasons),
-        "quarantine_table": dg.MetadataValue.md(_reasons_md(summaries)),
+        "quarantine_table": presentation.table(_reason_rows(summaries)),
         "files": sum(s.files for s in summaries),
         "files_reindexed": sum(s.files_reindexed for s in summaries),
         "files_reused": sum(s.files_reused for s in summaries),
@@ -180,14 +191,14 @@ with warnings.catch_warnings():
             "quarantine": dg.MetadataValue.path(str(result.quarantine_path)),
             "files_table": dg.MetadataValue.path(str(result.files_path)),
             "parquet_info": dg.MetadataValue.json({k: str(v) for k, v in result.parquet_info.items()}),
-            "indexed_registry": dg.MetadataValue.path(str(result.registry_path)),
+            "registry": dg.MetadataValue.path(str(result.registry_path)),
             "registered_parquet_info_problems": dg.MetadataValue.json(
                 {k: v[:20] for k, v in result.parquet_info_problems.items()}
             ),
         })
         for key, problems in result.parquet_info_problems.items():
             context.log.warning(f"{key}: registered parquet_info disagrees with the shards: {problems[:5]}; "
-                                f"the generated one is in {result.registry_path}")
+                                f"{result.registry_path} now points at the generated one")
 
         # ---- checks on what this run indexed ---------------------------------------------------
         failures = [f for s in result.datasets for f in s.invariant_failures]

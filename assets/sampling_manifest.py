@@ -5,27 +5,26 @@ The manifest is written even when some worker would get no data, with the proble
 blocking ``num_used_data_capacity`` check then fails and stops training before launch.
 """
 
-import base64
-
 import dagster as dg
 import polars as pl
 
+from assets import presentation
 from assets.resources import PipelineWorkspace
-from assets.token_stats import effective_registry_path, token_stats
+from assets.token_stats import token_stats
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import CfgDropout, PackingParams
-from bagel_core.index.manifest import (
+from bagel_core.plan.manifest import (
+    PackingReport,
     build_manifest,
     format_manifest_table,
     format_packing_table,
     read_manifest_meta,
     simulate_packing,
-    simulation_png,
     write_manifest,
     write_simulation,
 )
-from bagel_core.index.token_stats import STATS_FILE
+from bagel_core.plan.packing import CfgDropout, PackingParams
+from bagel_core.stats.token_stats import STATS_FILE
 
 _DEFAULTS = PackingParams()
 _DROPOUT = CfgDropout()
@@ -57,7 +56,7 @@ class SamplingManifestConfig(dg.Config):
 )
 def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifestConfig,
                       workspace: PipelineWorkspace) -> dg.MaterializeResult:
-    registry = Registry.load(effective_registry_path(workspace))
+    registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
     manifest = build_manifest(dataset_config, registry, config.world_size, config.num_workers, config.seed,
                               strict=False)
@@ -71,7 +70,7 @@ def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifes
         "ok": not manifest.problems,
         "problems": dg.MetadataValue.json(manifest.problems),
         "groups": dg.MetadataValue.json(manifest.groups),
-        "table": dg.MetadataValue.md(f"```\n{format_manifest_table(manifest)}\n```"),
+        "table": presentation.text_block(format_manifest_table(manifest)),
     }
     if config.simulate and not manifest.problems:
         params = PackingParams(config.expected_num_tokens, config.max_num_tokens, config.max_num_tokens_per_sample,
@@ -82,7 +81,6 @@ def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifes
         write_simulation(report, workspace.manifest_dir)
         table = format_packing_table(report)
         context.log.info("\n" + table)
-        png = base64.b64encode(simulation_png(report)).decode("ascii")
         metadata.update({
             "packs_per_epoch": report.packs,
             "steps_per_epoch": report.steps_per_epoch,
@@ -90,9 +88,9 @@ def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifes
             "flex_padding_fraction": report.flex_padding_fraction,
             "skipped_over_cap": report.skipped_over_cap,
             "discarded_on_overflow": report.discarded_on_overflow,
-            "token_share": dg.MetadataValue.json(report.group_share),
-            "simulation": dg.MetadataValue.md(f"```\n{table}\n```"),
-            "simulation_plot": dg.MetadataValue.md(f"![packing](data:image/png;base64,{png})"),
+            "token_share": presentation.table(report.group_share),
+            "simulation": presentation.text_block(table),
+            "simulation_plot": presentation.figure(_draw_simulation(report), "packing", size=(8, 3)),
         })
     return dg.MaterializeResult(metadata=metadata)
 
@@ -111,3 +109,21 @@ def num_used_data_capacity(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
             "units_per_group": dg.MetadataValue.json({g: v["units"] for g, v in meta.get("groups", {}).items()}),
         },
     )
+
+
+def _draw_simulation(report: PackingReport):
+    """Pack-length histogram beside token share vs weight share per group."""
+    def draw(fig) -> None:
+        a, b = fig.subplots(1, 2)
+        a.hist(report.pack_lengths, bins=30)
+        a.axvline(report.params["expected_num_tokens"], color="green", linestyle="--", label="expected")
+        a.axvline(report.params["max_num_tokens"], color="red", linestyle="--", label="max")
+        a.set_xlabel("pack length (tokens)")
+        a.legend(fontsize=7)
+        names = [g["group"] for g in report.group_share]
+        xs = range(len(names))
+        b.bar([x - 0.2 for x in xs], [g["weight_share"] for g in report.group_share], width=0.4, label="weight")
+        b.bar([x + 0.2 for x in xs], [g["token_share"] for g in report.group_share], width=0.4, label="tokens")
+        b.set_xticks(list(xs), names, fontsize=7)
+        b.legend(fontsize=7)
+    return draw

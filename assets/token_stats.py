@@ -1,26 +1,25 @@
 """``token_stats``: exact text/ViT/VAE tokens per sample, with histograms and cap/latent-size checks.
 
-Thin wrapper over :func:`bagel_core.index.token_stats.compute_token_stats`; the artefacts stay on
+Thin wrapper over :func:`bagel_core.stats.token_stats.compute_token_stats`; the artefacts stay on
 disk under ``workspace.stats_dir`` and the metadata carries the summary, a histogram and the worst
 violations.
 """
 
-import base64
 import json
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
+from assets import presentation
 from assets.resources import PipelineWorkspace
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.tokens import DEFAULT_MAX_LATENT_SIZE
-from bagel_core.index.token_stats import (
+from bagel_core.data.tokenizer import load_tokenizer
+from bagel_core.sequence.tokens import DEFAULT_MAX_LATENT_SIZE
+from bagel_core.stats.token_stats import (
     DEFAULT_MAX_TOKENS_PER_SAMPLE,
     SUMMARY_JSON,
     compute_token_stats,
-    histogram_png,
     over_cap_rows,
 )
 
@@ -34,16 +33,6 @@ class TokenStatsConfig(dg.Config):
     tokenizer_path: str | None = None
 
 
-def effective_registry_path(workspace: PipelineWorkspace) -> Path:
-    """The registry the indexer rewrote with generated ``parquet_info`` paths when present, else the input."""
-    indexed = workspace.index_dir / "dataset_info.yaml"
-    return indexed if indexed.is_file() else workspace.registry_path
-
-
-def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})")
-
-
 @dg.asset(
     group_name="data",
     deps=[dg.AssetKey("dataset_index")],
@@ -53,9 +42,7 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
 )
 def token_stats(context: dg.AssetExecutionContext, config: TokenStatsConfig,
                 workspace: PipelineWorkspace) -> dg.MaterializeResult:
-    from bagel_core.data.tokenizer import load_tokenizer
-
-    registry = Registry.load(effective_registry_path(workspace))
+    registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
     backend = load_tokenizer(config.tokenizer_path)[0].backend_tokenizer
     result = compute_token_stats(
@@ -82,23 +69,29 @@ def token_stats(context: dg.AssetExecutionContext, config: TokenStatsConfig,
         "vit_overflow": result.num_vit_overflow,
         "total_tokens": int(stats["total_tokens"].sum()) if stats.height else 0,
         "samples_per_s": result.num_counted / max(result.seconds, 1e-9),
-        "summary": dg.MetadataValue.md(_markdown_table(summary)),
+        "summary": presentation.table(summary),
     }
     if stats.height:
-        metadata["histogram_total_tokens"] = png_markdown(
-            histogram_png(stats, "total_tokens", config.max_num_tokens_per_sample), "total tokens")
+        metadata["histogram_total_tokens"] = presentation.figure(
+            _draw_histogram(stats, "total_tokens", config.max_num_tokens_per_sample), "total tokens")
         violations = over_cap_rows(stats, 20)
         if violations.height:
-            metadata["violations_first_20"] = dg.MetadataValue.md(_markdown_table(violations))
+            metadata["violations_first_20"] = presentation.table(violations)
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _markdown_table(frame: pl.DataFrame) -> str:
-    cols = frame.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
+def _draw_histogram(stats: pl.DataFrame, column: str, cap: int | None):
+    """Histogram of one count column per task, with the cap marked."""
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        for (task,), part in stats.group_by(["task"], maintain_order=True):
+            ax.hist(part[column].to_numpy(), bins=40, alpha=0.6, label=str(task))
+        if cap is not None:
+            ax.axvline(cap, color="red", linestyle="--", label=f"cap {cap}")
+        ax.set_xlabel(column)
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=7)
+    return draw
 
 
 def _summary_json(workspace: PipelineWorkspace) -> dict:

@@ -7,14 +7,15 @@
     bagel data index | stats | plan    validate+index samples, token statistics, sampling manifest
     bagel infer                        text-to-image / understanding with a BAGEL checkpoint
 
-Subcommands of other parts of the library register themselves through ``add_parser`` functions,
-imported lazily so ``bagel --help`` stays fast and a missing optional piece never breaks the rest.
+Each stage package owns its subcommand in a ``cli`` module with an ``add_parser`` function,
+registered here explicitly (a missing module is an import error, never a silent skip). Those
+modules import only what building the parser needs; the heavy libraries (DuckDB, Arrow, polars,
+torch) load inside the command functions, so ``bagel --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import subprocess
@@ -22,10 +23,10 @@ import sys
 from pathlib import Path
 
 from bagel_core.config.errors import ConfigError, DataError
-
-#: (module, function) pairs that add subcommands to ``bagel data`` / ``bagel``.
-DATA_PLUGINS = [("bagel_core.index.cli", "add_parser"), ("bagel_core.index.stats_cli", "add_parser")]
-TOP_PLUGINS = [("bagel_core.inference.cli", "add_parser"), ("bagel_core.train.cli", "add_parser")]
+from bagel_core.index import cli as index_cli
+from bagel_core.inference import cli as inference_cli
+from bagel_core.plan import cli as plan_cli
+from bagel_core.stats import cli as stats_cli
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -103,17 +104,6 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
-def _load_plugins(subparsers, plugins: list[tuple[str, str]]) -> None:
-    for module_name, function in plugins:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that part of the library is not present
-                continue
-            raise
-        getattr(module, function)(subparsers)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bagel",
@@ -156,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset-config", help="also check a dataset-group YAML against the registry")
     check.set_defaults(func=_cmd_check)
 
-    _load_plugins(data_sub, DATA_PLUGINS)
-    _load_plugins(top, TOP_PLUGINS)
+    for stage in (index_cli, stats_cli, plan_cli):
+        stage.add_parser(data_sub)
+    inference_cli.add_parser(top)
     return parser
 
 

@@ -27,7 +27,7 @@ from bagel_core.config.discover import default_dataset_config, discover_registry
 from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
 from bagel_core.data.tokenizer import load_tokenizer
 from bagel_core.index.indexer import index_registry
-from bagel_core.index.token_stats import compute_token_stats
+from bagel_core.stats.token_stats import compute_token_stats
 
 
 class RecordingBackend:
@@ -67,8 +67,7 @@ def prepare(root: Path, rows: int) -> tuple[Path, Path, Path]:
         result = index_registry(registry, index_dir)
         print(f"indexed in {time.perf_counter() - t0:.0f}s -> {result.index_path}", flush=True)
         marker.touch()
-    indexed_registry = index_dir / "dataset_info.yaml"
-    return (indexed_registry if indexed_registry.is_file() else registry_path), groups_path, index_dir
+    return registry_path, groups_path, index_dir  # the index updated the registry in place
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from stats_fixtures import Fixture, write_fixture
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import CfgDropout, PackingParams
-from bagel_core.index.manifest import build_manifest, write_manifest
+from bagel_core.plan.manifest import build_manifest, write_manifest
+from bagel_core.plan.packing import CfgDropout, PackingParams
 
 SMALL_VAE = {"image_stride": 16, "max_image_size": 64, "min_image_size": 32}
 SMALL_EDIT_VIT = {"image_stride": 14, "max_image_size": 56, "min_image_size": 28}
@@ -46,7 +46,7 @@ def make_manifest(fx: Fixture, out: Path, world_size: int = 1, num_workers: int 
 
 def make_dataset(fx: Fixture, manifest: Path, groups: Path | None = None, **kwargs):
     """A :class:`PackedDataset` over the fixture (``groups``: another groups YAML for the same data)."""
-    from bagel_core.data.packed_dataset import PackedDataset
+    from bagel_core.loader.packed_dataset import PackedDataset
 
     kwargs.setdefault("params", SMALL_PARAMS)
     config = load_dataset_config(groups or fx.groups)

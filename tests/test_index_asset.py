@@ -55,7 +55,7 @@ def test_unpartitioned_run_indexes_every_dataset_and_records_partitions(tmp_path
         assert "data:image/png;base64," in by_partition[None]["image_size_distribution"].value
         assert by_partition[None]["rows_per_s"].value > 0
         assert pq.read_table(ws.index_dir / "index.parquet").num_rows == 9
-        assert (ws.index_dir / "parquet_info" / "t2i.json").is_file()
+        assert (ws.registry_path.parent / "parquet_info" / "t2i.json").is_file()
 
         # per-dataset partition run: only that dataset is (re)considered, the union keeps both
         res2 = dg.materialize([dataset_index], instance=instance, resources={"workspace": ws},

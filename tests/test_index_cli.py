@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_index_fixtures import good_t2i, image_bytes, registry_for, write_t2i
 
+from bagel_core.config.registry import Registry
 from bagel_core.index.cli import add_parser
 
 
@@ -29,7 +30,9 @@ def test_cli_writes_outputs_and_summary(tmp_path: Path, capsys: pytest.CaptureFi
     captured = capsys.readouterr()
     assert rc == 0
     assert (out / "index.parquet").is_file() and (out / "quarantine.parquet").is_file()
-    assert (out / "parquet_info" / "t2i.json").is_file() and (out / "dataset_info.yaml").is_file()
+    # the registry is updated in place, its parquet_info generated beside it; no second registry
+    assert (tmp_path / "parquet_info" / "t2i.json").is_file() and not (out / "dataset_info.yaml").exists()
+    assert Registry.load(reg_path).by_name("t2i").num_total_samples == 6
     assert pq.read_table(out / "index.parquet").num_rows == 6
     assert pq.read_table(out / "quarantine.parquet").column("reason").to_pylist() == ["image_empty"]
     assert "t2i_pretrain/t2i" in captured.out and "image_empty=1" in captured.out

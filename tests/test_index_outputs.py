@@ -64,8 +64,12 @@ def test_index_schema_is_the_published_contract(tmp_path: Path) -> None:
 
 
 def test_parquet_info_matches_footers_and_registry_points_at_it(tmp_path: Path) -> None:
-    reg = _three_datasets(tmp_path)
+    reg = Registry.load(_three_datasets(tmp_path).save(tmp_path / "reg" / "dataset_info.yaml"))
     result, _, _, _ = run_index(reg, tmp_path / "out")
+    # one registry: the registered file is updated in place, the JSON is written beside it
+    assert result.registry_path == tmp_path / "reg" / "dataset_info.yaml"
+    assert not (tmp_path / "out" / "dataset_info.yaml").exists()
+    assert result.parquet_info["unified_edit.edit_multi"].parent == tmp_path / "reg" / "parquet_info"
     edit = reg.by_name("edit_multi")
     info = json.loads(result.parquet_info["unified_edit.edit_multi"].read_text())
     assert info == {
@@ -76,6 +80,7 @@ def test_parquet_info_matches_footers_and_registry_points_at_it(tmp_path: Path) 
         assert pq.ParquetFile(key).metadata.num_row_groups == value["num_row_groups"]
     assert set(result.parquet_info) == {"t2i_pretrain.t2i", "unified_edit.edit_multi"}  # no JSONL dataset
     generated = Registry.load(result.registry_path)
+    assert generated.to_dict() == result.registry.to_dict()
     assert generated.by_name("edit_multi").parquet_info_path == result.parquet_info["unified_edit.edit_multi"]
     # T2I gets its JSON written but not registered: upstream's T2I class takes no parquet_info argument
     assert generated.by_name("t2i").parquet_info_path is None

@@ -18,7 +18,7 @@ from bagel_core.inference import Inferencer, cfg_active, cfg_combine, flow_times
 from bagel_core.inference import inferencer as inferencer_mod
 from bagel_core.inference.inferencer import GEN_THINK_SYSTEM_PROMPT, Guidance, latents_to_image
 from bagel_core.model import AutoEncoder, build_model, preset
-from bagel_core.model.embeddings import unpatchify
+from bagel_core.sequence.grid import unpatchify
 
 
 @pytest.fixture(scope="module")
@@ -479,7 +479,7 @@ def test_sampling_never_consumes_the_cpu_default_generator(inf):
 def test_interpolate_pos_config_is_honoured_at_inference(inf, monkeypatch):
     """With ``interpolate_pos`` the ViT and latent ids are bucketed (data-format.md 9.2), as in
     training; the release uses extrapolation (row * side + col)."""
-    from bagel_core.model.embeddings import interpolated_position_ids
+    from bagel_core.sequence.grid import interpolated_position_ids
 
     monkeypatch.setattr(inf.model.cfg, "interpolate_pos", True)
     seen = {}

@@ -161,8 +161,9 @@ def test_cli_text_to_image_and_understanding(tiny_path, tmp_path, capsys):
 def test_kv_cached_prefill_equals_packed_forward():
     """Text prefill + a latent chunk through the cache == one packed pass with the same layout."""
     from bagel_core.model import build_model, preset
-    from bagel_core.model.attention import PackedLayout, packed_attention
+    from bagel_core.model.attention import packed_attention
     from bagel_core.model.qwen2_mot import Routing
+    from bagel_core.sequence.layout import PackedLayout
 
     cfg = preset("tiny")
     torch.manual_seed(0)

@@ -10,9 +10,17 @@ import polars as pl
 import pytest
 from stats_fixtures import write_fixture
 
+from bagel_core.cli import main as bagel_main
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.sharding import (
+from bagel_core.plan.manifest import (
+    ManifestCapacityError,
+    build_manifest,
+    read_manifest,
+    read_manifest_meta,
+    write_manifest,
+)
+from bagel_core.plan.sharding import (
     DataUnit,
     capacity_problem,
     list_group_units,
@@ -20,14 +28,6 @@ from bagel_core.data.sharding import (
     shuffled_units,
     worker_slice,
 )
-from bagel_core.index.manifest import (
-    ManifestCapacityError,
-    build_manifest,
-    read_manifest,
-    read_manifest_meta,
-    write_manifest,
-)
-from bagel_core.index.stats_cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_empty_worker_is_an_error_before_launch(fx, tmp_path, capsys):
     message = str(err.value)
     assert "unified_edit: 6 row groups for world_size 4 x num_workers 2 = 8 readers" in message
     assert "Fix:" in message and "t2i_pretrain" not in message  # 12 files suffice
-    rc = cli_main(["plan", "--registry", str(fx.registry), "--dataset-config", str(fx.groups),
+    rc = bagel_main(["data", "plan", "--registry", str(fx.registry), "--dataset-config", str(fx.groups),
                    "--index", str(fx.index_dir), "--out", str(tmp_path / "p"),
                    "--world-size", "4", "--num-workers", "2"])
     assert rc == 2 and "unified_edit" in capsys.readouterr().err

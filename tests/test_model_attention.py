@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel_core.model.attention import (
-    PackedLayout,
-    cached_attention,
-    dense_mask,
-    packed_attention,
-    varlen_plan,
-    varlen_reference,
-)
+from bagel_core.model.attention import cached_attention, packed_attention, varlen_plan, varlen_reference
+from bagel_core.sequence.layout import PackedLayout, dense_mask
 
 # A multi-sample pack with every mode: VLM-like, edit-like and T2I-like samples.
 SAMPLE_LENS = [9, 13, 6]

@@ -7,7 +7,8 @@ from model_fixtures import MIXED_SAMPLES, make_packed_batch
 
 from bagel_core.model import build_model, preset
 from bagel_core.model.bagel import shift_timesteps
-from bagel_core.model.embeddings import patchify, sincos_2d_table, unpatchify
+from bagel_core.model.embeddings import sincos_2d_table
+from bagel_core.sequence.grid import patchify, unpatchify
 
 
 def released_table() -> dict[str, tuple[int, ...]]:

@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from model_fixtures import make_packed_batch
 
 from bagel_core.model import AutoEncoder, build_model, preset, read_config
-from bagel_core.model.attention import PackedLayout, dense_mask, packed_attention
+from bagel_core.model.attention import packed_attention
 from bagel_core.model.bagel import shift_timesteps
 from bagel_core.model.config import VAEConfig
-from bagel_core.model.embeddings import (
-    TimestepEmbedder,
-    grid_position_ids,
-    interpolated_position_ids,
-    patchify,
-    sincos_2d_table,
-)
+from bagel_core.model.embeddings import TimestepEmbedder, sincos_2d_table
 from bagel_core.model.qwen2_mot import Routing
+from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids, patchify
+from bagel_core.sequence.layout import PackedLayout, dense_mask
 
 # ---------------------------------------------------------------- naive MoT reference (model.md 3)
 

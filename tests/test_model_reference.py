@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from bagel_core.model.attention import PackedLayout, packed_attention
+from bagel_core.model.attention import packed_attention
 from bagel_core.model.config import LLMConfig, ViTConfig
-from bagel_core.model.embeddings import patchify
 from bagel_core.model.qwen2_mot import Qwen2ForCausalLM, Routing
 from bagel_core.model.siglip_navit import SiglipVisionModel
+from bagel_core.sequence.grid import patchify
+from bagel_core.sequence.layout import PackedLayout
 
 
 def _causal_logits(ours, ids: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,13 @@ from PIL import Image
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import ConfigError, DataError
+from bagel_core.config.image_args import ImageTransformArgs
 from bagel_core.config.registry import Registry
-from bagel_core.data.packed_dataset import PackBuilder, model_inputs
-from bagel_core.data.packing import PackingParams
-from bagel_core.data.readers import LoadedSample
-from bagel_core.data.tokens import EditSpan, build_edit_plan, build_t2i_plan, build_vlm_plan, count_tokens
-from bagel_core.data.transforms import ImageTransform, ImageTransformArgs
+from bagel_core.data.transforms import ImageTransform
+from bagel_core.loader.packed_dataset import PackBuilder, model_inputs
+from bagel_core.loader.readers import LoadedSample
+from bagel_core.plan.packing import PackingParams
+from bagel_core.sequence.tokens import EditSpan, build_edit_plan, build_t2i_plan, build_vlm_plan, count_tokens
 
 BOS, EOS, SOI, EOI = 151644, 151645, 151652, 151653
 TOKEN_IDS = {"bos_token_id": BOS, "eos_token_id": EOS, "start_of_image": SOI, "end_of_image": EOI}
@@ -238,7 +239,7 @@ def test_interpolated_patch_ids():
 
 # ---- token counts equal token_stats.parquet (issue 5 Must-show) ------------------------------------
 def test_packed_token_counts_equal_token_stats(tmp_path):
-    from bagel_core.index.token_stats import SKIPPED_FILE, compute_token_stats
+    from bagel_core.stats.token_stats import SKIPPED_FILE, compute_token_stats
 
     fx = small_fixture(tmp_path / "data", vlm_copies=2)
     manifest = make_manifest(fx, tmp_path / "manifest")
@@ -376,7 +377,7 @@ def test_state_is_plain_data(data):
 
 # ---- the manifest is what is read ----------------------------------------------------------------------
 def test_each_rank_reads_exactly_its_manifest_units_and_logs_repeats(tmp_path, caplog):
-    from bagel_core.index.manifest import read_manifest
+    from bagel_core.plan.manifest import read_manifest
 
     fx = small_fixture(tmp_path / "data", vlm_copies=2)
     manifest = make_manifest(fx, tmp_path / "manifest", world_size=2)
@@ -386,7 +387,7 @@ def test_each_rank_reads_exactly_its_manifest_units_and_logs_repeats(tmp_path, c
         allowed = {(os.path.realpath(u.source_file), u.row_group if u.group == "unified_edit" else None,
                     u.line if u.group == "vlm_sft" else None) for us in units.values() for u in us}
         ds = make_dataset(fx, manifest, rank=rank, world_size=2)
-        with caplog.at_level("INFO", logger="bagel_core.data.packed_dataset"):
+        with caplog.at_level("INFO", logger="bagel_core.loader.packed_dataset"):
             batches = list(itertools.islice(iter(ds), 6))
         seen = set()
         for d in (d for b in batches for d in b["batch_data_indexes"]):

@@ -15,8 +15,8 @@ from packed_fixtures import make_dataset, make_manifest, small_fixture
 from torch.utils.data import DataLoader
 
 from bagel_core.config.errors import ConfigError
-from bagel_core.data.packed_dataset import collate_packed
-from bagel_core.data.packing import PackingParams
+from bagel_core.loader.packed_dataset import collate_packed
+from bagel_core.plan.packing import PackingParams
 
 #: Tight packing so samples sit in the overflow buffer at flushes and overflow flushes discard samples.
 PARAMS = PackingParams(expected_num_tokens=128, max_num_tokens=150, max_num_tokens_per_sample=160,
@@ -143,7 +143,7 @@ def test_pack_events_uses_a_caller_owned_buffer():
     import random
     from collections import deque
 
-    from bagel_core.data.packing import Buffered, Flush, Packed, pack_events
+    from bagel_core.plan.packing import Buffered, Flush, Packed, pack_events
 
     params = PackingParams(expected_num_tokens=10, max_num_tokens=12, max_num_tokens_per_sample=12,
                            prefer_buffer_before=5, max_buffer_size=2)

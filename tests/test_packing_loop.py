@@ -12,7 +12,8 @@ from stats_fixtures import write_fixture
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import (
+from bagel_core.plan.manifest import build_manifest, simulate_packing
+from bagel_core.plan.packing import (
     NO_DROPOUT,
     Buffered,
     CfgDropout,
@@ -26,8 +27,7 @@ from bagel_core.data.packing import (
     pack_events,
     simulate_worker,
 )
-from bagel_core.index.manifest import build_manifest, simulate_packing
-from bagel_core.index.token_stats import compute_token_stats
+from bagel_core.stats.token_stats import compute_token_stats
 
 
 def run(params, weights, mandatory, streams, n_events, seed=0):

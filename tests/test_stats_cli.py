@@ -9,7 +9,18 @@ import polars as pl
 import pytest
 from stats_fixtures import write_fixture
 
-from bagel_core.index.stats_cli import add_parser, main
+from bagel_core import cli
+from bagel_core.plan import cli as plan_cli
+from bagel_core.stats import cli as stats_cli
+
+
+def main(argv: list[str]) -> int:
+    return cli.main(["data", *argv])
+
+
+def add_parser(subparsers) -> None:
+    stats_cli.add_parser(subparsers)
+    plan_cli.add_parser(subparsers)
 
 
 @pytest.fixture(scope="module")

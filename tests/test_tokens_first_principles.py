@@ -21,7 +21,7 @@ from stats_fixtures import image_size, write_fixture
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer
-from bagel_core.index.token_stats import compute_token_stats
+from bagel_core.stats.token_stats import compute_token_stats
 
 
 def ref_resize(w, h, max_size, min_size, stride, max_pixels=1_806_336, img_num=1):

@@ -8,7 +8,8 @@ from fractions import Fraction
 
 import pytest
 
-from bagel_core.data.tokens import (
+from bagel_core.config.image_args import ImageTransformArgs
+from bagel_core.sequence.tokens import (
     VAE_IMAGE,
     VIT_IMAGE,
     EditSpan,
@@ -26,7 +27,6 @@ from bagel_core.data.tokens import (
     t2i_plan_variants,
     vlm_elements,
 )
-from bagel_core.data.transforms import ImageTransformArgs
 
 VAE = ImageTransformArgs(max_image_size=1024, min_image_size=512, image_stride=16)
 EDIT_VIT = ImageTransformArgs(max_image_size=518, min_image_size=224, image_stride=14)

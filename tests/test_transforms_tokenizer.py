@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from bagel_core.config.image_args import resized_size
 from bagel_core.data.tokenizer import load_tokenizer
-from bagel_core.data.transforms import ImageTransform, resized_size, to_rgb
+from bagel_core.data.transforms import ImageTransform, to_rgb
 
 VAE = (1024, 512, 16)
 EDIT_VIT = (518, 224, 14)

@@ -16,8 +16,8 @@ import yaml
 
 from bagel_core.config.errors import ConfigError
 from bagel_core.config.files import read_yaml
+from bagel_core.config.image_args import DEFAULT_MAX_PIXELS, ImageTransformArgs
 from bagel_core.config.registry import GROUP_TASKS, Registry
-from bagel_core.data.transforms import DEFAULT_MAX_PIXELS, ImageTransformArgs
 
 #: Keys the packer consumes (data-format.md 3.2) plus constructor keys (3.3), per group.
 _COMMON_KEYS = {

@@ -14,9 +14,9 @@ from pathlib import Path
 from bagel_core.config.dataset_config import DatasetConfig, FrameSamplerArgs, GroupConfig
 from bagel_core.config.errors import ConfigError
 from bagel_core.config.files import read_json
+from bagel_core.config.image_args import ImageTransformArgs
 from bagel_core.config.registry import DatasetEntry, Registry
 from bagel_core.config.validate import count_jsonl_lines, parquet_footer_counts
-from bagel_core.data.transforms import ImageTransformArgs
 
 #: Upstream's registry names for the official example files.
 OFFICIAL_NAMES = {"llava_ov_si": "llava_ov"}

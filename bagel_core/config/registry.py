@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,9 @@ class Registry:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = "# BAGEL dataset registry (upstream DATASET_INFO fields). Written by bagel-pipeline.\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)  # readers never see a half-written registry
         return path
 
     @classmethod

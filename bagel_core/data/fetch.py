@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from bagel_core.config.errors import DataError
+from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
 
 OFFICIAL_EXAMPLE_URL = "https://lf3-static.bytednsdoc.com/obj/eden-cn/nuhojubrps/bagel_example.zip"
 ARCHIVE_NAME = "bagel_example.zip"
@@ -94,9 +95,7 @@ def write_deterministic_zip(src_dir: Path, dest_zip: Path, arc_root: str) -> Non
     os.replace(tmp, dest_zip)
 
 
-def build_builtin_archive(dest_zip: Path, config=None) -> None:
-    from bagel_core.data.example_generator import write_example_dataset
-
+def build_builtin_archive(dest_zip: Path, config: ExampleConfig | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bagel-example-", dir=dest_zip.parent) as tmp:
         root = write_example_dataset(tmp, config)
         write_deterministic_zip(root, dest_zip, root.name)

@@ -2,9 +2,10 @@
 
     bagel data index --registry REGISTRY.yaml --out DIR [--dataset NAME ...] [--workers N]
 
-writes ``DIR/index.parquet``, ``DIR/quarantine.parquet``, ``DIR/files.parquet``,
-``DIR/parquet_info/<name>.json`` and ``DIR/dataset_info.yaml`` (the registry pointing at them),
-with a progress bar on stderr and a summary table on stdout. Exit status: 0 when every file's
+writes ``DIR/index.parquet``, ``DIR/quarantine.parquet``, ``DIR/files.parquet`` and the generated
+``parquet_info/<name>.json`` beside REGISTRY.yaml, and updates REGISTRY.yaml in place (edit entries
+point at the generated JSON; sizes are the indexed counts), with a progress bar on stderr and a
+summary table on stdout. Exit status: 0 when every file's
 accounting holds and the quarantine ratio is within ``--max-quarantine-ratio``, 1 otherwise.
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bagel_core.index.indexer import IndexOptions, IndexResult, index_registry
-from bagel_core.index.probe import DEFAULT_MAX_PIXELS
+if TYPE_CHECKING:
+    from bagel_core.index.indexer import IndexResult
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,8 +33,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", default=None, metavar="NAME",
                    help="index only this dataset (name or group.name; repeatable); others keep earlier results")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all usable CPUs)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="declared width*height above which an image is quarantined (decompression bombs)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="declared width*height above which an image is quarantined (decompression bombs; "
+                        "default: the indexer's cap, 200,000,000)")
     p.add_argument("--full-decode", action="store_true", help="decode every image instead of header probes")
     p.add_argument("--force", action="store_true", help="re-read every file even if its identity is unchanged")
     p.add_argument("--max-quarantine-ratio", type=float, default=None,
@@ -45,10 +47,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from bagel_core.config.registry import Registry
+    from bagel_core.index.indexer import IndexOptions, index_registry
 
     registry = Registry.load(args.registry)
-    opts = IndexOptions(max_pixels=args.max_pixels, full_decode=args.full_decode, workers=args.workers,
-                        force=args.force)
+    caps = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    opts = IndexOptions(full_decode=args.full_decode, workers=args.workers, force=args.force, **caps)
     bar = None
     progress = None
     if not args.no_progress:
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(result))
     for key, problems in result.parquet_info_problems.items():
         print(f"warning: {key}: the registered parquet_info disagrees with the shards "
-              f"({len(problems)} problem(s)); use the generated one in {args.out}/dataset_info.yaml", file=sys.stderr)
+              f"({len(problems)} problem(s)); {args.registry} now points at the generated one", file=sys.stderr)
         for problem in problems[:10]:
             print(f"  {problem}", file=sys.stderr)
     failed = False

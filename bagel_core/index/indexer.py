@@ -36,14 +36,16 @@ Outputs under ``out_dir`` (all parquet, streamed; nothing holds a whole dataset 
   ok, quarantined, status, error; the accounting invariant ``ok + quarantined == rows_read`` holds
   per file, and ``rows_read == footer_rows`` (the parquet footer's row count, or the JSONL's line
   count) whenever the file could be opened. An unopenable file has status ``unreadable``.
-* ``parquet_info/<dataset>.json`` -- upstream ``parquet_info`` (see :mod:`bagel_core.index.parquet_info`).
+* ``parquet_info/<dataset>.json`` beside the registry file -- upstream ``parquet_info``, generated
+  from the footers (see :mod:`bagel_core.index.parquet_info`).
 * ``datasets/<group>/<name>/`` -- the same three tables per dataset (the unit Dagster partitions
   on) and ``parts/<run>.arrow``: the index rows of the dataset's latest run as Arrow IPC record
   batches per source file (a cache: cheap to write and read); a later run reads a
   file's batches back instead of re-checking it when the file's identity is unchanged.
 
-* ``dataset_info.yaml`` -- the registry with ``parquet_info_path`` of edit entries pointing at the
-  generated JSON and ``num_files`` / ``num_total_samples`` taken from the index.
+* the registry itself, updated in place (there is one registry, never a second copy): edit entries'
+  ``parquet_info_path`` point at the generated JSON, ``num_files`` / ``num_total_samples`` are the
+  indexed counts.
 
 Three tiers, each only *accepting* what the next would accept with the same values, so reasons
 and messages of bad input never depend on which tier saw a row (``IndexOptions(fast_path=False)``
@@ -75,6 +77,7 @@ memory depends on row-group and query sizes, never on dataset size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -95,6 +98,13 @@ import pyarrow.parquet as pq
 from bagel_core.config.errors import DataError
 from bagel_core.config.registry import DatasetEntry, Registry
 from bagel_core.index import scan
+from bagel_core.index.parquet_info import (
+    check_registered_parquet_info,
+    parquet_info_dir,
+    registry_file,
+    registry_with_parquet_info,
+    write_parquet_info_files,
+)
 from bagel_core.index.pool import Pool
 from bagel_core.index.schema import (
     COLUMN_TYPE,
@@ -106,6 +116,8 @@ from bagel_core.index.schema import (
     QUARANTINE_SCHEMA,
     IndexOptions,
     arrow_type_name,
+    dataset_dir,
+    dataset_key,
 )
 from bagel_core.index.units import IndexRows, Unit
 
@@ -318,15 +330,6 @@ def _part_image_paths(tables: Iterable[pa.Table]) -> Iterator[str]:
 
 
 # ---- orchestration ---------------------------------------------------------------------------------
-def dataset_key(entry: DatasetEntry) -> str:
-    """Stable folder / partition name of a dataset."""
-    return f"{entry.group}.{entry.name}"
-
-
-def dataset_dir(out_dir: Path, entry: DatasetEntry) -> Path:
-    return Path(out_dir) / "datasets" / entry.group / entry.name
-
-
 @dataclass
 class DatasetSummary:
     """Numbers reported for one dataset (CLI table, Dagster metadata)."""
@@ -798,7 +801,8 @@ class IndexResult:
     quarantine_path: Path
     files_path: Path
     parquet_info: dict[str, Path]
-    registry_path: Path | None
+    registry: Registry  # the registry updated with the generated parquet_info and the indexed counts
+    registry_path: Path | None  # the registry file updated in place (None: the registry has no YAML file)
     seconds: float
     parquet_info_problems: dict[str, list[str]] = field(default_factory=dict)  # registered JSON vs index
 
@@ -823,13 +827,6 @@ def index_registry(
     ``datasets`` holds registry names or ``group.name`` keys. Datasets not selected keep their previous
     per-dataset outputs, so one Dagster partition can re-index one dataset and still refresh the union.
     """
-    # local imports: parquet_info imports this module
-    from bagel_core.index.parquet_info import (
-        check_registered_parquet_info,
-        registry_with_parquet_info,
-        write_parquet_info_files,
-    )
-
     opts = opts or IndexOptions()
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -857,13 +854,24 @@ def index_registry(
                 else:
                     progress(event, n)
             summaries.append(index_dataset(entry, out, opts, pool, _progress if progress else None))
-    combined = combine(registry, out)
-    problems = check_registered_parquet_info(registry, out)
-    infos = write_parquet_info_files(registry, out)
-    reg_path = out / "dataset_info.yaml"
-    registry_with_parquet_info(registry, infos, _registry_counts(combined["files"])).save(reg_path)
+    with _output_lock(out):
+        combined = combine(registry, out)
+        problems = check_registered_parquet_info(registry, out)
+        infos = write_parquet_info_files(registry, out, parquet_info_dir(registry, out))
+        updated = registry_with_parquet_info(registry, infos, _registry_counts(combined["files"]))
+        reg_path = registry_file(registry)
+        if reg_path is not None:
+            updated.save(reg_path)
     return IndexResult(out, summaries, combined["index"], combined["quarantine"], combined["files"], infos,
-                       reg_path, time.perf_counter() - t0, problems)
+                       updated, reg_path, time.perf_counter() - t0, problems)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Serialise the combined outputs and the registry update between concurrent partition runs."""
+    with open(out / ".combine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _registry_counts(files_path: Path) -> dict[str, tuple[int, int]]:
@@ -895,25 +903,23 @@ def _estimated_rows(entries: list[DatasetEntry], scanned: bool) -> int:
 def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
     """Union of the per-dataset tables (registry order) into ``out_dir/{index,quarantine,files}.parquet``.
 
-    Serialised with a file lock and written under temporary names, so concurrent per-dataset runs
+    Written under temporary names; the caller holds ``_output_lock``, so concurrent per-dataset runs
     (Dagster partitions in parallel) never leave a torn file and the last one includes every dataset.
     """
     out = Path(out_dir)
     result: dict[str, Path] = {}
-    with open(out / ".combine.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA), ("files", FILES_SCHEMA)):
-            tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
-            sources = [p for e in registry.entries if (p := dataset_dir(out, e) / f"{name}.parquet").is_file()]
-            if len(sources) == 1 and pq.read_schema(sources[0]).equals(schema):
-                _link_or_copy(sources[0], tmp)  # the union of one table is that table
-            else:
-                with _BatchedWriter(tmp, schema) as writer:
-                    for src in sources:
-                        for table in _row_groups(src):
-                            writer.write(table.cast(schema))
-            os.replace(tmp, out / f"{name}.parquet")
-            result[name] = out / f"{name}.parquet"
+    for name, schema in (("index", INDEX_SCHEMA), ("quarantine", QUARANTINE_SCHEMA), ("files", FILES_SCHEMA)):
+        tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
+        sources = [p for e in registry.entries if (p := dataset_dir(out, e) / f"{name}.parquet").is_file()]
+        if len(sources) == 1 and pq.read_schema(sources[0]).equals(schema):
+            _link_or_copy(sources[0], tmp)  # the union of one table is that table
+        else:
+            with _BatchedWriter(tmp, schema) as writer:
+                for src in sources:
+                    for table in _row_groups(src):
+                        writer.write(table.cast(schema))
+        os.replace(tmp, out / f"{name}.parquet")
+        result[name] = out / f"{name}.parquet"
     return result
 
 

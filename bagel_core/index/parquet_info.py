@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bagel_core.config.registry import PLACEHOLDER, DatasetEntry, Registry
-from bagel_core.index.indexer import dataset_dir, dataset_key
+from bagel_core.index.schema import dataset_dir, dataset_key
 
 #: ``files.parquet`` statuses whose files the loader can read row groups from.
 _LISTED_STATUSES = ("ok", "all_quarantined")
@@ -53,14 +53,30 @@ def _file_names(registry: Registry) -> dict[str, str]:
     }
 
 
-def write_parquet_info_files(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``out_dir/parquet_info/<name>.json`` for every indexed parquet dataset; key: ``group.name``."""
-    out = Path(out_dir) / "parquet_info"
+def registry_file(registry: Registry) -> Path | None:
+    """The YAML file the index updates in place; None for a registry held only in memory (or read
+    from an upstream ``dataset_info.py``, which we never rewrite)."""
+    source = registry.source
+    if source is not None and Path(source).suffix in (".yaml", ".yml"):
+        return Path(source)
+    return None
+
+
+def parquet_info_dir(registry: Registry, index_dir: str | Path) -> Path:
+    """Where the generated JSON goes: beside the registry file that points at it (where
+    ``bagel data registry`` writes it too), else in the index folder."""
+    reg = registry_file(registry)
+    return (reg.parent if reg is not None else Path(index_dir)) / "parquet_info"
+
+
+def write_parquet_info_files(registry: Registry, index_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``out_dir/<name>.json`` for every parquet dataset indexed in ``index_dir``; key ``group.name``."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     file_names = _file_names(registry)
     written: dict[str, Path] = {}
     for entry in registry.entries:
-        files_path = dataset_dir(Path(out_dir), entry) / "files.parquet"
+        files_path = dataset_dir(Path(index_dir), entry) / "files.parquet"
         if not entry.is_parquet or not files_path.is_file():
             continue
         info, _ = parquet_info_for(entry, files_path)

@@ -1,12 +1,11 @@
-"""Summaries of an index for people: image-size distribution (table + small PNG), duplicate keys.
+"""Summaries of an index for people: image-size distribution and sample, duplicate keys.
 
-Kept out of the indexer so the hot path never imports matplotlib; used by the CLI and the Dagster
-asset (which turns these into metadata), never imports Dagster itself.
+Kept out of the indexer's hot path; returns plain data that the Dagster asset turns into tables and
+figures (``assets/presentation.py``).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,47 +68,17 @@ def image_size_distribution(index_paths: Sequence[str | Path]) -> dict[str, obje
     }
 
 
-def size_distribution_markdown(dist: dict[str, object]) -> str:
-    """Markdown tables of :func:`image_size_distribution`."""
-    lines = ["| long edge | images |", "|---|---:|"]
-    for label, n in dist["buckets"].items():  # type: ignore[union-attr]
-        lines.append(f"| {label} | {n:,} |")
-    lines += ["", "| width x height | images |", "|---|---:|"]
-    for row in dist["top_sizes"]:  # type: ignore[union-attr]
-        lines.append(f"| {row['width']} x {row['height']} | {row['count']:,} |")
-    return "\n".join(lines)
-
-
-def size_scatter_png(index_paths: Sequence[str | Path], max_points: int = 20000) -> bytes | None:
-    """A small PNG of image widths vs heights (hexbin), or None when there are no images."""
+def image_size_sample(index_paths: Sequence[str | Path], max_points: int = 20000) -> list[tuple[int, int]]:
+    """Up to ``max_points`` (width, height) pairs of ok images, a repeatable reservoir sample (for plots)."""
     paths = [p for p in index_paths if Path(p).is_file()]
     if not paths:
-        return None
+        return []
     con = duckdb.connect(config={"threads": 1})
     try:
-        rows = con.sql(f"SELECT w, h FROM ({_sizes_sql(paths)}) USING SAMPLE reservoir({max_points} ROWS) REPEATABLE (42)").fetchall()
+        sql = f"SELECT w, h FROM ({_sizes_sql(paths)}) USING SAMPLE reservoir({max_points} ROWS) REPEATABLE (42)"
+        return [(int(w), int(h)) for w, h in con.sql(sql).fetchall()]
     finally:
         con.close()
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 3), dpi=72)
-    try:
-        ws, hs = zip(*rows)
-        ax.hexbin(ws, hs, gridsize=25, mincnt=1, cmap="viridis")
-        ax.set_xlabel("width (px)")
-        ax.set_ylabel("height (px)")
-        ax.set_title(f"image sizes ({len(rows):,} sampled)")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
 
 
 def duplicate_keys(index_paths: Sequence[str | Path], limit: int = 10) -> tuple[int, list[tuple]]:

@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
+from bagel_core.config.registry import DatasetEntry
 from bagel_core.index.probe import DEFAULT_MAX_PIXELS
 
 INDEX_VERSION = 4
@@ -133,3 +135,13 @@ class IndexOptions:
 
 
 # ---- units of work ---------------------------------------------------------------------------------
+
+
+def dataset_key(entry: DatasetEntry) -> str:
+    """Stable folder / partition name of a dataset."""
+    return f"{entry.group}.{entry.name}"
+
+
+def dataset_dir(out_dir: Path, entry: DatasetEntry) -> Path:
+    """The per-dataset folder of an index directory."""
+    return Path(out_dir) / "datasets" / entry.group / entry.name

@@ -21,8 +21,8 @@ from torch import Tensor
 from bagel_core.data.transforms import ImageTransform, to_rgb
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import Bagel, shift_timesteps
-from bagel_core.model.embeddings import grid_position_ids, interpolated_position_ids, patchify, unpatchify
 from bagel_core.model.qwen2_mot import KVCache, Routing
+from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids, patchify, unpatchify
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the "

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bagel_core.model.attention import BACKENDS, PackedLayout, cached_attention, packed_attention
+from bagel_core.model.attention import BACKENDS, cached_attention, packed_attention
 from bagel_core.model.config import BagelConfig
-from bagel_core.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder, patchify
+from bagel_core.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from bagel_core.model.qwen2_mot import KVCache, Qwen2ForCausalLM, Routing
 from bagel_core.model.siglip_navit import SiglipVisionModel
+from bagel_core.sequence.grid import patchify
+from bagel_core.sequence.layout import PackedLayout
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:

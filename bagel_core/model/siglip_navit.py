@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bagel_core.model.attention import PackedLayout, packed_attention
+from bagel_core.model.attention import packed_attention
 from bagel_core.model.config import ViTConfig
+from bagel_core.sequence.layout import PackedLayout
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bagel_core.model.attention import PackedLayout, dense_mask
 from bagel_core.model.config import BagelConfig
+from bagel_core.sequence.layout import PackedLayout, dense_mask
 
 BOS, EOS, SOI, EOI = 151644, 151645, 151652, 151653
 

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.errors import ConfigError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packed_dataset import PackedDataset, collate_packed, model_inputs
-from bagel_core.data.packing import CfgDropout, PackingParams
+from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
 from bagel_core.model import AutoEncoder, Bagel, BagelLossTerms, build_model, load_model_dir, load_vae, preset
+from bagel_core.plan.packing import CfgDropout, PackingParams
 from bagel_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bagel_core.train.config import TrainConfig
 from bagel_core.train.ema import build_ema, update_ema

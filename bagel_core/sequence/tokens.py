@@ -54,7 +54,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from bagel_core.data.transforms import ImageTransformArgs
+from bagel_core.config.image_args import ImageTransformArgs
 
 #: SigLIP patch side: a ViT image of W x H pixels gives (W/14)(H/14) patches.
 VIT_PATCH_SIZE = 14
@@ -64,6 +64,8 @@ VAE_DOWNSAMPLE = 16
 VIT_MAX_PATCHES_PER_SIDE = 70
 #: ``max_latent_size`` released BAGEL needs (model.md section 10); side of the latent position table.
 DEFAULT_MAX_LATENT_SIZE = 64
+#: Upstream's ``max_num_tokens_per_sample``: a sample over it is never packed.
+DEFAULT_MAX_TOKENS_PER_SAMPLE = 16_384
 
 TEXT = "text"
 VIT_IMAGE = "vit_image"

@@ -2,7 +2,7 @@
 
 Why: users must know what their data costs in tokens before launching (how full packs get, which
 samples exceed ``max_num_tokens_per_sample``, which VAE images overflow ``max_latent_size``).
-Every number comes from :func:`bagel_core.data.tokens.count_tokens` over plans built by the same
+Every number comes from :func:`bagel_core.sequence.tokens.count_tokens` over plans built by the same
 builders the packed dataset uses; the counting conventions (worst-case variant, min, expected
 value; no CFG dropout) are documented in :mod:`bagel_core.data.tokens`.
 
@@ -45,8 +45,10 @@ import pyarrow.parquet as pq
 from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.tokens import (
+from bagel_core.data.tokenizer import load_tokenizer
+from bagel_core.sequence.tokens import (
     DEFAULT_MAX_LATENT_SIZE,
+    DEFAULT_MAX_TOKENS_PER_SAMPLE,
     VIT_MAX_PATCHES_PER_SIDE,
     SampleCost,
     SampleRejected,
@@ -62,7 +64,6 @@ STATS_FILE = "token_stats.parquet"
 SKIPPED_FILE = "token_stats_skipped.parquet"
 SUMMARY_FILE = "token_stats_summary.parquet"
 SUMMARY_JSON = "token_stats_summary.json"
-DEFAULT_MAX_TOKENS_PER_SAMPLE = 16_384
 KEY_COLUMNS = ("dataset", "source_file", "row_group", "row_index")
 COUNT_COLUMNS = ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens")
 
@@ -331,8 +332,6 @@ def compute_token_stats(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if tokenizer_backend is None:
-        from bagel_core.data.tokenizer import load_tokenizer
-
         tokenizer_backend = load_tokenizer()[0].backend_tokenizer
     frame = load_index(index)
     in_config = pl.Series([(g, d) in groups for g, d in zip(frame["group"], frame["dataset"])], dtype=pl.Boolean)
@@ -499,27 +498,3 @@ def format_summary_table(summary: pl.DataFrame) -> str:
             f"  quarantined: {row.get('quarantined', 0)}  skipped: {row.get('skipped', 0)}"
         )
     return "\n".join(lines)
-
-
-def histogram_png(stats: pl.DataFrame, column: str = "total_tokens", cap: int | None = None) -> bytes:
-    """A small PNG histogram of one count column per task (for Dagster metadata and reports)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
-    for (task,), part in stats.group_by(["task"], maintain_order=True):
-        ax.hist(part[column].to_numpy(), bins=40, alpha=0.6, label=str(task))
-    if cap is not None:
-        ax.axvline(cap, color="red", linestyle="--", label=f"cap {cap}")
-    ax.set_xlabel(column)
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()

@@ -1,6 +1,6 @@
 """Per-format sample readers of the packed training dataset: one worker's units, in order, forever.
 
-A :class:`UnitStream` walks the units :func:`bagel_core.index.manifest.read_manifest` gives one
+A :class:`UnitStream` walks the units :func:`bagel_core.plan.manifest.read_manifest` gives one
 (rank, worker) for one group, in reading order, wrapping around after the last unit (one *pass*;
 upstream prints ``<group> repeat in rank-<r> worker-<w>``). Every record has a *position*
 ``(unit, block, row)``:
@@ -40,8 +40,9 @@ from PIL import Image
 
 from bagel_core.config.dataset_config import GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
-from bagel_core.data.sharding import DataUnit
-from bagel_core.data.tokens import (
+from bagel_core.data.transforms import to_rgb
+from bagel_core.plan.sharding import DataUnit
+from bagel_core.sequence.tokens import (
     SamplePlan,
     SampleRejected,
     TextIds,
@@ -52,7 +53,6 @@ from bagel_core.data.tokens import (
     sample_t2i_plan,
     vlm_image_names,
 )
-from bagel_core.data.transforms import to_rgb
 
 log = logging.getLogger(__name__)
 

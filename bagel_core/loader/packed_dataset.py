@@ -1,15 +1,15 @@
 """The packed training dataset: manifest units -> samples -> plans -> packed batches (data-format.md 7-13).
 
 One :class:`PackedDataset` per rank (a ``torch.utils.data.IterableDataset``); each DataLoader worker
-reads its own units from the sampling manifest (:func:`bagel_core.index.manifest.read_manifest`, the
+reads its own units from the sampling manifest (:func:`bagel_core.plan.manifest.read_manifest`, the
 same split ``bagel data plan`` shows) and runs its own packer. Per worker and group a
-:class:`~bagel_core.data.readers.UnitStream` reads the units in order forever (logging the
+:class:`~bagel_core.loader.readers.UnitStream` reads the units in order forever (logging the
 ``<group> repeat in rank-r worker-w`` line after each pass); samples are decoded (parquet row groups
 with pyarrow, JSONL lines + image files), planned with the shared builders of
 :mod:`bagel_core.data.tokens` (``sample_t2i_plan``/``sample_edit_plan``/``build_vlm_plan``), costed
-with :func:`~bagel_core.data.tokens.count_tokens` (the one token accounting: the packer's real length
+with :func:`~bagel_core.sequence.tokens.count_tokens` (the one token accounting: the packer's real length
 *is* ``count_tokens(plan, dropped).total``, checked against the tensors built), and packed by
-:func:`~bagel_core.data.packing.pack_events` (upstream's loop, data-format.md 8.2).
+:func:`~bagel_core.plan.packing.pack_events` (upstream's loop, data-format.md 8.2).
 
 Each yielded batch is the dict of data-format.md 11 (see :class:`PackBuilder`): ``sequence_length``,
 ``sample_lens``, ``packed_text_ids``/``_indexes``, ``packed_position_ids``, ``split_lens`` +
@@ -22,7 +22,7 @@ fields, ``batch_data_indexes``, plus ``data_state`` (below) which is *not* a mod
 ``source_file``, ``row_group``, ``row_index``) and its ``num_tokens``/``est_tokens``/``dropped``.
 
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
-rejections (:class:`~bagel_core.data.tokens.SampleRejected`) are skipped, logged and counted per group
+rejections (:class:`~bagel_core.sequence.tokens.SampleRejected`) are skipped, logged and counted per group
 and reason, as are over-cap skips, buffered samples and samples discarded by an overflow flush
 (upstream behaviour, 8.2 step 4). ``MAX_EMPTY_PASSES`` consecutive passes over a group's units without
 one usable sample raise :class:`DataError` instead of spinning forever.
@@ -36,7 +36,7 @@ boundaries, so a resumed run yields exactly the packs of an uninterrupted one:
 
 * **Per-sample randomness** (caption/edit-span choice, CFG dropout, timesteps) comes from RNGs
   seeded by ``(seed, rank, logical worker, group, visit)`` where ``visit`` is the group stream's
-  read counter (:func:`~bagel_core.data.readers.plan_rng`). A sample is therefore fully described by
+  read counter (:func:`~bagel_core.loader.readers.plan_rng`). A sample is therefore fully described by
   ``(group, position, visit)`` and can be rebuilt bit-exactly.
 * **Packer randomness** (group draws) is one ``random.Random`` per worker; its state is saved.
 * **Packer state at a flush**: the fill counter is 0, so the only state is the overflow buffer,
@@ -95,8 +95,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import Buffered, CfgDropout, Flush, Packed, PackingParams, Skipped, pack_events
-from bagel_core.data.readers import (
+from bagel_core.data.tokenizer import load_tokenizer, special_token_ids
+from bagel_core.data.transforms import ImageTransform
+from bagel_core.loader.readers import (
     LoadedSample,
     ReadFailure,
     UnitStream,
@@ -104,7 +105,11 @@ from bagel_core.data.readers import (
     make_ids_of,
     plan_rng,
 )
-from bagel_core.data.tokens import (
+from bagel_core.plan.manifest import read_manifest, read_manifest_meta
+from bagel_core.plan.packing import Buffered, CfgDropout, Flush, Packed, PackingParams, Skipped, pack_events
+from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids, patchify
+from bagel_core.sequence.layout import PackedLayout, dense_mask
+from bagel_core.sequence.tokens import (
     DEFAULT_MAX_LATENT_SIZE,
     TEXT,
     VAE_DOWNSAMPLE,
@@ -116,8 +121,6 @@ from bagel_core.data.tokens import (
     check_strides,
     count_tokens,
 )
-from bagel_core.data.transforms import ImageTransform
-from bagel_core.index.manifest import read_manifest, read_manifest_meta
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +133,8 @@ NON_MODEL_KEYS = ("data_state",)
 
 
 def _grid_ids(rows: int, cols: int, side: int, interpolate: bool) -> torch.Tensor:
-    # The model package owns the 2-D id rule (extrapolate / interpolate, data-format.md 9.2).
-    from bagel_core.model.embeddings import grid_position_ids, interpolated_position_ids
-
+    """2-D ids of a grid, extrapolated or interpolated (data-format.md 9.2)."""
     return interpolated_position_ids(rows, cols, side) if interpolate else grid_position_ids(rows, cols, side)
-
-
-def _patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
-    from bagel_core.model.embeddings import patchify
-
-    return patchify(pixels, patch)
 
 
 # ---- one pack -------------------------------------------------------------------------------------
@@ -231,7 +226,7 @@ class PackBuilder:
             self.pos_ids += [rope] * (n + 2)
             inner = range(cur + 1, cur + 1 + n)
             if item.kind == VIT_IMAGE:
-                self.vit_tokens.append(_patchify(pixels, VIT_PATCH_SIZE))
+                self.vit_tokens.append(patchify(pixels, VIT_PATCH_SIZE))
                 self.vit_pos.append(_grid_ids(rows, cols, self.vit_side, self.interpolate))
                 self.vit_idx += inner
                 self.vit_lens.append(n)
@@ -277,8 +272,6 @@ class PackBuilder:
             "attn_modes": list(self.attn_modes),
         }
         if nested_masks:
-            from bagel_core.model.attention import PackedLayout, dense_mask
-
             layout = PackedLayout.from_splits(self.sample_lens, self.split_lens, self.attn_modes)
             masks = []
             for s, e in layout.doc_bounds():
@@ -583,12 +576,8 @@ class PackedDataset(IterableDataset):
         self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side
         self.interpolate_pos, self.nested_masks, self.flex_padding = interpolate_pos, nested_masks, flex_padding
         if tokenizer is None:
-            from bagel_core.data.tokenizer import load_tokenizer
-
             tokenizer, new_ids = load_tokenizer()
         else:
-            from bagel_core.data.tokenizer import special_token_ids
-
             new_ids = special_token_ids(tokenizer)
         self.tokenizer = tokenizer
         self.token_ids = new_ids.as_dict()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from bagel_core.config.errors import DataError
+from bagel_core.sequence.tokens import DEFAULT_MAX_TOKENS_PER_SAMPLE
 
 S = TypeVar("S")
 
@@ -34,7 +35,7 @@ class PackingParams:
 
     expected_num_tokens: int = 32_768
     max_num_tokens: int = 36_864
-    max_num_tokens_per_sample: int = 16_384
+    max_num_tokens_per_sample: int = DEFAULT_MAX_TOKENS_PER_SAMPLE
     prefer_buffer_before: int = 16_384
     max_buffer_size: int = 50
 

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from bagel_core.config.dataset_config import DatasetConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.data.packing import CfgDropout, PackingParams, SimSample, WorkerSimulation, simulate_worker
-from bagel_core.data.sharding import (
+from bagel_core.plan.packing import CfgDropout, PackingParams, SimSample, WorkerSimulation, simulate_worker
+from bagel_core.plan.sharding import (
     DataUnit,
     GroupUnits,
     check_capacity,
@@ -431,31 +431,3 @@ def write_simulation(report: PackingReport, out_dir: str | Path) -> Path:
     path = Path(out_dir) / SIMULATION_JSON
     path.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
     return path
-
-
-def simulation_png(report: PackingReport) -> bytes:
-    """Pack-length histogram and token share vs weight share, as one small PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    a.hist(report.pack_lengths, bins=30)
-    a.axvline(report.params["expected_num_tokens"], color="green", linestyle="--", label="expected")
-    a.axvline(report.params["max_num_tokens"], color="red", linestyle="--", label="max")
-    a.set_xlabel("pack length (tokens)")
-    a.legend(fontsize=7)
-    names = [g["group"] for g in report.group_share]
-    xs = range(len(names))
-    b.bar([x - 0.2 for x in xs], [g["weight_share"] for g in report.group_share], width=0.4, label="weight")
-    b.bar([x + 0.2 for x in xs], [g["token_share"] for g in report.group_share], width=0.4, label="tokens")
-    b.set_xticks(list(xs), names, fontsize=7)
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from bagel_core.config.errors import ConfigError
 from bagel_core.train.__main__ import cli
+from bagel_core.train.args import TrainConfig, parse_args
 from bagel_core.train.checkpoint import MARKER, complete_steps, latest_checkpoint, step_dir
-from bagel_core.train.config import TrainConfig, parse_args
 from bagel_core.train.loop import Trainer
 from bagel_core.train.optim import lr_lambda
 

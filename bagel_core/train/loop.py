@@ -28,8 +28,8 @@ from bagel_core.config.registry import Registry
 from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
 from bagel_core.model import AutoEncoder, Bagel, BagelLossTerms, build_model, load_model_dir, load_vae, preset
 from bagel_core.plan.packing import CfgDropout, PackingParams
+from bagel_core.train.args import TrainConfig
 from bagel_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from bagel_core.train.config import TrainConfig
 from bagel_core.train.ema import build_ema, update_ema
 from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -110,8 +110,8 @@ class Trainer:
                                prefer_buffer_before=d.prefer_buffer_before, max_buffer_size=d.max_buffer_size)
         dropout = (CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
                    if t.visual_gen else CfgDropout(0.0, 0.0, 0.0))
-        return PackedDataset(load_dataset_config(d.dataset_config_file), Registry.load(d.registry_file),
-                             d.manifest_dir, num_workers=d.num_workers, params=params, dropout=dropout,
+        return PackedDataset(load_dataset_config(d.dataset_config_file), Registry.load(d.dataset_info),
+                             d.manifest, num_workers=d.num_workers, params=params, dropout=dropout,
                              seed=d.data_seed, max_latent_size=self.model.cfg.max_latent_size,
                              interpolate_pos=m.interpolate_pos)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bagel_core.train.config import TrainingArguments
+from bagel_core.train.args import TrainingArguments
 
 
 def build_optimizer(model: nn.Module, t: TrainingArguments) -> torch.optim.AdamW:

@@ -16,7 +16,6 @@ Re-materialising re-reads only files whose identity (size, mtime, footer hash) c
 inside the step (they need the fresh results) and block downstream assets on failure.
 """
 
-
 import warnings
 from typing import Any
 
@@ -65,8 +64,11 @@ def sync_dataset_partitions(instance: dg.DagsterInstance, registry: Registry) ->
 
 
 def _reason_rows(summaries: list[DatasetSummary]) -> list[dict[str, Any]]:
-    return [{"dataset": f"{s.group}.{s.dataset}", "reason": reason, "samples": n}
-            for s in summaries for reason, n in s.reasons.items()]
+    return [
+        {"dataset": f"{s.group}.{s.dataset}", "reason": reason, "samples": n}
+        for s in summaries
+        for reason, n in s.reasons.items()
+    ]
 
 
 def _draw_sizes(sizes: list[tuple[int, int]]):
@@ -77,6 +79,7 @@ def _draw_sizes(sizes: list[tuple[int, int]]):
         ax.set_xlabel("width (px)")
         ax.set_ylabel("height (px)")
         ax.set_title(f"image sizes ({len(sizes):,} sampled)")
+
     return draw
 
 
@@ -86,14 +89,16 @@ def _size_metadata(index_paths: list[str]) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "image_size_buckets": dg.MetadataValue.json(dist["buckets"]),
         "image_sizes_by_long_edge": presentation.table(
-            [{"long_edge": label, "images": n} for label, n in dist["buckets"].items()]),  # type: ignore[union-attr]
+            [{"long_edge": label, "images": n} for label, n in dist["buckets"].items()]
+        ),  # type: ignore[union-attr]
         "images": int(dist["images"]),  # type: ignore[arg-type]
     }
     if dist["top_sizes"]:
         metadata["image_sizes_most_common"] = presentation.table(dist["top_sizes"])  # type: ignore[arg-type]
     if sizes:
-        metadata["image_size_distribution"] = presentation.figure(_draw_sizes(sizes), "image sizes", size=(4, 3),
-                                                                  dpi=72)
+        metadata["image_size_distribution"] = presentation.figure(
+            _draw_sizes(sizes), "image sizes", size=(4, 3), dpi=72
+        )
     return metadata
 
 
@@ -133,12 +138,24 @@ with warnings.catch_warnings():
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"duckdb", "parquet"},
         check_specs=[
-            dg.AssetCheckSpec(CHECK_ACCOUNTING, asset="dataset_index", blocking=True,
-                              description="Per file: ok + quarantined = rows read (= footer rows)"),
-            dg.AssetCheckSpec(CHECK_QUARANTINE_RATIO, asset="dataset_index", blocking=True,
-                              description="Quarantined / rows per dataset <= max_quarantine_ratio"),
-            dg.AssetCheckSpec(CHECK_UNIQUE_KEYS, asset="dataset_index", blocking=True,
-                              description="No duplicate (dataset, file, row) sample keys in the index"),
+            dg.AssetCheckSpec(
+                CHECK_ACCOUNTING,
+                asset="dataset_index",
+                blocking=True,
+                description="Per file: ok + quarantined = rows read (= footer rows)",
+            ),
+            dg.AssetCheckSpec(
+                CHECK_QUARANTINE_RATIO,
+                asset="dataset_index",
+                blocking=True,
+                description="Quarantined / rows per dataset <= max_quarantine_ratio",
+            ),
+            dg.AssetCheckSpec(
+                CHECK_UNIQUE_KEYS,
+                asset="dataset_index",
+                blocking=True,
+                description="No duplicate (dataset, file, row) sample keys in the index",
+            ),
         ],
         description="Every sample of every registered dataset validated and indexed with DuckDB: "
         "index.parquet (one row per sample), quarantine.parquet (bad samples/files with reasons), "
@@ -159,8 +176,9 @@ with warnings.catch_warnings():
                 f"partition(s) {unknown} are not datasets of {workspace.registry_path} "
                 f"(registered: {sorted(known)}); re-materialise dataset_registry or drop the partition"
             )
-        opts = IndexOptions(max_pixels=config.max_pixels, full_decode=config.full_decode, workers=config.workers,
-                            force=config.force)
+        opts = IndexOptions(
+            max_pixels=config.max_pixels, full_decode=config.full_decode, workers=config.workers, force=config.force
+        )
         context.log.info(f"indexing {len(selected)} dataset(s) with {opts.resolved_workers()} worker(s): {selected}")
         result = index_registry(registry, workspace.index_dir, opts, datasets=selected)
         for s in result.datasets:
@@ -175,52 +193,76 @@ with warnings.catch_warnings():
                 meta.update(_size_metadata([s.index_path]))
                 meta["index"] = dg.MetadataValue.path(s.index_path)
                 meta["quarantine"] = dg.MetadataValue.path(s.quarantine_path)
-                yield dg.AssetMaterialization(asset_key=context.asset_key, partition=f"{s.group}.{s.dataset}",
-                                              metadata=meta)
+                yield dg.AssetMaterialization(
+                    asset_key=context.asset_key, partition=f"{s.group}.{s.dataset}", metadata=meta
+                )
 
         index_paths = [s.index_path for s in result.datasets]
         metadata = _summary_metadata(result.datasets, result.seconds)
         metadata.update(_size_metadata(index_paths))
-        metadata.update({
-            "datasets": dg.MetadataValue.json([s.to_dict() | {"invariant_failures": s.invariant_failures[:5]}
-                                               for s in result.datasets]),
-            "index": dg.MetadataValue.path(str(result.index_path)),
-            "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(f.name, str(f.type)) for f in INDEX_SCHEMA]
-            ),
-            "quarantine": dg.MetadataValue.path(str(result.quarantine_path)),
-            "files_table": dg.MetadataValue.path(str(result.files_path)),
-            "parquet_info": dg.MetadataValue.json({k: str(v) for k, v in result.parquet_info.items()}),
-            "registry": dg.MetadataValue.path(str(result.registry_path)),
-            "registered_parquet_info_problems": dg.MetadataValue.json(
-                {k: v[:20] for k, v in result.parquet_info_problems.items()}
-            ),
-        })
+        metadata.update(
+            {
+                "datasets": dg.MetadataValue.json(
+                    [s.to_dict() | {"invariant_failures": s.invariant_failures[:5]} for s in result.datasets]
+                ),
+                "index": dg.MetadataValue.path(str(result.index_path)),
+                "dagster/column_schema": dg.TableSchema(
+                    columns=[dg.TableColumn(f.name, str(f.type)) for f in INDEX_SCHEMA]
+                ),
+                "quarantine": dg.MetadataValue.path(str(result.quarantine_path)),
+                "files_table": dg.MetadataValue.path(str(result.files_path)),
+                "parquet_info": dg.MetadataValue.json({k: str(v) for k, v in result.parquet_info.items()}),
+                "registry": dg.MetadataValue.path(str(result.registry_path)),
+                "registered_parquet_info_problems": dg.MetadataValue.json(
+                    {k: v[:20] for k, v in result.parquet_info_problems.items()}
+                ),
+            }
+        )
         for key, problems in result.parquet_info_problems.items():
-            context.log.warning(f"{key}: registered parquet_info disagrees with the shards: {problems[:5]}; "
-                                f"{result.registry_path} now points at the generated one")
+            context.log.warning(
+                f"{key}: registered parquet_info disagrees with the shards: {problems[:5]}; "
+                f"{result.registry_path} now points at the generated one"
+            )
 
         # ---- checks on what this run indexed ---------------------------------------------------
         failures = [f for s in result.datasets for f in s.invariant_failures]
         yield dg.AssetCheckResult(
-            check_name=CHECK_ACCOUNTING, passed=not failures, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failures": len(failures), "examples": dg.MetadataValue.json(failures[:10]),
-                      "files": sum(s.files for s in result.datasets)},
+            check_name=CHECK_ACCOUNTING,
+            passed=not failures,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "failures": len(failures),
+                "examples": dg.MetadataValue.json(failures[:10]),
+                "files": sum(s.files for s in result.datasets),
+            },
         )
         ratios = {f"{s.group}.{s.dataset}": (s.quarantined / s.rows if s.rows else 0.0) for s in result.datasets}
         over = {k: round(v, 4) for k, v in ratios.items() if v > config.max_quarantine_ratio}
         yield dg.AssetCheckResult(
-            check_name=CHECK_QUARANTINE_RATIO, passed=not over, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"threshold": config.max_quarantine_ratio,
-                      "ratios": dg.MetadataValue.json({k: round(v, 4) for k, v in ratios.items()}),
-                      "over_threshold": dg.MetadataValue.json(over),
-                      "quarantine": dg.MetadataValue.path(str(result.quarantine_path))},
-            description=(f"over {config.max_quarantine_ratio:.2%}: {over}; inspect quarantine.parquet or raise "
-                         "max_quarantine_ratio in the run config") if over else None,
+            check_name=CHECK_QUARANTINE_RATIO,
+            passed=not over,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "threshold": config.max_quarantine_ratio,
+                "ratios": dg.MetadataValue.json({k: round(v, 4) for k, v in ratios.items()}),
+                "over_threshold": dg.MetadataValue.json(over),
+                "quarantine": dg.MetadataValue.path(str(result.quarantine_path)),
+            },
+            description=(
+                f"over {config.max_quarantine_ratio:.2%}: {over}; inspect quarantine.parquet or raise "
+                "max_quarantine_ratio in the run config"
+            )
+            if over
+            else None,
         )
         n_dup, examples = duplicate_keys([str(result.index_path)])
         yield dg.AssetCheckResult(
-            check_name=CHECK_UNIQUE_KEYS, passed=n_dup == 0, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"duplicate_keys": n_dup, "examples": dg.MetadataValue.json([list(map(str, e)) for e in examples])},
+            check_name=CHECK_UNIQUE_KEYS,
+            passed=n_dup == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "duplicate_keys": n_dup,
+                "examples": dg.MetadataValue.json([list(map(str, e)) for e in examples]),
+            },
         )
         yield dg.MaterializeResult(metadata=metadata)

@@ -1,6 +1,5 @@
 """Assets that fetch the example archive, extract it safely and register its datasets."""
 
-
 import dagster as dg
 
 from assets.dataset_index import sync_dataset_partitions
@@ -42,14 +41,17 @@ class ExtractConfig(dg.Config):
     description=f"The example archive `{ARCHIVE_NAME}`: generated (`builtin`) or downloaded "
     f"(e.g. {OFFICIAL_EXAMPLE_URL}), checksum-verified.",
 )
-def example_zip(context: dg.AssetExecutionContext, config: ExampleSourceConfig,
-                workspace: PipelineWorkspace) -> dg.MaterializeResult:
+def example_zip(
+    context: dg.AssetExecutionContext, config: ExampleSourceConfig, workspace: PipelineWorkspace
+) -> dg.MaterializeResult:
     builtin = ExampleConfig(
-        t2i_files=config.t2i_files, t2i_rows_per_file=config.t2i_rows_per_file, edit_files=config.edit_files,
-        vlm_lines=config.vlm_lines, seed=config.seed,
+        t2i_files=config.t2i_files,
+        t2i_rows_per_file=config.t2i_rows_per_file,
+        edit_files=config.edit_files,
+        vlm_lines=config.vlm_lines,
+        seed=config.seed,
     )
-    result = fetch_archive(config.source, workspace.example_dir, config.sha256, builtin_config=builtin,
-                           progress=False)
+    result = fetch_archive(config.source, workspace.example_dir, config.sha256, builtin_config=builtin, progress=False)
     context.log.info(f"{config.source} -> {result.path} ({result.bytes} bytes)")
     return dg.MaterializeResult(
         metadata={
@@ -69,11 +71,13 @@ def example_zip(context: dg.AssetExecutionContext, config: ExampleSourceConfig,
     kinds={"file"},
     description="The extracted `bagel_example/` folder (zip-slip, link and size-bomb safe; idempotent).",
 )
-def example_dataset(context: dg.AssetExecutionContext, config: ExtractConfig,
-                    workspace: PipelineWorkspace) -> dg.MaterializeResult:
+def example_dataset(
+    context: dg.AssetExecutionContext, config: ExtractConfig, workspace: PipelineWorkspace
+) -> dg.MaterializeResult:
     archive = workspace.example_dir / ARCHIVE_NAME
-    extracted = safe_extract(archive, workspace.example_dir, max_total_bytes=config.max_total_bytes,
-                             max_files=config.max_files)
+    extracted = safe_extract(
+        archive, workspace.example_dir, max_total_bytes=config.max_total_bytes, max_files=config.max_files
+    )
     root = workspace.example_dir / "bagel_example"
     per_task = summarize_tree(root)
     rows = [
@@ -89,10 +93,13 @@ def example_dataset(context: dg.AssetExecutionContext, config: ExtractConfig,
             "unchanged_archive_skipped": extracted.skipped,
             "per_task": dg.MetadataValue.table(
                 rows,
-                schema=dg.TableSchema(columns=[
-                    dg.TableColumn("folder", "string"), dg.TableColumn("files", "int"),
-                    dg.TableColumn("bytes", "int"),
-                ]),
+                schema=dg.TableSchema(
+                    columns=[
+                        dg.TableColumn("folder", "string"),
+                        dg.TableColumn("files", "int"),
+                        dg.TableColumn("bytes", "int"),
+                    ]
+                ),
             ),
             **{f"{task}/files": info["files"] for task, info in per_task.items()},
             **{f"{task}/bytes": info["bytes"] for task, info in per_task.items()},
@@ -104,13 +111,21 @@ def example_dataset(context: dg.AssetExecutionContext, config: ExtractConfig,
     group_name="data",
     deps=[example_dataset],
     kinds={"yaml"},
-    check_specs=[dg.AssetCheckSpec("registry_valid", asset="dataset_registry", blocking=True,
-                                   description="No placeholder, missing path or parquet_info mismatch")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "registry_valid",
+            asset="dataset_registry",
+            blocking=True,
+            description="No placeholder, missing path or parquet_info mismatch",
+        )
+    ],
     description="Dataset registry (upstream DATASET_INFO fields) and dataset-group YAML (upstream "
     "example.yaml schema) for the extracted example.",
 )
 def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorkspace):
-    registry = discover_registry(workspace.example_dir, parquet_info_dir=workspace.registry_path.parent / "parquet_info")
+    registry = discover_registry(
+        workspace.example_dir, parquet_info_dir=workspace.registry_path.parent / "parquet_info"
+    )
     registry.source = workspace.registry_path
     registry.save(workspace.registry_path)
     groups = default_dataset_config(registry)
@@ -120,10 +135,15 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
     for finding in findings:
         (context.log.error if finding.severity == "error" else context.log.warning)(str(finding))
     table = [
-        dg.TableRecord({
-            "group": e.group, "dataset": e.name, "files": e.num_files, "samples": e.num_total_samples,
-            "data_dir": str(e.data_dir),
-        })
+        dg.TableRecord(
+            {
+                "group": e.group,
+                "dataset": e.name,
+                "files": e.num_files,
+                "samples": e.num_total_samples,
+                "data_dir": str(e.data_dir),
+            }
+        )
         for e in registry.entries
     ]
     yield dg.MaterializeResult(
@@ -133,11 +153,18 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
             "datasets": len(registry.entries),
             "index_partitions": dg.MetadataValue.json(partition_keys),
             "dagster/row_count": len(registry.entries),
-            "entries": dg.MetadataValue.table(table, schema=dg.TableSchema(columns=[
-                dg.TableColumn("group", "string"), dg.TableColumn("dataset", "string"),
-                dg.TableColumn("files", "int"), dg.TableColumn("samples", "int"),
-                dg.TableColumn("data_dir", "string"),
-            ])),
+            "entries": dg.MetadataValue.table(
+                table,
+                schema=dg.TableSchema(
+                    columns=[
+                        dg.TableColumn("group", "string"),
+                        dg.TableColumn("dataset", "string"),
+                        dg.TableColumn("files", "int"),
+                        dg.TableColumn("samples", "int"),
+                        dg.TableColumn("data_dir", "string"),
+                    ]
+                ),
+            ),
         }
     )
     errors = [str(f) for f in findings if f.severity == "error"]
@@ -145,6 +172,8 @@ def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorks
         check_name="registry_valid",
         passed=not errors,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"errors": dg.MetadataValue.json(errors),
-                  "warnings": dg.MetadataValue.json([str(f) for f in findings if f.severity == "warning"])},
+        metadata={
+            "errors": dg.MetadataValue.json(errors),
+            "warnings": dg.MetadataValue.json([str(f) for f in findings if f.severity == "warning"]),
+        },
     )

@@ -19,7 +19,9 @@ import polars as pl
 _COLUMN_TYPES = {bool: "bool", int: "int", float: "float"}
 
 
-def figure(draw: Callable[[Any], None], alt: str, size: tuple[float, float] = (5, 3), dpi: int = 80) -> dg.MetadataValue:
+def figure(
+    draw: Callable[[Any], None], alt: str, size: tuple[float, float] = (5, 3), dpi: int = 80
+) -> dg.MetadataValue:
     """Call ``draw(fig)`` on a fresh Agg figure and embed the PNG in markdown metadata."""
     import matplotlib
 

@@ -4,7 +4,6 @@ Assets exchange *paths*, never pickled objects: each asset writes its artefact u
 and downstream assets read it from the same deterministic location.
 """
 
-
 from pathlib import Path
 
 import dagster as dg

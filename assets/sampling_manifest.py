@@ -54,12 +54,14 @@ class SamplingManifestConfig(dg.Config):
     description="Per-rank, per-worker assignment of data units (upstream's sharding rule) and a packing "
     "simulation over the token statistics.",
 )
-def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifestConfig,
-                      workspace: PipelineWorkspace) -> dg.MaterializeResult:
+def sampling_manifest(
+    context: dg.AssetExecutionContext, config: SamplingManifestConfig, workspace: PipelineWorkspace
+) -> dg.MaterializeResult:
     registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
-    manifest = build_manifest(dataset_config, registry, config.world_size, config.num_workers, config.seed,
-                              strict=False)
+    manifest = build_manifest(
+        dataset_config, registry, config.world_size, config.num_workers, config.seed, strict=False
+    )
     parquet_path, _ = write_manifest(manifest, workspace.manifest_dir)
     context.log.info("\n" + format_manifest_table(manifest))
     metadata: dict[str, object] = {
@@ -73,31 +75,42 @@ def sampling_manifest(context: dg.AssetExecutionContext, config: SamplingManifes
         "table": presentation.text_block(format_manifest_table(manifest)),
     }
     if config.simulate and not manifest.problems:
-        params = PackingParams(config.expected_num_tokens, config.max_num_tokens, config.max_num_tokens_per_sample,
-                               config.prefer_buffer_before, config.max_buffer_size)
+        params = PackingParams(
+            config.expected_num_tokens,
+            config.max_num_tokens,
+            config.max_num_tokens_per_sample,
+            config.prefer_buffer_before,
+            config.max_buffer_size,
+        )
         dropout = CfgDropout(config.cfg_text_dropout, config.cfg_vit_dropout, config.cfg_vae_dropout)
-        report = simulate_packing(manifest, dataset_config, pl.read_parquet(workspace.stats_dir / STATS_FILE),
-                                  params, dropout=dropout)
+        report = simulate_packing(
+            manifest, dataset_config, pl.read_parquet(workspace.stats_dir / STATS_FILE), params, dropout=dropout
+        )
         write_simulation(report, workspace.manifest_dir)
         table = format_packing_table(report)
         context.log.info("\n" + table)
-        metadata.update({
-            "packs_per_epoch": report.packs,
-            "steps_per_epoch": report.steps_per_epoch,
-            "mean_fill": report.mean_fill,
-            "flex_padding_fraction": report.flex_padding_fraction,
-            "skipped_over_cap": report.skipped_over_cap,
-            "discarded_on_overflow": report.discarded_on_overflow,
-            "token_share": presentation.table(report.group_share),
-            "simulation": presentation.text_block(table),
-            "simulation_plot": presentation.figure(_draw_simulation(report), "packing", size=(8, 3)),
-        })
+        metadata.update(
+            {
+                "packs_per_epoch": report.packs,
+                "steps_per_epoch": report.steps_per_epoch,
+                "mean_fill": report.mean_fill,
+                "flex_padding_fraction": report.flex_padding_fraction,
+                "skipped_over_cap": report.skipped_over_cap,
+                "discarded_on_overflow": report.discarded_on_overflow,
+                "token_share": presentation.table(report.group_share),
+                "simulation": presentation.text_block(table),
+                "simulation_plot": presentation.figure(_draw_simulation(report), "packing", size=(8, 3)),
+            }
+        )
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset_check(asset=sampling_manifest, blocking=True,
-                description="Every group needs units >= world_size x num_workers, or a worker gets no data and "
-                "upstream training hangs (data-format.md 12.3).")
+@dg.asset_check(
+    asset=sampling_manifest,
+    blocking=True,
+    description="Every group needs units >= world_size x num_workers, or a worker gets no data and "
+    "upstream training hangs (data-format.md 12.3).",
+)
 def num_used_data_capacity(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
     meta = read_manifest_meta(workspace.manifest_dir)
     return dg.AssetCheckResult(
@@ -105,7 +118,8 @@ def num_used_data_capacity(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "problems": dg.MetadataValue.json(meta.get("problems", [])),
-            "world_size": meta.get("world_size"), "num_workers": meta.get("num_workers"),
+            "world_size": meta.get("world_size"),
+            "num_workers": meta.get("num_workers"),
             "units_per_group": dg.MetadataValue.json({g: v["units"] for g, v in meta.get("groups", {}).items()}),
         },
     )
@@ -113,6 +127,7 @@ def num_used_data_capacity(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
 
 def _draw_simulation(report: PackingReport):
     """Pack-length histogram beside token share vs weight share per group."""
+
     def draw(fig) -> None:
         a, b = fig.subplots(1, 2)
         a.hist(report.pack_lengths, bins=30)
@@ -126,4 +141,5 @@ def _draw_simulation(report: PackingReport):
         b.bar([x + 0.2 for x in xs], [g["token_share"] for g in report.group_share], width=0.4, label="tokens")
         b.set_xticks(list(xs), names, fontsize=7)
         b.legend(fontsize=7)
+
     return draw

@@ -40,21 +40,42 @@ class TokenStatsConfig(dg.Config):
     description="Exact tokens per ok sample (text / ViT / VAE incl. wrapping tokens, packer estimate); "
     "summary per dataset and task; samples over the per-sample cap or max_latent_size.",
 )
-def token_stats(context: dg.AssetExecutionContext, config: TokenStatsConfig,
-                workspace: PipelineWorkspace) -> dg.MaterializeResult:
+def token_stats(
+    context: dg.AssetExecutionContext, config: TokenStatsConfig, workspace: PipelineWorkspace
+) -> dg.MaterializeResult:
     registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
     backend = load_tokenizer(config.tokenizer_path)[0].backend_tokenizer
     result = compute_token_stats(
-        registry, dataset_config, workspace.index_dir, workspace.stats_dir, backend,
-        max_num_tokens_per_sample=config.max_num_tokens_per_sample, max_latent_size=config.max_latent_size,
+        registry,
+        dataset_config,
+        workspace.index_dir,
+        workspace.stats_dir,
+        backend,
+        max_num_tokens_per_sample=config.max_num_tokens_per_sample,
+        max_latent_size=config.max_latent_size,
         batch_size=config.batch_size,
         progress=lambda done, total: context.log.debug(f"token stats {done}/{total}"),
     )
     stats = pl.read_parquet(result.stats_path)
-    summary_cols = ["dataset", "task", "count", "text_tokens_sum", "vit_tokens_sum", "vae_tokens_sum",
-                    "total_tokens_sum", "total_tokens_mean", "total_tokens_p50", "total_tokens_p90",
-                    "total_tokens_p99", "total_tokens_max", "over_cap", "latent_overflow", "quarantined", "skipped"]
+    summary_cols = [
+        "dataset",
+        "task",
+        "count",
+        "text_tokens_sum",
+        "vit_tokens_sum",
+        "vae_tokens_sum",
+        "total_tokens_sum",
+        "total_tokens_mean",
+        "total_tokens_p50",
+        "total_tokens_p90",
+        "total_tokens_p99",
+        "total_tokens_max",
+        "over_cap",
+        "latent_overflow",
+        "quarantined",
+        "skipped",
+    ]
     summary = result.summary.select([c for c in summary_cols if c in result.summary.columns])
     metadata: dict[str, object] = {
         "dagster/row_count": result.num_counted,
@@ -73,7 +94,8 @@ def token_stats(context: dg.AssetExecutionContext, config: TokenStatsConfig,
     }
     if stats.height:
         metadata["histogram_total_tokens"] = presentation.figure(
-            _draw_histogram(stats, "total_tokens", config.max_num_tokens_per_sample), "total tokens")
+            _draw_histogram(stats, "total_tokens", config.max_num_tokens_per_sample), "total tokens"
+        )
         violations = over_cap_rows(stats, 20)
         if violations.height:
             metadata["violations_first_20"] = presentation.table(violations)
@@ -82,6 +104,7 @@ def token_stats(context: dg.AssetExecutionContext, config: TokenStatsConfig,
 
 def _draw_histogram(stats: pl.DataFrame, column: str, cap: int | None):
     """Histogram of one count column per task, with the cap marked."""
+
     def draw(fig) -> None:
         ax = fig.add_subplot()
         for (task,), part in stats.group_by(["task"], maintain_order=True):
@@ -91,6 +114,7 @@ def _draw_histogram(stats: pl.DataFrame, column: str, cap: int | None):
         ax.set_xlabel(column)
         ax.set_ylabel("samples")
         ax.legend(fontsize=7)
+
     return draw
 
 
@@ -99,30 +123,44 @@ def _summary_json(workspace: PipelineWorkspace) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-@dg.asset_check(asset=token_stats, description="Samples whose packer estimate exceeds max_num_tokens_per_sample "
-                "are skipped by the packer (never trained on).")
+@dg.asset_check(
+    asset=token_stats,
+    description="Samples whose packer estimate exceeds max_num_tokens_per_sample "
+    "are skipped by the packer (never trained on).",
+)
 def token_cap_violations(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
     summary = _summary_json(workspace)
     over = int(summary.get("over_cap", 0))
     return dg.AssetCheckResult(
         passed=bool(summary) and over == 0,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"over_cap": over, "max_num_tokens_per_sample": summary.get("max_num_tokens_per_sample"),
-                  "first_violations": dg.MetadataValue.json(
-                      [v for v in summary.get("violations_first_100", []) if v.get("over_cap")][:20])},
+        metadata={
+            "over_cap": over,
+            "max_num_tokens_per_sample": summary.get("max_num_tokens_per_sample"),
+            "first_violations": dg.MetadataValue.json(
+                [v for v in summary.get("violations_first_100", []) if v.get("over_cap")][:20]
+            ),
+        },
     )
 
 
-@dg.asset_check(asset=token_stats, blocking=True,
-                description="VAE latent grids larger than max_latent_size (or ViT grids over 70 patches) give "
-                "out-of-range position ids and crash training.")
+@dg.asset_check(
+    asset=token_stats,
+    blocking=True,
+    description="VAE latent grids larger than max_latent_size (or ViT grids over 70 patches) give "
+    "out-of-range position ids and crash training.",
+)
 def position_table_fits(workspace: PipelineWorkspace) -> dg.AssetCheckResult:
     summary = _summary_json(workspace)
     latent, vit = int(summary.get("latent_overflow", 0)), int(summary.get("vit_overflow", 0))
     return dg.AssetCheckResult(
         passed=bool(summary) and latent == 0 and vit == 0,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"latent_overflow": latent, "vit_overflow": vit, "max_latent_size": summary.get("max_latent_size"),
-                  "fix": "lower image_transform_args.max_image_size to <= 16 x max_latent_size, or raise "
-                         "max_latent_size (released BAGEL needs 64)"},
+        metadata={
+            "latent_overflow": latent,
+            "vit_overflow": vit,
+            "max_latent_size": summary.get("max_latent_size"),
+            "fix": "lower image_transform_args.max_image_size to <= 16 x max_latent_size, or raise "
+            "max_latent_size (released BAGEL needs 64)",
+        },
     )

@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     example = top.add_parser("example", help="run the main Dagster job on the built-in example")
-    example.add_argument("--workspace", default=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"),
-                         help="folder for everything the pipeline writes (default: %(default)s)")
+    example.add_argument(
+        "--workspace",
+        default=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"),
+        help="folder for everything the pipeline writes (default: %(default)s)",
+    )
     example.add_argument("-c", "--config", action="append", help="extra Dagster run-config YAML (repeatable)")
     example.set_defaults(func=_cmd_example)
 
@@ -123,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
     download = data_sub.add_parser("download", help="fetch the example zip and extract it safely")
-    download.add_argument("--source", default="builtin",
-                          help="'builtin' (generated locally), an http(s):// or file:// URL, or a path "
-                               "(official: https://lf3-static.bytednsdoc.com/obj/eden-cn/nuhojubrps/bagel_example.zip)")
+    download.add_argument(
+        "--source",
+        default="builtin",
+        help="'builtin' (generated locally), an http(s):// or file:// URL, or a path "
+        "(official: https://lf3-static.bytednsdoc.com/obj/eden-cn/nuhojubrps/bagel_example.zip)",
+    )
     download.add_argument("--out", required=True, help="writes OUT/bagel_example.zip and OUT/bagel_example/")
     download.add_argument("--sha256", help="expected sha256 of the archive; a mismatch fails")
     download.add_argument("--max-bytes", type=int, default=20 * 1024**3, help="refuse archives larger unpacked")

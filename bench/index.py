@@ -50,8 +50,15 @@ def _ensure_data(data: Path, rows: int) -> tuple[Path, Path]:
     if not marker.exists():
         shutil.rmtree(data / "gen", ignore_errors=True)
         files = 20
-        cfg = ExampleConfig(t2i_files=files, t2i_rows_per_file=-(-rows // files), t2i_rows_per_row_group=250,
-                            edit_files=1, edit_row_groups_per_file=1, edit_rows_per_row_group=1, vlm_lines=1)
+        cfg = ExampleConfig(
+            t2i_files=files,
+            t2i_rows_per_file=-(-rows // files),
+            t2i_rows_per_row_group=250,
+            edit_files=1,
+            edit_row_groups_per_file=1,
+            edit_rows_per_row_group=1,
+            vlm_lines=1,
+        )
         t0 = time.perf_counter()
         root = write_example_dataset(data / "gen", cfg)
         shutil.rmtree(one, ignore_errors=True)
@@ -215,18 +222,30 @@ def _child(registry: str, out: str, workers: int, repeats: int) -> None:
             result = index_registry(reg, out, IndexOptions(workers=workers, force=True))
             times.append(time.perf_counter() - t0)
     s = result.datasets[0]
-    print(json.dumps({
-        "rows": s.rows, "ok": s.ok, "quarantined": s.quarantined, "seconds": min(times), "first_seconds": times[0],
-        "index_seconds": s.seconds,
-        "rss_main_mb": _own_peak_mb(),  # VmHWM: ru_maxrss would include the parent's RSS from before exec
-        "rss_worker_mb": sampler.peak_worker, "rss_total_mb": sampler.peak_total,
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": s.rows,
+                "ok": s.ok,
+                "quarantined": s.quarantined,
+                "seconds": min(times),
+                "first_seconds": times[0],
+                "index_seconds": s.seconds,
+                "rss_main_mb": _own_peak_mb(),  # VmHWM: ru_maxrss would include the parent's RSS from before exec
+                "rss_worker_mb": sampler.peak_worker,
+                "rss_total_mb": sampler.peak_total,
+            }
+        )
+    )
 
 
 def _run_child(registry: Path, out: Path, workers: int, repeats: int = 3) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(registry), str(out), str(workers), str(repeats)],
-        check=True, capture_output=True, text=True, cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -260,8 +279,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--data", default="/tmp/bagel_bench_index")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--photo-rows", type=int, default=8000,
-                    help="also compare on photo-sized (~100 KB) images; 0 to skip")
+    ap.add_argument(
+        "--photo-rows", type=int, default=8000, help="also compare on photo-sized (~100 KB) images; 0 to skip"
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -286,38 +306,56 @@ def main() -> None:
     def rate(n: int, s: float) -> str:
         return f"{n / s:>12,.0f}"
 
-    print(f"T2I example scaled: {n_raw:,} rows, {raw_bytes / 1e6:,.1f} MB of image bytes, "
-          f"{len(list(one.glob('*.parquet')))} files; {workers} worker(s) on {os.cpu_count()} CPUs; "
-          f"pure-CPU speed-up on {workers} processes right now: {speedup:.2f}x (load {os.getloadavg()[0]:.1f})")
-    print(f"{'':<34}{'rows':>10}{'seconds':>10}{'rows/s':>13}{'x raw':>8}{'RSS main MB':>13}"
-          f"{'RSS worker MB':>15}{'RSS tree MB':>13}")
+    print(
+        f"T2I example scaled: {n_raw:,} rows, {raw_bytes / 1e6:,.1f} MB of image bytes, "
+        f"{len(list(one.glob('*.parquet')))} files; {workers} worker(s) on {os.cpu_count()} CPUs; "
+        f"pure-CPU speed-up on {workers} processes right now: {speedup:.2f}x (load {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'':<34}{'rows':>10}{'seconds':>10}{'rows/s':>13}{'x raw':>8}{'RSS main MB':>13}"
+        f"{'RSS worker MB':>15}{'RSS tree MB':>13}"
+    )
     print(f"{'raw DuckDB scan 1x':<34}{n_raw:>10,}{raw_s:>10.3f}{rate(n_raw, raw_s)}{1.0:>8.1f}")
-    print(f"{'scan tier SQL alone 1x':<34}{n_raw:>10,}{floor_s:>10.3f}{rate(n_raw, floor_s)}{floor_s / raw_s:>8.1f}"
-          "   (DuckDB part of the checks, no Python: the floor)")
-    print(f"{'indexer 1x (' + str(workers) + ' workers)':<34}{r1['rows']:>10,}{r1['seconds']:>10.3f}"
-          f"{rate(r1['rows'], r1['seconds'])}{r1['seconds'] / raw_s:>8.1f}{r1['rss_main_mb']:>13.0f}"
-          f"{r1['rss_worker_mb']:>15.0f}{r1['rss_total_mb']:>13.0f}")
-    print(f"{'indexer 1x (1 worker)':<34}{r1_serial['rows']:>10,}{r1_serial['seconds']:>10.3f}"
-          f"{rate(r1_serial['rows'], r1_serial['seconds'])}{r1_serial['seconds'] / raw_s:>8.1f}"
-          f"{r1_serial['rss_main_mb']:>13.0f}{r1_serial['rss_worker_mb']:>15.0f}{r1_serial['rss_total_mb']:>13.0f}")
+    print(
+        f"{'scan tier SQL alone 1x':<34}{n_raw:>10,}{floor_s:>10.3f}{rate(n_raw, floor_s)}{floor_s / raw_s:>8.1f}"
+        "   (DuckDB part of the checks, no Python: the floor)"
+    )
+    print(
+        f"{'indexer 1x (' + str(workers) + ' workers)':<34}{r1['rows']:>10,}{r1['seconds']:>10.3f}"
+        f"{rate(r1['rows'], r1['seconds'])}{r1['seconds'] / raw_s:>8.1f}{r1['rss_main_mb']:>13.0f}"
+        f"{r1['rss_worker_mb']:>15.0f}{r1['rss_total_mb']:>13.0f}"
+    )
+    print(
+        f"{'indexer 1x (1 worker)':<34}{r1_serial['rows']:>10,}{r1_serial['seconds']:>10.3f}"
+        f"{rate(r1_serial['rows'], r1_serial['seconds'])}{r1_serial['seconds'] / raw_s:>8.1f}"
+        f"{r1_serial['rss_main_mb']:>13.0f}{r1_serial['rss_worker_mb']:>15.0f}{r1_serial['rss_total_mb']:>13.0f}"
+    )
     print(f"{'raw DuckDB scan 4x':<34}{n_raw4:>10,}{raw4_s:>10.3f}{rate(n_raw4, raw4_s)}{1.0:>8.1f}")
-    print(f"{'indexer 4x (' + str(workers) + ' workers)':<34}{r4['rows']:>10,}{r4['seconds']:>10.3f}"
-          f"{rate(r4['rows'], r4['seconds'])}{r4['seconds'] / raw4_s:>8.1f}{r4['rss_main_mb']:>13.0f}"
-          f"{r4['rss_worker_mb']:>15.0f}{r4['rss_total_mb']:>13.0f}")
+    print(
+        f"{'indexer 4x (' + str(workers) + ' workers)':<34}{r4['rows']:>10,}{r4['seconds']:>10.3f}"
+        f"{rate(r4['rows'], r4['seconds'])}{r4['seconds'] / raw4_s:>8.1f}{r4['rss_main_mb']:>13.0f}"
+        f"{r4['rss_worker_mb']:>15.0f}{r4['rss_total_mb']:>13.0f}"
+    )
     if args.photo_rows:
         photo = _ensure_photo_like(data, args.photo_rows)
         n_p, p_bytes, p_raw = raw_scan(photo, workers)
         rp = _run_child(_registry_yaml(photo, data / "registry_photo.yaml"), data / "out_photo", workers)
-        print(f"{'raw DuckDB scan, photo-sized':<34}{n_p:>10,}{p_raw:>10.3f}{rate(n_p, p_raw)}{1.0:>8.1f}"
-              f"   ({p_bytes / 1e6:,.0f} MB of images, {p_bytes / n_p / 1e3:.0f} KB each)")
-        print(f"{'indexer, photo-sized':<34}{rp['rows']:>10,}{rp['seconds']:>10.3f}{rate(rp['rows'], rp['seconds'])}"
-              f"{rp['seconds'] / p_raw:>8.1f}{rp['rss_main_mb']:>13.0f}{rp['rss_worker_mb']:>15.0f}"
-              f"{rp['rss_total_mb']:>13.0f}")
-    print(f"peak RSS growth 1x -> 4x: main {r4['rss_main_mb'] - r1['rss_main_mb']:+.0f} MB, "
-          f"worker {r4['rss_worker_mb'] - r1['rss_worker_mb']:+.0f} MB, "
-          f"whole tree {r4['rss_total_mb'] - r1['rss_total_mb']:+.0f} MB "
-          f"(target: flat); indexing cost {r1['seconds'] / raw_s:.1f}x raw (target <= 3x; the scan tier's SQL "
-          f"alone is {floor_s / raw_s:.1f}x)")
+        print(
+            f"{'raw DuckDB scan, photo-sized':<34}{n_p:>10,}{p_raw:>10.3f}{rate(n_p, p_raw)}{1.0:>8.1f}"
+            f"   ({p_bytes / 1e6:,.0f} MB of images, {p_bytes / n_p / 1e3:.0f} KB each)"
+        )
+        print(
+            f"{'indexer, photo-sized':<34}{rp['rows']:>10,}{rp['seconds']:>10.3f}{rate(rp['rows'], rp['seconds'])}"
+            f"{rp['seconds'] / p_raw:>8.1f}{rp['rss_main_mb']:>13.0f}{rp['rss_worker_mb']:>15.0f}"
+            f"{rp['rss_total_mb']:>13.0f}"
+        )
+    print(
+        f"peak RSS growth 1x -> 4x: main {r4['rss_main_mb'] - r1['rss_main_mb']:+.0f} MB, "
+        f"worker {r4['rss_worker_mb'] - r1['rss_worker_mb']:+.0f} MB, "
+        f"whole tree {r4['rss_total_mb'] - r1['rss_total_mb']:+.0f} MB "
+        f"(target: flat); indexing cost {r1['seconds'] / raw_s:.1f}x raw (target <= 3x; the scan tier's SQL "
+        f"alone is {floor_s / raw_s:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,7 @@ def dense_params(cfg: BagelConfig) -> int:
     c = cfg.llm
     hd = c.head_dim
     attn = c.hidden_size * (2 * c.num_attention_heads * hd + 2 * c.num_key_value_heads * hd)
-    return (
-        c.num_hidden_layers * (3 * c.hidden_size * c.intermediate_size + attn)
-        + 2 * c.vocab_size * c.hidden_size
-    )
+    return c.num_hidden_layers * (3 * c.hidden_size * c.intermediate_size + attn) + 2 * c.vocab_size * c.hidden_size
 
 
 def make_config(name: str, layers: int) -> BagelConfig:
@@ -103,9 +100,7 @@ def bench_one(
         torch.cuda.synchronize(device)
     elapsed = (time.perf_counter() - start) / steps
     c = cfg.llm
-    flops = (
-        6 * dense_params(cfg) * n_tokens + 12 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sq
-    )
+    flops = 6 * dense_params(cfg) * n_tokens + 12 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sq
     peak = peak_tflops(device)
     tflops = flops / elapsed / 1e12
     return {
@@ -136,12 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     tokens = args.tokens or (16384 if gpu else 1024)
     side = args.image_side or (32 if gpu else 8)
-    print(
-        f"device={device} dtype={dtype} tokens/pack~{tokens} image_side={side} threads={torch.get_num_threads()}"
-    )
-    print(
-        f"{'preset':<10} {'backend':<6} {'tokens':>7} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}"
-    )
+    print(f"device={device} dtype={dtype} tokens/pack~{tokens} image_side={side} threads={torch.get_num_threads()}")
+    print(f"{'preset':<10} {'backend':<6} {'tokens':>7} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for name in args.presets.split(","):
         cfg = make_config(name, args.layers)
         for backend in backends:

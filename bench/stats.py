@@ -47,9 +47,16 @@ def prepare(root: Path, rows: int) -> tuple[Path, Path, Path]:
     t2i_per_file = max(1, rows // 2 // 10)
     edit_per_rg = max(1, rows // 4 // (10 * 10))
     vlm_lines = max(1, rows - 10 * t2i_per_file - 10 * 10 * edit_per_rg)
-    config = ExampleConfig(t2i_files=10, t2i_rows_per_file=t2i_per_file, t2i_rows_per_row_group=100,
-                           edit_files=10, edit_row_groups_per_file=10, edit_rows_per_row_group=edit_per_rg,
-                           vlm_lines=vlm_lines, seed=1)
+    config = ExampleConfig(
+        t2i_files=10,
+        t2i_rows_per_file=t2i_per_file,
+        t2i_rows_per_row_group=100,
+        edit_files=10,
+        edit_row_groups_per_file=10,
+        edit_rows_per_row_group=edit_per_rg,
+        vlm_lines=vlm_lines,
+        seed=1,
+    )
     marker = root / f"ready-{config.t2i_samples + config.edit_samples + vlm_lines}"
     registry_path, groups_path, index_dir = root / "dataset_info.yaml", root / "groups.yaml", root / "index"
     if not marker.exists():
@@ -61,8 +68,11 @@ def prepare(root: Path, rows: int) -> tuple[Path, Path, Path]:
         registry.source = registry_path
         registry.save(registry_path)
         default_dataset_config(registry).save(groups_path)
-        print(f"generated {config.t2i_samples + config.edit_samples + vlm_lines} samples in "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"generated {config.t2i_samples + config.edit_samples + vlm_lines} samples in "
+            f"{time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
         t0 = time.perf_counter()
         result = index_registry(registry, index_dir)
         print(f"indexed in {time.perf_counter() - t0:.0f}s -> {result.index_path}", flush=True)
@@ -84,8 +94,10 @@ def main() -> None:
     registry_path, groups_path, index_dir = prepare(Path(args.dir), args.rows)
     registry, config = Registry.load(registry_path), load_dataset_config(groups_path)
     backend = load_tokenizer()[0].backend_tokenizer
-    print(f"cpus available: {len(os.sched_getaffinity(0))}, RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS')}, "
-          f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
+    print(
+        f"cpus available: {len(os.sched_getaffinity(0))}, RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS')}, "
+        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}"
+    )
 
     stats_times, bare_times = [], []
     recorder = RecordingBackend(backend)
@@ -93,8 +105,9 @@ def main() -> None:
     for _ in range(args.repeat):
         recorder.batches.clear()
         t0 = time.perf_counter()
-        result = compute_token_stats(registry, config, index_dir, Path(args.dir) / "stats", recorder,
-                                     batch_size=args.batch_size)
+        result = compute_token_stats(
+            registry, config, index_dir, Path(args.dir) / "stats", recorder, batch_size=args.batch_size
+        )
         stats_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for batch in recorder.batches:
@@ -105,16 +118,24 @@ def main() -> None:
     texts = sum(len(b) for b in recorder.batches)
     chars = sum(len(t) for b in recorder.batches for t in b)
     best_stats, best_bare = min(stats_times), min(bare_times)
-    print(f"\nsamples: {samples} counted+skipped ({result.num_counted} counted), distinct texts tokenised per run: "
-          f"{texts} ({chars / 1e6:.1f} M chars) in {len(recorder.batches)} encode_batch calls")
+    print(
+        f"\nsamples: {samples} counted+skipped ({result.num_counted} counted), distinct texts tokenised per run: "
+        f"{texts} ({chars / 1e6:.1f} M chars) in {len(recorder.batches)} encode_batch calls"
+    )
     print(f"{'':<40} {'best s':>8} {'samples/s':>11} {'texts/s':>10}")
-    print(f"{'token statistics (end to end)':<40} {best_stats:>8.2f} {samples / best_stats:>11.0f} "
-          f"{texts / best_stats:>10.0f}")
-    print(f"{'bare tokenizers encode_batch, same texts':<40} {best_bare:>8.2f} {samples / best_bare:>11.0f} "
-          f"{texts / best_bare:>10.0f}")
-    print(f"overhead of everything but tokenisation: {best_stats - best_bare:.2f}s "
-          f"({(best_stats - best_bare) / best_stats:.0%} of the statistics run); all runs: stats "
-          f"{[round(t, 2) for t in stats_times]}, bare {[round(t, 2) for t in bare_times]}")
+    print(
+        f"{'token statistics (end to end)':<40} {best_stats:>8.2f} {samples / best_stats:>11.0f} "
+        f"{texts / best_stats:>10.0f}"
+    )
+    print(
+        f"{'bare tokenizers encode_batch, same texts':<40} {best_bare:>8.2f} {samples / best_bare:>11.0f} "
+        f"{texts / best_bare:>10.0f}"
+    )
+    print(
+        f"overhead of everything but tokenisation: {best_stats - best_bare:.2f}s "
+        f"({(best_stats - best_bare) / best_stats:.0%} of the statistics run); all runs: stats "
+        f"{[round(t, 2) for t in stats_times]}, bare {[round(t, 2) for t in bare_times]}"
+    )
 
 
 if __name__ == "__main__":

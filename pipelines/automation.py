@@ -9,8 +9,12 @@ from bagel_core.config.registry import Registry
 JOB_NAME = "bagel_example_job"
 
 
-@dg.sensor(job_name=JOB_NAME, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Runs the pipeline again when any registered data file changes (name, size or mtime).")
+@dg.sensor(
+    job_name=JOB_NAME,
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Runs the pipeline again when any registered data file changes (name, size or mtime).",
+)
 def registered_data_changed(context: dg.SensorEvaluationContext, workspace: PipelineWorkspace):
     # Cheap by design (sensor ticks have a 60 s deadline): directory listings and stat() only.
     if not workspace.registry_path.is_file():

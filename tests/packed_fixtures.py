@@ -20,8 +20,13 @@ from bagel_core.plan.packing import CfgDropout, PackingParams
 SMALL_VAE = {"image_stride": 16, "max_image_size": 64, "min_image_size": 32}
 SMALL_EDIT_VIT = {"image_stride": 14, "max_image_size": 56, "min_image_size": 28}
 SMALL_VLM_VIT = {"image_stride": 14, "max_image_size": 56, "min_image_size": 28, "max_pixels": 6272}
-SMALL_PARAMS = PackingParams(expected_num_tokens=128, max_num_tokens=192, max_num_tokens_per_sample=160,
-                             prefer_buffer_before=96, max_buffer_size=4)
+SMALL_PARAMS = PackingParams(
+    expected_num_tokens=128,
+    max_num_tokens=192,
+    max_num_tokens_per_sample=160,
+    prefer_buffer_before=96,
+    max_buffer_size=4,
+)
 NO_DROPOUT = CfgDropout(0.0, 0.0, 0.0)
 
 

@@ -44,17 +44,34 @@ EDIT_ROWS = [
     ([(1024, 768), (1024, 768), (1024, 768), (1024, 768)], [["step one"], ["step two"], ["step three"]]),
 ]
 VLM_RECORDS = [
-    ({"id": "a", "image": "img_a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour is the bus?"},
-        {"from": "gpt", "value": "It is white and red."}]}, [(1000, 1000)]),
-    ({"id": "b", "image": ["img_b0.png", "img_b1.png", "img_b2.png", "img_b3.png"], "conversations": [
-        {"from": "human", "value": "Compare <image> and <image>."},
-        {"from": "gpt", "value": "The first is larger."},
-        {"from": "system", "value": "ignored"}]}, [(1000, 1000)] * 4),
-    ({"id": "c", "conversations": [
-        {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello!"}]}, []),
-    ({"id": "d", "image": "img_d.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe."}]}, [(640, 480)]),  # no gpt turn -> skipped
+    (
+        {
+            "id": "a",
+            "image": "img_a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the bus?"},
+                {"from": "gpt", "value": "It is white and red."},
+            ],
+        },
+        [(1000, 1000)],
+    ),
+    (
+        {
+            "id": "b",
+            "image": ["img_b0.png", "img_b1.png", "img_b2.png", "img_b3.png"],
+            "conversations": [
+                {"from": "human", "value": "Compare <image> and <image>."},
+                {"from": "gpt", "value": "The first is larger."},
+                {"from": "system", "value": "ignored"},
+            ],
+        },
+        [(1000, 1000)] * 4,
+    ),
+    ({"id": "c", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello!"}]}, []),
+    (
+        {"id": "d", "image": "img_d.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."}]},
+        [(640, 480)],
+    ),  # no gpt turn -> skipped
 ]
 
 
@@ -91,10 +108,12 @@ def write_fixture(
     for f in range(t2i_files):
         path = t2i_dir / f"chunk_{f}.parquet"
         rows = T2I_ROWS
-        table = pa.table({
-            "image": pa.array([png(*size) for size, _ in rows], pa.binary()),
-            "captions": pa.array([json.dumps(c) for _, c in rows], pa.string()),
-        })
+        table = pa.table(
+            {
+                "image": pa.array([png(*size) for size, _ in rows], pa.binary()),
+                "captions": pa.array([json.dumps(c) for _, c in rows], pa.string()),
+            }
+        )
         pq.write_table(table, path, row_group_size=2)
         t2i_paths.append(path)
         _index_parquet(index_rows, "t2i", "t2i_pretrain", "t2i", path, "image", single=True)
@@ -104,10 +123,12 @@ def write_fixture(
     for f in range(edit_files):
         path = edit_dir / f"chunk_{f}.parquet"
         rows = EDIT_ROWS * edit_row_groups
-        table = pa.table({
-            "image_list": pa.array([[png(*s) for s in sizes] for sizes, _ in rows], pa.list_(pa.binary())),
-            "instruction_list": pa.array([ins for _, ins in rows], pa.list_(pa.list_(pa.string()))),
-        })
+        table = pa.table(
+            {
+                "image_list": pa.array([[png(*s) for s in sizes] for sizes, _ in rows], pa.list_(pa.binary())),
+                "instruction_list": pa.array([ins for _, ins in rows], pa.list_(pa.list_(pa.string()))),
+            }
+        )
         pq.write_table(table, path, row_group_size=len(EDIT_ROWS))
         info[str(path)] = {"num_row_groups": pq.ParquetFile(path).num_row_groups, "num_rows": table.num_rows}
         edit_paths.append(path)
@@ -144,27 +165,44 @@ def write_fixture(
 
     registry = {
         "t2i_pretrain": {"t2i": {"data_dir": str(t2i_dir), "num_files": t2i_files}},
-        "unified_edit": {"seedx": {"data_dir": str(edit_dir), "num_files": edit_files,
-                                   "parquet_info_path": str(info_path)}},
+        "unified_edit": {
+            "seedx": {"data_dir": str(edit_dir), "num_files": edit_files, "parquet_info_path": str(info_path)}
+        },
         "vlm_sft": {"llava": {"data_dir": str(vlm_dir), "jsonl_path": str(jsonl)}},
     }
     registry_path = root / "dataset_info.yaml"
     registry_path.write_text(yaml.safe_dump(registry, sort_keys=False))
     groups = {
-        "t2i_pretrain": {"dataset_names": ["t2i"],
-                         "image_transform_args": {"image_stride": 16, "max_image_size": 1024, "min_image_size": 512},
-                         "is_mandatory": True, "num_used_data": [t2i_num_used or t2i_files], "weight": 1},
-        "unified_edit": {"dataset_names": ["seedx"],
-                         "image_transform_args": {"image_stride": 16, "max_image_size": 1024, "min_image_size": 512},
-                         "vit_image_transform_args": {"image_stride": 14, "max_image_size": 518,
-                                                      "min_image_size": 224},
-                         "is_mandatory": False, "num_used_data": [edit_num_used or edit_files], "weight": 1},
-        "vlm_sft": {"dataset_names": ["llava"],
-                    "image_transform_args": {"image_stride": 14, "max_image_size": 980, "min_image_size": 378,
-                                             "max_pixels": 2007040},
-                    "frame_sampler_args": {"max_num_frames": 12, "min_num_frames": 8},
-                    "is_mandatory": True, "shuffle_lines": True, "shuffle_seed": 0,
-                    "num_used_data": [vlm_num_used or len(lines)], "weight": 1},
+        "t2i_pretrain": {
+            "dataset_names": ["t2i"],
+            "image_transform_args": {"image_stride": 16, "max_image_size": 1024, "min_image_size": 512},
+            "is_mandatory": True,
+            "num_used_data": [t2i_num_used or t2i_files],
+            "weight": 1,
+        },
+        "unified_edit": {
+            "dataset_names": ["seedx"],
+            "image_transform_args": {"image_stride": 16, "max_image_size": 1024, "min_image_size": 512},
+            "vit_image_transform_args": {"image_stride": 14, "max_image_size": 518, "min_image_size": 224},
+            "is_mandatory": False,
+            "num_used_data": [edit_num_used or edit_files],
+            "weight": 1,
+        },
+        "vlm_sft": {
+            "dataset_names": ["llava"],
+            "image_transform_args": {
+                "image_stride": 14,
+                "max_image_size": 980,
+                "min_image_size": 378,
+                "max_pixels": 2007040,
+            },
+            "frame_sampler_args": {"max_num_frames": 12, "min_num_frames": 8},
+            "is_mandatory": True,
+            "shuffle_lines": True,
+            "shuffle_seed": 0,
+            "num_used_data": [vlm_num_used or len(lines)],
+            "weight": 1,
+        },
     }
     groups_path = root / "groups.yaml"
     groups_path.write_text(yaml.safe_dump(groups, sort_keys=False))
@@ -172,9 +210,19 @@ def write_fixture(
 
 
 def _row(dataset, group, task, path, rg, row, file_row, sizes, status="ok", reason=None) -> dict:
-    return {"dataset": dataset, "group": group, "task": task, "source_file": str(path), "row_group": rg,
-            "row_index": row, "file_row": file_row, "image_sizes": sizes, "num_images": len(sizes),
-            "status": status, "reason": reason}
+    return {
+        "dataset": dataset,
+        "group": group,
+        "task": task,
+        "source_file": str(path),
+        "row_group": rg,
+        "row_index": row,
+        "file_row": file_row,
+        "image_sizes": sizes,
+        "num_images": len(sizes),
+        "status": status,
+        "reason": reason,
+    }
 
 
 def _index_parquet(out: list[dict], dataset, group, task, path: Path, column: str, single: bool) -> None:
@@ -190,10 +238,19 @@ def _index_parquet(out: list[dict], dataset, group, task, path: Path, column: st
 
 
 def write_index(rows: list[dict], path: Path) -> None:
-    schema = pa.schema([
-        ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
-        ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()),
-        ("image_sizes", pa.list_(pa.list_(pa.int32()))), ("num_images", pa.int32()), ("status", pa.string()),
-        ("reason", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("group", pa.string()),
+            ("task", pa.string()),
+            ("source_file", pa.string()),
+            ("row_group", pa.int32()),
+            ("row_index", pa.int64()),
+            ("file_row", pa.int64()),
+            ("image_sizes", pa.list_(pa.list_(pa.int32()))),
+            ("num_images", pa.int32()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

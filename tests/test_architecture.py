@@ -17,8 +17,15 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
     # PYTHONPATH puts the tree's packages ahead of the editable install, so grimp reads that copy
     env = dict(os.environ, PYTHONPATH=str(tree))
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], check=False, cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"],
+        check=False,
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _copy_tree(dst: Path) -> Path:
@@ -38,15 +45,25 @@ def test_contracts_hold_for_the_repository() -> None:
     ("module", "line", "reported"),
     [
         # a lower layer reaching up: the config layer importing the loader
-        ("bagel_core/config/upward.py", "from bagel_core.loader import packed_dataset",
-         "bagel_core.config is not allowed to import bagel_core.loader"),
+        (
+            "bagel_core/config/upward.py",
+            "from bagel_core.loader import packed_dataset",
+            "bagel_core.config is not allowed to import bagel_core.loader",
+        ),
         # packages on one line stay independent: data may not import model
-        ("bagel_core/data/sideways.py", "import bagel_core.model.config",
-         "bagel_core.data is not allowed to import bagel_core.model"),
+        (
+            "bagel_core/data/sideways.py",
+            "import bagel_core.model.config",
+            "bagel_core.data is not allowed to import bagel_core.model",
+        ),
         # the library never imports the orchestration side
         ("bagel_core/plan/orchestrated.py", "import dagster", "bagel_core.plan.orchestrated -> dagster"),
         # a cycle inside a package: the indexer imports schema; schema importing the indexer closes it
-        ("bagel_core/index/schema.py", "from bagel_core.index import indexer", "No cycles are allowed in bagel_core.index"),
+        (
+            "bagel_core/index/schema.py",
+            "from bagel_core.index import indexer",
+            "No cycles are allowed in bagel_core.index",
+        ),
     ],
 )
 def test_an_added_violation_fails_the_check(tmp_path: Path, module: str, line: str, reported: str) -> None:
@@ -60,8 +77,10 @@ def test_an_added_violation_fails_the_check(tmp_path: Path, module: str, line: s
 
 def test_cli_parser_loads_no_heavy_library() -> None:
     """``bagel --help`` builds every subcommand's parser without torch, DuckDB, Arrow or polars."""
-    code = ("import sys; from bagel_core.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'duckdb', 'pyarrow', 'polars', 'dagster') if m in sys.modules))")
+    code = (
+        "import sys; from bagel_core.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'duckdb', 'pyarrow', 'polars', 'dagster') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
 

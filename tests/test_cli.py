@@ -10,27 +10,58 @@ from bagel_core.cli import main
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "bagel_core.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "bagel_core.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("example", "data"):
         assert command in out
-    data_help = subprocess.run([sys.executable, "-m", "bagel_core.cli", "data", "--help"], capture_output=True,
-                               text=True, check=True).stdout
+    data_help = subprocess.run(
+        [sys.executable, "-m", "bagel_core.cli", "data", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("download", "registry", "check"):
         assert command in data_help
 
 
 def test_download_registry_check(tmp_path, capsys):
     out = tmp_path / "data"
-    assert main(["data", "download", "--source", "builtin", "--out", str(out), "--t2i-files", "2",
-                 "--vlm-lines", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "download",
+                "--source",
+                "builtin",
+                "--out",
+                str(out),
+                "--t2i-files",
+                "2",
+                "--vlm-lines",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (out / "bagel_example.zip").is_file() and (out / "bagel_example" / "t2i" / "chunk_1.parquet").is_file()
     printed = capsys.readouterr().out
     assert "t2i" in printed and "vlm" in printed and "sha256" in printed
 
     registry, groups = tmp_path / "reg" / "dataset_info.yaml", tmp_path / "reg" / "example.yaml"
-    assert main(["data", "registry", "--root", str(out / "bagel_example"), "--out", str(registry),
-                 "--groups-out", str(groups)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "registry",
+                "--root",
+                str(out / "bagel_example"),
+                "--out",
+                str(registry),
+                "--groups-out",
+                str(groups),
+            ]
+        )
+        == 0
+    )
     body = yaml.safe_load(registry.read_text())
     assert body["t2i_pretrain"]["t2i"]["num_files"] == 2
     assert Path(body["unified_edit"]["seedxedit_multi"]["parquet_info_path"]).is_file()

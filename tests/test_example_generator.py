@@ -11,8 +11,15 @@ from PIL import Image
 
 from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
 
-SMALL = ExampleConfig(t2i_files=3, t2i_rows_per_file=4, t2i_rows_per_row_group=2, edit_files=2,
-                      edit_row_groups_per_file=2, edit_rows_per_row_group=3, vlm_lines=30)
+SMALL = ExampleConfig(
+    t2i_files=3,
+    t2i_rows_per_file=4,
+    t2i_rows_per_row_group=2,
+    edit_files=2,
+    edit_row_groups_per_file=2,
+    edit_rows_per_row_group=3,
+    vlm_lines=30,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,9 @@ def test_layout_matches_official(example):
     assert example.name == "bagel_example"
     assert sorted(p.name for p in (example / "t2i").iterdir()) == [f"chunk_{i}.parquet" for i in range(3)]
     assert sorted(p.name for p in (example / "editing" / "seedxedit_multi").iterdir()) == [
-        "chunk_0.parquet", "chunk_1.parquet"]
+        "chunk_0.parquet",
+        "chunk_1.parquet",
+    ]
     assert (example / "editing" / "parquet_info" / "seedxedit_multi_nas.json").is_file()
     assert (example / "vlm" / "llava_ov_si.jsonl").is_file()
     assert any((example / "vlm" / "images").iterdir())
@@ -59,8 +68,9 @@ def test_editing_rows_and_parquet_info(example):
     assert table.schema.field("instruction_list").type == pa.list_(pa.list_(pa.string()))
     assert pq.ParquetFile(path).metadata.num_row_groups == 2
     lengths = set()
-    for images, instructions in zip(table.column("image_list").to_pylist(),
-                                    table.column("instruction_list").to_pylist()):
+    for images, instructions in zip(
+        table.column("image_list").to_pylist(), table.column("instruction_list").to_pylist()
+    ):
         assert len(images) >= 2 and len(instructions) == len(images) - 1
         assert all(len(alts) == 2 for alts in instructions)
         sizes = {Image.open(io.BytesIO(b)).size for b in images}
@@ -69,8 +79,11 @@ def test_editing_rows_and_parquet_info(example):
     info = json.loads((example / "editing" / "parquet_info" / "seedxedit_multi_nas.json").read_text())
     key = "your_data_path/bagel_example/editing/seedxedit_multi/chunk_1.parquet"
     assert info[key] == {"num_row_groups": 2, "num_rows": 6, "num_columns": 2}
-    count = duckdb.connect().sql(
-        f"SELECT count(*) FROM read_parquet('{example}/editing/seedxedit_multi/*.parquet')").fetchall()[0][0]
+    count = (
+        duckdb.connect()
+        .sql(f"SELECT count(*) FROM read_parquet('{example}/editing/seedxedit_multi/*.parquet')")
+        .fetchall()[0][0]
+    )
     assert count == SMALL.edit_samples
 
 
@@ -91,8 +104,9 @@ def test_vlm_jsonl_parses_and_images_exist(example):
         kinds.add((len(images), len(roles) // 2 > 1))
     assert {n for n, _ in kinds} >= {1, 2}  # single- and multi-image samples
     assert any(multi for _, multi in kinds)  # multi-turn conversations
-    rows = duckdb.connect().sql(
-        f"SELECT count(*) FROM read_json_auto('{example}/vlm/llava_ov_si.jsonl')").fetchall()[0][0]
+    rows = (
+        duckdb.connect().sql(f"SELECT count(*) FROM read_json_auto('{example}/vlm/llava_ov_si.jsonl')").fetchall()[0][0]
+    )
     assert rows == SMALL.vlm_lines
 
 

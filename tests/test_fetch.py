@@ -19,8 +19,9 @@ from bagel_core.data.fetch import (
     write_deterministic_zip,
 )
 
-TINY = ExampleConfig(t2i_files=2, t2i_rows_per_file=2, edit_files=1, edit_row_groups_per_file=1,
-                     edit_rows_per_row_group=2, vlm_lines=4)
+TINY = ExampleConfig(
+    t2i_files=2, t2i_rows_per_file=2, edit_files=1, edit_row_groups_per_file=1, edit_rows_per_row_group=2, vlm_lines=4
+)
 
 
 def _tree(path: Path) -> set[str]:
@@ -48,11 +49,14 @@ def sandbox(tmp_path):
 REG = stat.S_IFREG | 0o644
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("../evil.txt", "path traversal"),
-    ("bagel_example/../../evil.txt", "path traversal"),
-    ("/tmp/evil-absolute.txt", "absolute path"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../evil.txt", "path traversal"),
+        ("bagel_example/../../evil.txt", "path traversal"),
+        ("/tmp/evil-absolute.txt", "absolute path"),
+    ],
+)
 def test_zip_slip_entries_are_refused(sandbox, tmp_path, name, problem):
     archive = _zip(tmp_path / "bad.zip", [("bagel_example/ok.txt", b"ok", REG), (name, b"evil", REG)])
     before = _tree(tmp_path)
@@ -112,8 +116,9 @@ def test_builtin_fetch_is_reproducible_and_extract_idempotent(tmp_path):
     assert marker_file.stat().st_mtime_ns == mtime
     # A changed archive replaces the old tree instead of mixing files.
     (tmp_path / "a" / "bagel_example" / "stale.txt").write_text("old")
-    other = fetch_archive("builtin", tmp_path / "c", builtin_config=ExampleConfig(**{**TINY.__dict__, "seed": 3}),
-                          progress=False)
+    other = fetch_archive(
+        "builtin", tmp_path / "c", builtin_config=ExampleConfig(**{**TINY.__dict__, "seed": 3}), progress=False
+    )
     replaced = safe_extract(other.path, tmp_path / "a")
     assert not replaced.skipped and not (tmp_path / "a" / "bagel_example" / "stale.txt").exists()
 

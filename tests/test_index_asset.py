@@ -41,8 +41,12 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 def test_unpartitioned_run_indexes_every_dataset_and_records_partitions(tmp_path: Path) -> None:
     ws = _workspace(tmp_path)
     with dg.instance_for_test() as instance:
-        res = dg.materialize([_registry_stand_in, dataset_index], instance=instance, resources={"workspace": ws},
-                             run_config={"ops": {"dataset_index": {"config": {"workers": 1}}}})
+        res = dg.materialize(
+            [_registry_stand_in, dataset_index],
+            instance=instance,
+            resources={"workspace": ws},
+            run_config={"ops": {"dataset_index": {"config": {"workers": 1}}}},
+        )
         assert res.success
         assert _checks(res) == {CHECK_ACCOUNTING: True, CHECK_QUARANTINE_RATIO: True, CHECK_UNIQUE_KEYS: True}
         assert instance.get_dynamic_partitions(DATASET_PARTITIONS.name) == ["t2i_pretrain.t2i", "vlm_sft.vlm"]
@@ -58,9 +62,14 @@ def test_unpartitioned_run_indexes_every_dataset_and_records_partitions(tmp_path
         assert (ws.registry_path.parent / "parquet_info" / "t2i.json").is_file()
 
         # per-dataset partition run: only that dataset is (re)considered, the union keeps both
-        res2 = dg.materialize([dataset_index], instance=instance, resources={"workspace": ws},
-                              partition_key="vlm_sft.vlm", selection=[dataset_index.key],
-                              run_config={"ops": {"dataset_index": {"config": {"workers": 1}}}})
+        res2 = dg.materialize(
+            [dataset_index],
+            instance=instance,
+            resources={"workspace": ws},
+            partition_key="vlm_sft.vlm",
+            selection=[dataset_index.key],
+            run_config={"ops": {"dataset_index": {"config": {"workers": 1}}}},
+        )
         assert res2.success
         (mat,) = res2.asset_materializations_for_node("dataset_index")
         assert mat.partition == "vlm_sft.vlm" and mat.metadata["rows"].value == 3
@@ -71,19 +80,25 @@ def test_unpartitioned_run_indexes_every_dataset_and_records_partitions(tmp_path
 def test_quarantine_ratio_check_blocks(tmp_path: Path) -> None:
     ws = _workspace(tmp_path, bad_rows=2)
     with dg.instance_for_test() as instance:
-        res = dg.materialize([_registry_stand_in, dataset_index], instance=instance, resources={"workspace": ws},
-                             run_config={"ops": {"dataset_index": {"config": {"workers": 1,
-                                                                              "max_quarantine_ratio": 0.1}}}},
-                             raise_on_error=False)
+        res = dg.materialize(
+            [_registry_stand_in, dataset_index],
+            instance=instance,
+            resources={"workspace": ws},
+            run_config={"ops": {"dataset_index": {"config": {"workers": 1, "max_quarantine_ratio": 0.1}}}},
+            raise_on_error=False,
+        )
         assert not res.success  # blocking ERROR check fails the step
         checks = _checks(res)
         assert checks[CHECK_QUARANTINE_RATIO] is False and checks[CHECK_ACCOUNTING] is True
         evaluation = next(e for e in res.get_asset_check_evaluations() if e.check_name == CHECK_QUARANTINE_RATIO)
         assert evaluation.metadata["over_threshold"].value == {"t2i_pretrain.t2i": 0.25}
         # raising the threshold in run config lets it pass
-        res = dg.materialize([_registry_stand_in, dataset_index], instance=instance, resources={"workspace": ws},
-                             run_config={"ops": {"dataset_index": {"config": {"workers": 1,
-                                                                              "max_quarantine_ratio": 0.5}}}})
+        res = dg.materialize(
+            [_registry_stand_in, dataset_index],
+            instance=instance,
+            resources={"workspace": ws},
+            run_config={"ops": {"dataset_index": {"config": {"workers": 1, "max_quarantine_ratio": 0.5}}}},
+        )
         assert res.success
 
 
@@ -91,8 +106,14 @@ def test_partition_of_a_removed_dataset_fails_clearly(tmp_path: Path) -> None:
     ws = _workspace(tmp_path)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_PARTITIONS.name, ["vlm_sft.gone"])
-        res = dg.materialize([dataset_index], instance=instance, resources={"workspace": ws},
-                             partition_key="vlm_sft.gone", selection=[dataset_index.key], raise_on_error=False)
+        res = dg.materialize(
+            [dataset_index],
+            instance=instance,
+            resources={"workspace": ws},
+            partition_key="vlm_sft.gone",
+            selection=[dataset_index.key],
+            raise_on_error=False,
+        )
         assert not res.success
         failure = next(e for e in res.all_events if e.is_step_failure)
         assert "partition(s) ['vlm_sft.gone'] are not datasets of" in str(failure.step_failure_data.error)

@@ -51,8 +51,11 @@ def test_truncated_parquet_is_recorded_as_unreadable_file(tmp_path: Path) -> Non
 
 def test_missing_and_renamed_columns_quarantine_every_row(tmp_path: Path) -> None:
     d = tmp_path / "t2i"
-    pq.write_table(pa.table({"image": [image_bytes()] * 5, "caption": [caption()] * 5}), d.mkdir() or d / "a.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"image": [image_bytes()] * 5, "caption": [caption()] * 5}),
+        d.mkdir() or d / "a.parquet",
+        row_group_size=2,
+    )
     pq.write_table(pa.table({"image": [image_bytes()] * 3, "captions": [1, 2, 3]}), d / "b.parquet")
     _, index, q, files = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out")
     assert reasons(q) == {"missing_column": 5, "column_type": 3}
@@ -60,7 +63,11 @@ def test_missing_and_renamed_columns_quarantine_every_row(tmp_path: Path) -> Non
     message = _quarantine_rows(q, "column_type")[0]["message"]
     assert "column 'captions' has type int64, expected string or binary" in message
     # row groups / row numbers are exact even though no data was read
-    a_rows = [(r["row_group"], r["row_index"], r["file_row"]) for r in index.to_pylist() if r["source_file"].endswith("a.parquet")]
+    a_rows = [
+        (r["row_group"], r["row_index"], r["file_row"])
+        for r in index.to_pylist()
+        if r["source_file"].endswith("a.parquet")
+    ]
     assert a_rows == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3), (2, 0, 4)]
     assert sorted(files.column("status").to_pylist()) == ["schema_error", "schema_error"]
 
@@ -68,8 +75,10 @@ def test_missing_and_renamed_columns_quarantine_every_row(tmp_path: Path) -> Non
 def test_edit_columns_with_wrong_nesting_are_a_column_type_error(tmp_path: Path) -> None:
     d = tmp_path / "edit"
     d.mkdir()
-    pq.write_table(pa.table({"image_list": [[image_bytes(), image_bytes()]], "instruction_list": [["make it blue"]]}),
-                   d / "chunk_0.parquet")
+    pq.write_table(
+        pa.table({"image_list": [[image_bytes(), image_bytes()]], "instruction_list": [["make it blue"]]}),
+        d / "chunk_0.parquet",
+    )
     _, _, q, _ = run_index(registry_for(edit={"data_dir": d}), tmp_path / "out")
     assert reasons(q) == {"column_type": 1}
     assert "instruction_list" in q.column("message")[0].as_py()
@@ -78,21 +87,33 @@ def test_edit_columns_with_wrong_nesting_are_a_column_type_error(tmp_path: Path)
 def test_bad_image_cells(tmp_path: Path) -> None:
     d = tmp_path / "t2i"
     images = [
-        image_bytes(),                      # 0 ok
+        image_bytes(),  # 0 ok
         b"\x89PNG garbage that is not an image",  # 1 corrupt
-        b"",                                # 2 zero bytes
-        png_declaring(100_000, 100_000),    # 3 decompression bomb
-        image_bytes(64, 64)[:-30],          # 4 truncated
-        None,                               # 5 null cell
-        image_bytes(20, 10, "JPEG"),        # 6 ok
+        b"",  # 2 zero bytes
+        png_declaring(100_000, 100_000),  # 3 decompression bomb
+        image_bytes(64, 64)[:-30],  # 4 truncated
+        None,  # 5 null cell
+        image_bytes(20, 10, "JPEG"),  # 6 ok
     ]
     write_t2i(d / "chunk_0.parquet", images, [caption()] * len(images), row_group_size=3)
     _, index, q, _ = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out")
-    assert reasons(q) == {"image_corrupt": 1, "image_empty": 1, "image_too_large": 1, "image_truncated": 1,
-                          "image_missing": 1}
+    assert reasons(q) == {
+        "image_corrupt": 1,
+        "image_empty": 1,
+        "image_too_large": 1,
+        "image_truncated": 1,
+        "image_missing": 1,
+    }
     by_row = {r["file_row"]: r for r in index.to_pylist()}
-    assert [by_row[i]["reason"] for i in range(7)] == [None, "image_corrupt", "image_empty", "image_too_large",
-                                                       "image_truncated", "image_missing", None]
+    assert [by_row[i]["reason"] for i in range(7)] == [
+        None,
+        "image_corrupt",
+        "image_empty",
+        "image_too_large",
+        "image_truncated",
+        "image_missing",
+        None,
+    ]
     assert by_row[0]["image_sizes"] == [[32, 24]] and by_row[6]["image_sizes"] == [[20, 10]]
     assert by_row[3]["image_sizes"] == [[-1, -1]]
     assert (by_row[4]["row_group"], by_row[4]["row_index"]) == (1, 1)
@@ -110,22 +131,30 @@ def test_pixel_cap_option(tmp_path: Path) -> None:
 def test_bad_captions(tmp_path: Path) -> None:
     d = tmp_path / "t2i"
     caps = [
-        caption(),                     # ok
-        "a plain sentence",            # not JSON
-        "",                            # empty string
-        "{}",                          # empty object
-        json.dumps(["a", "b"]),        # list (crashes upstream)
-        json.dumps({"short": 3}),      # value of the wrong type
-        None,                          # null
-        json.dumps({"short": "  "}),   # blank caption
-        "42",                          # JSON number
+        caption(),  # ok
+        "a plain sentence",  # not JSON
+        "",  # empty string
+        "{}",  # empty object
+        json.dumps(["a", "b"]),  # list (crashes upstream)
+        json.dumps({"short": 3}),  # value of the wrong type
+        None,  # null
+        json.dumps({"short": "  "}),  # blank caption
+        "42",  # JSON number
     ]
     write_t2i(d / "c.parquet", [image_bytes()] * len(caps), caps)
     _, index, q, _ = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out")
     assert reasons(q) == {"caption_not_json": 1, "caption_empty": 4, "caption_wrong_type": 3}
-    assert index.column("reason").to_pylist() == [None, "caption_not_json", "caption_empty", "caption_empty",
-                                                  "caption_wrong_type", "caption_wrong_type", "caption_empty",
-                                                  "caption_empty", "caption_wrong_type"]
+    assert index.column("reason").to_pylist() == [
+        None,
+        "caption_not_json",
+        "caption_empty",
+        "caption_empty",
+        "caption_wrong_type",
+        "caption_wrong_type",
+        "caption_empty",
+        "caption_empty",
+        "caption_wrong_type",
+    ]
     assert index.column("num_texts").to_pylist()[0] == 2
 
 
@@ -151,10 +180,20 @@ def test_edit_count_rules(tmp_path: Path) -> None:
         [[["make it red"]], [["a"]], [], [["a"], ["b"]], [["a"]], [[]]],
     )
     _, index, q, _ = run_index(registry_for(edit={"data_dir": d}), tmp_path / "out")
-    assert index.column("reason").to_pylist() == [None, "edit_count_mismatch", "edit_too_few_images",
-                                                  "edit_count_mismatch", "image_corrupt", "instruction_invalid"]
-    assert reasons(q) == {"edit_count_mismatch": 2, "edit_too_few_images": 1, "image_corrupt": 1,
-                          "instruction_invalid": 1}
+    assert index.column("reason").to_pylist() == [
+        None,
+        "edit_count_mismatch",
+        "edit_too_few_images",
+        "edit_count_mismatch",
+        "image_corrupt",
+        "instruction_invalid",
+    ]
+    assert reasons(q) == {
+        "edit_count_mismatch": 2,
+        "edit_too_few_images": 1,
+        "image_corrupt": 1,
+        "instruction_invalid": 1,
+    }
     first = index.slice(0, 1).to_pylist()[0]
     assert first["image_sizes"] == [[32, 24], [32, 24]] and first["num_images"] == 2
     assert (first["row_group"], index.column("row_group")[5].as_py(), index.column("row_index")[5].as_py()) == (0, 2, 1)
@@ -163,27 +202,44 @@ def test_edit_count_rules(tmp_path: Path) -> None:
 def test_vlm_bad_lines(tmp_path: Path) -> None:
     images = {"a.png": image_bytes(30, 20), "b.jpg": image_bytes(10, 40, "JPEG"), "bad.png": b"nope"}
     lines = [
-        vlm_line("a.png"),                                   # 0 ok
-        '{"id": "broken", "conversations": [',               # 1 broken JSON
-        vlm_line("missing.png"),                             # 2 missing image file
-        vlm_line(["a.png", "b.jpg"]),                        # 3 two images, one placeholder
-        b'{"id": "\xff\xfe", "conversations": []}',          # 4 invalid UTF-8
+        vlm_line("a.png"),  # 0 ok
+        '{"id": "broken", "conversations": [',  # 1 broken JSON
+        vlm_line("missing.png"),  # 2 missing image file
+        vlm_line(["a.png", "b.jpg"]),  # 3 two images, one placeholder
+        b'{"id": "\xff\xfe", "conversations": []}',  # 4 invalid UTF-8
         vlm_line(["a.png", "b.jpg"], "<image><image> compare"),  # 5 ok, two images
-        vlm_line(None, "no image here"),                     # 6 ok, text only
-        vlm_line("bad.png"),                                 # 7 corrupt image file
-        vlm_line("a.png", answer=""),                        # 8 no loss
-        "",                                                  # 9 blank line
-        vlm_line(None),                                      # 10 placeholder without image
-        '["a", "list"]',                                     # 11 not an object
+        vlm_line(None, "no image here"),  # 6 ok, text only
+        vlm_line("bad.png"),  # 7 corrupt image file
+        vlm_line("a.png", answer=""),  # 8 no loss
+        "",  # 9 blank line
+        vlm_line(None),  # 10 placeholder without image
+        '["a", "list"]',  # 11 not an object
     ]
     img_dir, jsonl = write_vlm(tmp_path / "vlm", lines, images)
     _, index, q, _ = run_index(registry_for(vlm={"data_dir": img_dir, "jsonl_path": jsonl}), tmp_path / "out")
     assert index.column("reason").to_pylist() == [
-        None, "json_invalid", "image_missing", "image_placeholder_mismatch", "invalid_utf8", None, None,
-        "image_corrupt", "no_loss", "json_invalid", "image_placeholder_mismatch", "record_invalid",
+        None,
+        "json_invalid",
+        "image_missing",
+        "image_placeholder_mismatch",
+        "invalid_utf8",
+        None,
+        None,
+        "image_corrupt",
+        "no_loss",
+        "json_invalid",
+        "image_placeholder_mismatch",
+        "record_invalid",
     ]
-    assert reasons(q) == {"json_invalid": 2, "image_missing": 1, "image_placeholder_mismatch": 2, "invalid_utf8": 1,
-                          "image_corrupt": 1, "no_loss": 1, "record_invalid": 1}
+    assert reasons(q) == {
+        "json_invalid": 2,
+        "image_missing": 1,
+        "image_placeholder_mismatch": 2,
+        "invalid_utf8": 1,
+        "image_corrupt": 1,
+        "no_loss": 1,
+        "record_invalid": 1,
+    }
     rows = index.to_pylist()
     assert [r["row_index"] for r in rows] == list(range(12)) and {r["row_group"] for r in rows} == {-1}
     assert rows[5]["image_sizes"] == [[30, 20], [10, 40]] and rows[5]["num_images"] == 2
@@ -251,8 +307,9 @@ def test_worker_crash_is_retried_then_quarantined(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(units.CRASH_ENV, str(bad))
     # spawned workers see this environment (the shared fork server may predate the variable)
     monkeypatch.setattr(pool, "_mp_context", lambda: multiprocessing.get_context("spawn"))
-    _, index, q, _ = run_index(registry_for(t2i={"data_dir": d}), tmp_path / "out", workers=2,
-                               min_rows_for_pool=0, unit_rows=2, sql_scan=False)  # all rows through units
+    _, index, q, _ = run_index(
+        registry_for(t2i={"data_dir": d}), tmp_path / "out", workers=2, min_rows_for_pool=0, unit_rows=2, sql_scan=False
+    )  # all rows through units
     assert reasons(q) == {"worker_crashed": 5}
     assert q.column("file_row").to_pylist() == [0, 1, 2, 3, 4]
     assert index.num_rows == 15 and index.column("status").to_pylist().count("ok") == 10
@@ -261,12 +318,21 @@ def test_worker_crash_is_retried_then_quarantined(tmp_path: Path, monkeypatch: p
 def test_vlm_video_records(tmp_path: Path) -> None:
     video_q = "<video>\nWhat happens?"
     lines = [
-        {"id": "v0", "video": "clip.mp4", "conversations": [{"from": "human", "value": video_q},
-                                                             {"from": "gpt", "value": "A ball rolls."}]},
-        {"id": "v1", "video": "gone.mp4", "conversations": [{"from": "human", "value": video_q},
-                                                             {"from": "gpt", "value": "x"}]},
-        {"id": "v2", "video": "clip.mp4", "conversations": [{"from": "human", "value": "no placeholder"},
-                                                             {"from": "gpt", "value": "x"}]},
+        {
+            "id": "v0",
+            "video": "clip.mp4",
+            "conversations": [{"from": "human", "value": video_q}, {"from": "gpt", "value": "A ball rolls."}],
+        },
+        {
+            "id": "v1",
+            "video": "gone.mp4",
+            "conversations": [{"from": "human", "value": video_q}, {"from": "gpt", "value": "x"}],
+        },
+        {
+            "id": "v2",
+            "video": "clip.mp4",
+            "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}],
+        },
     ]
     img_dir, jsonl = write_vlm(tmp_path / "vlm", lines, {"clip.mp4": b"\x00\x00\x00\x18ftypmp42"})
     _, index, q, _ = run_index(registry_for(vlm={"data_dir": img_dir, "jsonl_path": jsonl}), tmp_path / "out")

@@ -38,7 +38,19 @@ def test_cli_writes_outputs_and_summary(tmp_path: Path, capsys: pytest.CaptureFi
     assert "t2i_pretrain/t2i" in captured.out and "image_empty=1" in captured.out
     assert "indexing" in captured.err  # progress bar
     # ratio 1/6 > 10 %: exit 1 with a message naming the dataset
-    rc = _main(["index", "--registry", str(reg_path), "--out", str(out), "--workers", "1", "--no-progress",
-                "--max-quarantine-ratio", "0.1"])
+    rc = _main(
+        [
+            "index",
+            "--registry",
+            str(reg_path),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--no-progress",
+            "--max-quarantine-ratio",
+            "0.1",
+        ]
+    )
     assert rc == 1
     assert "t2i_pretrain/t2i: quarantine ratio 16.67% exceeds 10.00%" in capsys.readouterr().err

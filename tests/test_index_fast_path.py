@@ -86,24 +86,62 @@ def _png_16bit() -> bytes:
 def odd_images() -> list[Any]:
     good = image_bytes()
     return [
-        good, image_bytes(20, 10, "JPEG"), *(data for _, data in _variants()),
-        b"\x89PNG garbage that is not an image", b"", png_declaring(100_000, 100_000), image_bytes(64, 64)[:-30],
-        None, image_bytes(200, 200, "JPEG")[:-300], _jpeg_with(b"\x00\x00\r\n"), _jpeg_with(b"trailing junk"),
-        good + b"junk after IEND", _bad_ihdr_crc(), _png_16bit(), png_declaring(0, 5), png_declaring(3, 0),
-        b"\xff\xd8\xff", b"\xff\xd8\xff\xd9", b"\xff\xd8\xff\xda\x00\x02\xff\xd9", good[:33], good[:40],
-        image_bytes(30, 30, "WEBP"), image_bytes(9, 9, "GIF", "P"), image_bytes(8, 8, "BMP"),
-        _jpeg_with(progressive=True), _jpeg_with(exif=b"Exif\x00\x00" + b"\x00" * 60_000),
+        good,
+        image_bytes(20, 10, "JPEG"),
+        *(data for _, data in _variants()),
+        b"\x89PNG garbage that is not an image",
+        b"",
+        png_declaring(100_000, 100_000),
+        image_bytes(64, 64)[:-30],
+        None,
+        image_bytes(200, 200, "JPEG")[:-300],
+        _jpeg_with(b"\x00\x00\r\n"),
+        _jpeg_with(b"trailing junk"),
+        good + b"junk after IEND",
+        _bad_ihdr_crc(),
+        _png_16bit(),
+        png_declaring(0, 5),
+        png_declaring(3, 0),
+        b"\xff\xd8\xff",
+        b"\xff\xd8\xff\xd9",
+        b"\xff\xd8\xff\xda\x00\x02\xff\xd9",
+        good[:33],
+        good[:40],
+        image_bytes(30, 30, "WEBP"),
+        image_bytes(9, 9, "GIF", "P"),
+        image_bytes(8, 8, "BMP"),
+        _jpeg_with(progressive=True),
+        _jpeg_with(exif=b"Exif\x00\x00" + b"\x00" * 60_000),
         b"\xff\xd8" + b"\xff" * 200 + b"\xd9",
     ]
 
 
 def odd_captions() -> list[Any]:
     return [
-        caption(), "a plain sentence", "", "{}", json.dumps(["a", "b"]), json.dumps({"short": 3}), None,
-        json.dumps({"short": "  "}), "42", " " + caption(), caption() + "\n", '{"a": "x", "a": "longer"}',
-        '{"a": "caf\\u00e9 \\ud83d\\ude00", "b": "tab\\there"}', '{"a": "\\u2003\\u00a0"}', '{"a": "x", "b": null}',
-        '{"a": NaN}', '{"a": "x"', '{"a": "x"} {}', '{"a":"x","b":"y"}', '{"a": "\u00e9\u4e2d"}',
-        '{"a": "x", "nested": {"b": "c"}}', '{"a": "\\u000b"}', '\ufeff{"a": "x"}', '{"a": "\x01"}',
+        caption(),
+        "a plain sentence",
+        "",
+        "{}",
+        json.dumps(["a", "b"]),
+        json.dumps({"short": 3}),
+        None,
+        json.dumps({"short": "  "}),
+        "42",
+        " " + caption(),
+        caption() + "\n",
+        '{"a": "x", "a": "longer"}',
+        '{"a": "caf\\u00e9 \\ud83d\\ude00", "b": "tab\\there"}',
+        '{"a": "\\u2003\\u00a0"}',
+        '{"a": "x", "b": null}',
+        '{"a": NaN}',
+        '{"a": "x"',
+        '{"a": "x"} {}',
+        '{"a":"x","b":"y"}',
+        '{"a": "\u00e9\u4e2d"}',
+        '{"a": "x", "nested": {"b": "c"}}',
+        '{"a": "\\u000b"}',
+        '\ufeff{"a": "x"}',
+        '{"a": "\x01"}',
     ]
 
 
@@ -114,8 +152,12 @@ def test_t2i_bad_images_and_captions_match_the_per_row_path(tmp_path: Path) -> N
     # every image with a good caption, every caption with a good image, then a few crossings
     write_t2i(d / "images.parquet", images, [caption()] * len(images), row_group_size=5)
     write_t2i(d / "captions.parquet", [image_bytes()] * len(captions), captions, row_group_size=7)
-    write_t2i(d / "cross.parquet", [images[i % len(images)] for i in range(n)],
-              [captions[(3 * i) % len(captions)] for i in range(n)], row_group_size=4)
+    write_t2i(
+        d / "cross.parquet",
+        [images[i % len(images)] for i in range(n)],
+        [captions[(3 * i) % len(captions)] for i in range(n)],
+        row_group_size=4,
+    )
     index = assert_same_index(registry_for(t2i={"data_dir": d}), tmp_path)
     statuses = index.column("status").to_pylist()
     assert "ok" in statuses and "quarantined" in statuses
@@ -123,8 +165,9 @@ def test_t2i_bad_images_and_captions_match_the_per_row_path(tmp_path: Path) -> N
 
 def test_pixel_cap_and_full_decode_match(tmp_path: Path) -> None:
     d = tmp_path / "t2i"
-    write_t2i(d / "c.parquet", [image_bytes(10, 10), image_bytes(100, 100), image_bytes(70, 70, "JPEG")],
-              [caption()] * 3)
+    write_t2i(
+        d / "c.parquet", [image_bytes(10, 10), image_bytes(100, 100), image_bytes(70, 70, "JPEG")], [caption()] * 3
+    )
     assert_same_index(registry_for(t2i={"data_dir": d}), tmp_path / "cap", max_pixels=5000)
     assert_same_index(registry_for(t2i={"data_dir": d}), tmp_path / "full", full_decode=True)
 
@@ -136,8 +179,15 @@ def test_invalid_utf8_and_large_binary_match(tmp_path: Path) -> None:
     binary = pa.array(raw, pa.binary())
     strings = pa.Array.from_buffers(pa.string(), len(raw), binary.buffers())
     pq.write_table(pa.table({"image": [image_bytes()] * 3, "captions": strings}), d / "a.parquet")
-    pq.write_table(pa.table({"image": pa.array([image_bytes(), b"junk", image_bytes(5, 5, "JPEG")], pa.large_binary()),
-                             "captions": pa.array([caption()] * 3, pa.large_string())}), d / "b.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array([image_bytes(), b"junk", image_bytes(5, 5, "JPEG")], pa.large_binary()),
+                "captions": pa.array([caption()] * 3, pa.large_string()),
+            }
+        ),
+        d / "b.parquet",
+    )
     assert_same_index(registry_for(t2i={"data_dir": d}), tmp_path)
 
 
@@ -146,10 +196,40 @@ def test_edit_rules_match_the_per_row_path(tmp_path: Path) -> None:
     img, jpg = image_bytes(), image_bytes(12, 8, "JPEG")
     write_edit(
         d / "chunk_0.parquet",
-        [[img, img], [img, img, img], [img], [img, img], [img, b"junk"], [img, img], [img, jpg, img], None,
-         [img, None], [img, png_declaring(100_000, 100_000)], [jpg, jpg], [img, img], [img, img], [], [img, img]],
-        [[["make it red"]], [["a"]], [], [["a"], ["b"]], [["a"]], [[]], [["a", "b"], ["c"]], [["a"]],
-         [["a"]], [["a"]], [[" ", "\u3000"]], None, [["a", None]], [], [["caf\u00e9", "x"]]],
+        [
+            [img, img],
+            [img, img, img],
+            [img],
+            [img, img],
+            [img, b"junk"],
+            [img, img],
+            [img, jpg, img],
+            None,
+            [img, None],
+            [img, png_declaring(100_000, 100_000)],
+            [jpg, jpg],
+            [img, img],
+            [img, img],
+            [],
+            [img, img],
+        ],
+        [
+            [["make it red"]],
+            [["a"]],
+            [],
+            [["a"], ["b"]],
+            [["a"]],
+            [[]],
+            [["a", "b"], ["c"]],
+            [["a"]],
+            [["a"]],
+            [["a"]],
+            [[" ", "\u3000"]],
+            None,
+            [["a", None]],
+            [],
+            [["caf\u00e9", "x"]],
+        ],
         row_group_size=4,
     )
     index = assert_same_index(registry_for(edit={"data_dir": d}), tmp_path)
@@ -157,8 +237,15 @@ def test_edit_rules_match_the_per_row_path(tmp_path: Path) -> None:
 
 
 def test_example_dataset_matches_and_takes_the_fast_path(tmp_path: Path) -> None:
-    cfg = ExampleConfig(t2i_files=2, t2i_rows_per_file=12, t2i_rows_per_row_group=5, edit_files=2,
-                        edit_row_groups_per_file=2, edit_rows_per_row_group=3, vlm_lines=4)
+    cfg = ExampleConfig(
+        t2i_files=2,
+        t2i_rows_per_file=12,
+        t2i_rows_per_row_group=5,
+        edit_files=2,
+        edit_row_groups_per_file=2,
+        edit_rows_per_row_group=3,
+        vlm_lines=4,
+    )
     root = write_example_dataset(tmp_path / "gen", cfg)
     reg = registry_for(t2i={"data_dir": root / "t2i"}, edit={"data_dir": root / "editing" / "seedxedit_multi"})
     index = assert_same_index(reg, tmp_path)
@@ -182,14 +269,20 @@ def test_bulk_probe_agrees_with_the_per_row_probe(name: str, data: bytes) -> Non
             continue  # left to the per-row path
         info = probe.probe_bytes(cell)
         assert (int(res.width[i]), int(res.height[i]), bulk.MODES[res.mode[i]], int(res.nbytes[i])) == (
-            info.width, info.height, info.mode, info.nbytes), (name, i)
+            info.width,
+            info.height,
+            info.mode,
+            info.nbytes,
+        ), (name, i)
     assert res.ok[0] == (probe.fast_header(data) is not None), name  # the common variants are taken in bulk
 
 
 def test_bulk_probe_handles_sliced_arrays_and_many_rows() -> None:
     rng = np.random.default_rng(0)
-    cells = [image_bytes(int(w), int(h), fmt) for w, h, fmt in zip(rng.integers(1, 60, 40), rng.integers(1, 60, 40),
-                                                                   ["PNG", "JPEG"] * 20)]
+    cells = [
+        image_bytes(int(w), int(h), fmt)
+        for w, h, fmt in zip(rng.integers(1, 60, 40), rng.integers(1, 60, 40), ["PNG", "JPEG"] * 20)
+    ]
     arr = pa.array(cells, pa.binary()).slice(7, 25)
     res = bulk.probe_images(arr, probe.DEFAULT_MAX_PIXELS)
     assert res.ok.all()

@@ -49,15 +49,19 @@ def write_t2i(path: Path, images: list[Any], captions: list[Any], row_group_size
 
 
 def good_t2i(path: Path, n: int = 6, row_group_size: int = 4) -> Path:
-    return write_t2i(path, [image_bytes(16 + i, 20) for i in range(n)], [caption(f"c{i}") for i in range(n)],
-                     row_group_size)
+    return write_t2i(
+        path, [image_bytes(16 + i, 20) for i in range(n)], [caption(f"c{i}") for i in range(n)], row_group_size
+    )
 
 
 def write_edit(path: Path, image_lists: list[Any], instruction_lists: list[Any], row_group_size: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([("image_list", pa.list_(pa.binary())), ("instruction_list", pa.list_(pa.list_(pa.string())))])
-    pq.write_table(pa.table({"image_list": image_lists, "instruction_list": instruction_lists}, schema=schema),
-                   path, row_group_size=row_group_size)
+    pq.write_table(
+        pa.table({"image_list": image_lists, "instruction_list": instruction_lists}, schema=schema),
+        path,
+        row_group_size=row_group_size,
+    )
     return path
 
 
@@ -76,8 +80,10 @@ def write_vlm(root: Path, lines: list[bytes | str | dict], images: dict[str, byt
 
 
 def vlm_line(images: list[str] | str | None, question: str = "<image>\nWhat is it?", answer: str = "A square.") -> dict:
-    record: dict[str, Any] = {"id": "x", "conversations": [{"from": "human", "value": question},
-                                                            {"from": "gpt", "value": answer}]}
+    record: dict[str, Any] = {
+        "id": "x",
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
     if images is not None:
         record["image"] = images
     return record
@@ -123,8 +129,10 @@ def reasons(quarantine: pa.Table) -> dict[str, int]:
 
 
 # ---- probe unit tests ------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "RGB"), ("JPEG", "L"),
-                                      ("WEBP", "RGB"), ("GIF", "P"), ("BMP", "RGB")])
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "RGB"), ("JPEG", "L"), ("WEBP", "RGB"), ("GIF", "P"), ("BMP", "RGB")],
+)
 def test_probe_reads_size_and_mode_from_header(fmt: str, mode: str) -> None:
     data = image_bytes(37, 21, fmt, mode)
     info = probe.probe_bytes(data)
@@ -163,10 +171,20 @@ def test_probe_pixel_cap_is_configurable_and_jpeg_trailing_junk_is_fine() -> Non
 def _variants() -> list[tuple[str, bytes]]:
     out = []
     for fmt, mode, kw in [
-        ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "L", {}), ("PNG", "LA", {}), ("PNG", "P", {}),
-        ("PNG", "1", {}), ("PNG", "I;16", {}), ("PNG", "RGB", {"transparency": (1, 2, 3)}),
-        ("PNG", "L", {"transparency": 5}), ("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}),
-        ("JPEG", "RGB", {"progressive": True}), ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + b"\x00" * 5000}),
+        ("PNG", "RGB", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "L", {}),
+        ("PNG", "LA", {}),
+        ("PNG", "P", {}),
+        ("PNG", "1", {}),
+        ("PNG", "I;16", {}),
+        ("PNG", "RGB", {"transparency": (1, 2, 3)}),
+        ("PNG", "L", {"transparency": 5}),
+        ("JPEG", "RGB", {}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + b"\x00" * 5000}),
         ("JPEG", "RGB", {"subsampling": 0, "quality": 95}),
     ]:
         img = Image.new(mode, (53, 29))

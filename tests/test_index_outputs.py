@@ -31,11 +31,13 @@ def _three_datasets(tmp_path: Path) -> Registry:
     edit = tmp_path / "data" / "edit"
     img = image_bytes(40, 30)
     for i in range(2):
-        write_edit(edit / f"chunk_{i}.parquet", [[img, img]] * 6, [[["turn it blue", "make it blue"]]] * 6,
-                   row_group_size=2)
+        write_edit(
+            edit / f"chunk_{i}.parquet", [[img, img]] * 6, [[["turn it blue", "make it blue"]]] * 6, row_group_size=2
+        )
     img_dir, jsonl = write_vlm(tmp_path / "data" / "vlm", [vlm_line("a.png")] * 4, {"a.png": image_bytes(30, 20)})
-    return registry_for(t2i={"data_dir": t2i}, edit_multi={"data_dir": edit},
-                        vlm={"data_dir": img_dir, "jsonl_path": jsonl})
+    return registry_for(
+        t2i={"data_dir": t2i}, edit_multi={"data_dir": edit}, vlm={"data_dir": img_dir, "jsonl_path": jsonl}
+    )
 
 
 def test_index_schema_is_the_published_contract(tmp_path: Path) -> None:
@@ -43,9 +45,16 @@ def test_index_schema_is_the_published_contract(tmp_path: Path) -> None:
     result, index, q, _ = run_index(reg, tmp_path / "out")
     schema = pq.read_schema(result.index_path)
     expected = {
-        "dataset": pa.string(), "group": pa.string(), "task": pa.string(), "source_file": pa.string(),
-        "row_group": pa.int32(), "row_index": pa.int64(), "file_row": pa.int64(),
-        "image_sizes": pa.list_(pa.list_(pa.int32())), "num_images": pa.int32(), "status": pa.string(),
+        "dataset": pa.string(),
+        "group": pa.string(),
+        "task": pa.string(),
+        "source_file": pa.string(),
+        "row_group": pa.int32(),
+        "row_index": pa.int64(),
+        "file_row": pa.int64(),
+        "image_sizes": pa.list_(pa.list_(pa.int32())),
+        "num_images": pa.int32(),
+        "status": pa.string(),
         "reason": pa.string(),
     }
     for name, typ in expected.items():
@@ -56,7 +65,12 @@ def test_index_schema_is_the_published_contract(tmp_path: Path) -> None:
     assert index.column("dataset").to_pylist() == ["t2i"] * 15 + ["edit_multi"] * 12 + ["vlm"] * 4
     t2i_rows = index.slice(0, 5).to_pylist()
     assert [(r["row_group"], r["row_index"], r["file_row"]) for r in t2i_rows] == [
-        (0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3), (2, 0, 4)]
+        (0, 0, 0),
+        (0, 1, 1),
+        (1, 0, 2),
+        (1, 1, 3),
+        (2, 0, 4),
+    ]
     assert all(os.path.isabs(p) for p in index.column("source_file").to_pylist())
     assert {r["task"] for r in index.to_pylist()} == {"t2i", "edit", "vlm"}
     assert [s.rows for s in result.datasets] == [15, 12, 4]
@@ -88,9 +102,13 @@ def test_parquet_info_matches_footers_and_registry_points_at_it(tmp_path: Path) 
     assert [(e.num_files, e.num_total_samples) for e in generated.entries] == [(3, 15), (2, 12), (None, 4)]
     assert generated.by_name("vlm").jsonl_path == reg.by_name("vlm").jsonl_path
     # diagnosing a hand-written JSON: placeholder keys and a wrong row-group count
-    hand = {"your_data_path/x/chunk_0.parquet": {"num_row_groups": 3},
-            os.path.join(str(edit.data_dir), "chunk_1.parquet"): {"num_row_groups": 10}}
-    gen, left_out = parquet_info_for(edit, tmp_path / "out" / "datasets" / "unified_edit" / "edit_multi" / "files.parquet")
+    hand = {
+        "your_data_path/x/chunk_0.parquet": {"num_row_groups": 3},
+        os.path.join(str(edit.data_dir), "chunk_1.parquet"): {"num_row_groups": 10},
+    }
+    gen, left_out = parquet_info_for(
+        edit, tmp_path / "out" / "datasets" / "unified_edit" / "edit_multi" / "files.parquet"
+    )
     problems = check_parquet_info(edit, hand, gen)
     assert left_out == []
     assert any("your_data_path" in p for p in problems)
@@ -117,9 +135,13 @@ def test_incremental_reindex_reads_only_changed_files(tmp_path: Path) -> None:
     (img_dir / "a.png").write_bytes(b"broken now")
     _, index3, q3, files3 = run_index(reg, out)
     reused = {(r["dataset"], Path(r["source_file"]).name): r["reused"] for r in files3.to_pylist()}
-    assert reused == {("t2i", "chunk_0.parquet"): True, ("t2i", "chunk_1.parquet"): False,
-                      ("edit_multi", "chunk_0.parquet"): True, ("edit_multi", "chunk_1.parquet"): True,
-                      ("vlm", "data.jsonl"): False}
+    assert reused == {
+        ("t2i", "chunk_0.parquet"): True,
+        ("t2i", "chunk_1.parquet"): False,
+        ("edit_multi", "chunk_0.parquet"): True,
+        ("edit_multi", "chunk_1.parquet"): True,
+        ("vlm", "data.jsonl"): False,
+    }
     assert index3.num_rows == 5 + 7 + 12 + 4
     assert q3.column("reason").to_pylist() == ["image_corrupt"] * 4
     # one part per dataset run: reused rows were copied into it, older runs' parts are gone

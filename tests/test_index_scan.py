@@ -66,22 +66,88 @@ def _captions_corpus(seed: int = 0, mutants: int = 1500) -> list[str]:
     ws = "".join(chr(c) for c in scan.PY_SPACE)
     cases = [
         '{"short": "a red square", "long": "A red square on a white background."}',
-        '{"a":"b"}', ' \n{ "a" : "b" }\t', '{"a": "b",}', '{"a": "b" ,  }', '{"a": "b"}  ,',
-        '{"a": "b", "a": "c"}', '{"a": "b", "b": "b"}', '{"": "x"}', '{"a": ""}', '{"a": "", "b": "x"}',
-        '{}', '[]', '["a"]', '"a"', 'null', '1', '{"a": null}', '{"a": 1}', '{"a": NaN}', '{"a": Infinity}',
-        '{"a": ["b"]}', '{"a": {"b": "c"}}', '{"a": "b", "c": 2}', '{"a": true}',
-        '{"a": "\\ud800"}', '{"a": "\\ud83d\\ude00 smile"}', '{"a": "\\u00e9t\\u00e9"}', '{"a": "x\\u0000y"}',
-        '{"a": "\\n"}', '{"a": "\\t\\r\\n"}', '{"a": "\\u3000\\u00a0"}', '{"a": "\\"quoted\\""}',
-        '{"a": "back\\\\slash", "b": "\\/"}', '{"a": "\\x41"}', '{"a": "\\u12"}', '{"a": "tab\there"}',
-        '\ufeff{"a": "b"}', '{"a": "b"}\u00a0', '{"a": "b"}{}', '{"a": "b"} // c', "{'a': 'b'}", '{"a": "b"',
-        '{"a" "b"}', '{"a": "b" "c": "d"}', '{a: "b"}', '{"a": "b"}}', '{"é": "ü", "日本": "語"}',
-        '{"a": "' + ws + '"}', '{"a": " ", "b": "\\u2003"}', '{"a": "\u2028x"}', '{"a": "\u0085"}',
-        '{"a": "\x1f"}', '{"a": "\x7f"}', '{"k' + "x" * 300 + '": "v"}', '{"a": "' + "y" * 5000 + '"}',
-        '{"a": "b", "c": "d", "e": "f", "g": "h"}', '{"a":"b","c":"d","a":"e"}', '',
+        '{"a":"b"}',
+        ' \n{ "a" : "b" }\t',
+        '{"a": "b",}',
+        '{"a": "b" ,  }',
+        '{"a": "b"}  ,',
+        '{"a": "b", "a": "c"}',
+        '{"a": "b", "b": "b"}',
+        '{"": "x"}',
+        '{"a": ""}',
+        '{"a": "", "b": "x"}',
+        "{}",
+        "[]",
+        '["a"]',
+        '"a"',
+        "null",
+        "1",
+        '{"a": null}',
+        '{"a": 1}',
+        '{"a": NaN}',
+        '{"a": Infinity}',
+        '{"a": ["b"]}',
+        '{"a": {"b": "c"}}',
+        '{"a": "b", "c": 2}',
+        '{"a": true}',
+        '{"a": "\\ud800"}',
+        '{"a": "\\ud83d\\ude00 smile"}',
+        '{"a": "\\u00e9t\\u00e9"}',
+        '{"a": "x\\u0000y"}',
+        '{"a": "\\n"}',
+        '{"a": "\\t\\r\\n"}',
+        '{"a": "\\u3000\\u00a0"}',
+        '{"a": "\\"quoted\\""}',
+        '{"a": "back\\\\slash", "b": "\\/"}',
+        '{"a": "\\x41"}',
+        '{"a": "\\u12"}',
+        '{"a": "tab\there"}',
+        '\ufeff{"a": "b"}',
+        '{"a": "b"}\u00a0',
+        '{"a": "b"}{}',
+        '{"a": "b"} // c',
+        "{'a': 'b'}",
+        '{"a": "b"',
+        '{"a" "b"}',
+        '{"a": "b" "c": "d"}',
+        '{a: "b"}',
+        '{"a": "b"}}',
+        '{"é": "ü", "日本": "語"}',
+        '{"a": "' + ws + '"}',
+        '{"a": " ", "b": "\\u2003"}',
+        '{"a": "\u2028x"}',
+        '{"a": "\u0085"}',
+        '{"a": "\x1f"}',
+        '{"a": "\x7f"}',
+        '{"k' + "x" * 300 + '": "v"}',
+        '{"a": "' + "y" * 5000 + '"}',
+        '{"a": "b", "c": "d", "e": "f", "g": "h"}',
+        '{"a":"b","c":"d","a":"e"}',
+        "",
     ]
     rng = random.Random(seed)
-    alphabet = ['"', "\\", ",", ":", "{", "}", "[", "]", " ", "\n", "\t", "u", "0", "d8", "\u3000", "\u00a0",
-                "a", "é", "\x00", "NaN"]
+    alphabet = [
+        '"',
+        "\\",
+        ",",
+        ":",
+        "{",
+        "}",
+        "[",
+        "]",
+        " ",
+        "\n",
+        "\t",
+        "u",
+        "0",
+        "d8",
+        "\u3000",
+        "\u00a0",
+        "a",
+        "é",
+        "\x00",
+        "NaN",
+    ]
     base = [c for c in cases if c.startswith("{") and c.endswith("}")][:12]
     for _ in range(mutants):
         s = rng.choice(base)
@@ -91,9 +157,9 @@ def _captions_corpus(seed: int = 0, mutants: int = 1500) -> list[str]:
             if op < 0.4:
                 s = s[:i] + rng.choice(alphabet) + s[i:]
             elif op < 0.7:
-                s = s[:i] + s[i + 1:]
+                s = s[:i] + s[i + 1 :]
             else:
-                s = s[:i] + rng.choice(alphabet) + s[i + 1:]
+                s = s[:i] + rng.choice(alphabet) + s[i + 1 :]
         cases.append(s)
     return cases
 
@@ -117,8 +183,13 @@ def test_captions_fuzz_accepts_only_what_json_loads_accepts(tmp_path: Path) -> N
             assert not res.problems, (text, res.problems)
             assert accepted[row] == _expected(res), text
     assert len(accepted) >= 0.9 * per_row_ok  # the tier must take (nearly) everything plain
-    for plain in ('{"a": "\\u00e9t\\u00e9"}', '{"a": "\\ud83d\\ude00 smile"}', '{"é": "ü", "日本": "語"}',
-                  ' \n{ "a" : "b" }\t', '{"a": "\\"quoted\\""}'):
+    for plain in (
+        '{"a": "\\u00e9t\\u00e9"}',
+        '{"a": "\\ud83d\\ude00 smile"}',
+        '{"é": "ü", "日本": "語"}',
+        ' \n{ "a" : "b" }\t',
+        '{"a": "\\"quoted\\""}',
+    ):
         assert captions.index(plain) in accepted, plain
     for refused in ('{"a": "b",}', '{"a": "b", "a": "c"}', '{"a": "\\ud800"}', '{"a": "\\n"}', '{"a": NaN}'):
         assert captions.index(refused) not in accepted, refused
@@ -145,18 +216,51 @@ def test_images_from_heads_agree_with_the_per_row_probe(tmp_path: Path) -> None:
         if row in accepted:
             assert not res.problems and accepted[row] == _expected(res), row
     names = [name for name, _ in _variants()]
-    whole = [4 * i for i, data in enumerate(good) if bulk.probe_images(pa.array([data]), DEFAULT_MAX_PIXELS).ok[0]
-             and "exif" not in names[i]]  # a 5 KB EXIF segment puts SOFn past the head
+    whole = [
+        4 * i
+        for i, data in enumerate(good)
+        if bulk.probe_images(pa.array([data]), DEFAULT_MAX_PIXELS).ok[0] and "exif" not in names[i]
+    ]  # a 5 KB EXIF segment puts SOFn past the head
     assert len(whole) >= 10 and all(r in accepted for r in whole)  # what the whole-image probe takes, heads take
     assert len(cells) - 1 not in accepted  # SOFn beyond the head: left to the next tier
 
 
 def test_edit_rows_agree_with_check_edit(tmp_path: Path) -> None:
     a, b = image_bytes(20, 10), image_bytes(7, 9, "JPEG")
-    image_lists = [[a, b], [a, b, a], [a], [], None, [a, None], [a, b], [a, b], [a, b], [a, b], [a, b], [a, b],
-                   [a, b, b], [a, b'junk'], [a, b]]
-    instructions = [[["make it red"]], [["x", "y"], ["z"]], [], [], [["a"]], [["a"]], None, [[]], [None], [["a", None]],
-                    [[" ", "\u3000"]], [[" ", "ok"]], [["a"]], [["a"]], [["caf\u00e9 \U0001f600"]]]
+    image_lists = [
+        [a, b],
+        [a, b, a],
+        [a],
+        [],
+        None,
+        [a, None],
+        [a, b],
+        [a, b],
+        [a, b],
+        [a, b],
+        [a, b],
+        [a, b],
+        [a, b, b],
+        [a, b"junk"],
+        [a, b],
+    ]
+    instructions = [
+        [["make it red"]],
+        [["x", "y"], ["z"]],
+        [],
+        [],
+        [["a"]],
+        [["a"]],
+        None,
+        [[]],
+        [None],
+        [["a", None]],
+        [[" ", "\u3000"]],
+        [[" ", "ok"]],
+        [["a"]],
+        [["a"]],
+        [["caf\u00e9 \U0001f600"]],
+    ]
     path = write_edit(tmp_path / "e.parquet", image_lists, instructions, row_group_size=4)
     verdict = _scan([path], "edit")[str(path)]
     assert verdict is not None
@@ -174,8 +278,9 @@ def test_one_unreadable_file_does_not_cost_the_others(tmp_path: Path) -> None:
     good = [write_t2i(tmp_path / f"g{i}.parquet", [image_bytes()] * 5, ['{"a": "b"}'] * 5) for i in range(3)]
     bad_utf8 = tmp_path / "u.parquet"
     raw = b'{"a": "\xff"}'
-    arr = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(raw)], np.int32).tobytes()),
-                                                 pa.py_buffer(raw)])
+    arr = pa.Array.from_buffers(
+        pa.string(), 1, [None, pa.py_buffer(np.array([0, len(raw)], np.int32).tobytes()), pa.py_buffer(raw)]
+    )
     pq.write_table(pa.table({"image": pa.array([image_bytes()], pa.binary()), "captions": arr}), bad_utf8)
     paths = [good[0], bad_utf8, *good[1:]]
     verdicts = _scan(paths, "t2i")
@@ -188,8 +293,9 @@ def test_one_unreadable_file_does_not_cost_the_others(tmp_path: Path) -> None:
 def test_reordered_results_are_refused_not_misattributed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = [write_t2i(tmp_path / f"g{i}.parquet", [image_bytes()] * 3, ['{"a": "b"}'] * 3) for i in range(2)]
     real = scan._t2i_sql
-    monkeypatch.setattr(scan, "_SQL", {"t2i": lambda source, first: f"SELECT * FROM ({real(source, first)}) "
-                                                               "ORDER BY r, f NULLS LAST"})
+    monkeypatch.setattr(
+        scan, "_SQL", {"t2i": lambda source, first: f"SELECT * FROM ({real(source, first)}) ORDER BY r, f NULLS LAST"}
+    )
     verdicts = _scan(paths, "t2i")
     # the two-file query came back interleaved and was refused; each file was then scanned alone
     assert all(v is not None and v.ok.all() for v in verdicts.values())
@@ -197,8 +303,9 @@ def test_reordered_results_are_refused_not_misattributed(tmp_path: Path, monkeyp
     assert _scan(paths, "t2i") == {str(p): None for p in paths}
 
 
-def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     d = tmp_path / "t2i"
     captions = [json.dumps({"a": f"row {i}"}) for i in range(40)]
     captions[7] = '{"a": "b",}'  # not JSON for Python: quarantined by the per-row path
@@ -212,8 +319,9 @@ def test_indexer_sends_only_the_rows_the_scan_left_to_the_units(tmp_path: Path,
         return real(image, text, *args)
 
     monkeypatch.setattr(units, "check_t2i", spy)
-    result = index_registry(registry_for(t2i={"data_dir": d}), tmp_path / "out",
-                            IndexOptions(workers=1, fast_path=True))
+    result = index_registry(
+        registry_for(t2i={"data_dir": d}), tmp_path / "out", IndexOptions(workers=1, fast_path=True)
+    )
     index = pq.read_table(result.index_path)
     assert index.column("file_row").to_pylist() == list(range(40))
     assert index.column("status").to_pylist().count("quarantined") == 1
@@ -230,16 +338,24 @@ def test_big_files_are_scanned_in_ranges_of_whole_units(tmp_path: Path) -> None:
     captions[13] = "not json"
     big = write_t2i(tmp_path / "big.parquet", [image_bytes()] * 40, captions, row_group_size=10)
     small = [write_t2i(tmp_path / f"s{i}.parquet", [image_bytes()] * 3, ['{"a": "b"}'] * 3) for i in range(3)]
-    files = {str(small[0]): [(0, 3)], str(big): [(0, 10), (10, 20), (20, 30), (30, 40)],
-             str(small[1]): [(0, 3)], str(small[2]): [(0, 3)]}
+    files = {
+        str(small[0]): [(0, 3)],
+        str(big): [(0, 10), (10, 20), (20, 30), (30, 40)],
+        str(small[1]): [(0, 3)],
+        str(small[2]): [(0, 3)],
+    }
     con = duckdb.connect(config={"threads": 2})
     try:
         got = list(scan.scan_files(con, files, "t2i", DEFAULT_MAX_PIXELS, query_rows=25))
     finally:
         con.close()
     assert [(Path(p).name, lo, hi) for p, lo, hi, _ in got] == [
-        ("s0.parquet", 0, 3), ("big.parquet", 0, 20), ("big.parquet", 20, 40), ("s1.parquet", 0, 3),
-        ("s2.parquet", 0, 3)]
+        ("s0.parquet", 0, 3),
+        ("big.parquet", 0, 20),
+        ("big.parquet", 20, 40),
+        ("s1.parquet", 0, 3),
+        ("s2.parquet", 0, 3),
+    ]
     for path, lo, hi, verdict in got:
         assert verdict is not None and verdict.file_rows.tolist() == list(range(lo, hi))
     big_ok = np.concatenate([v.ok for p, _, _, v in got if p == str(big)])
@@ -253,8 +369,10 @@ def test_indexer_with_tiny_queries_matches_the_per_row_path(tmp_path: Path, monk
     corpus = _captions_corpus(seed=3, mutants=60)
     for f in range(4):
         n = rng.randint(5, 30)
-        images = [rng.choice([image_bytes(9, 7), image_bytes(5, 5, "JPEG")] * 3 + [b"junk", image_bytes(8, 8)[:-3]])
-                  for _ in range(n)]
+        images = [
+            rng.choice([image_bytes(9, 7), image_bytes(5, 5, "JPEG")] * 3 + [b"junk", image_bytes(8, 8)[:-3]])
+            for _ in range(n)
+        ]
         texts = [rng.choice(corpus) if rng.random() < 0.4 else json.dumps({"a": f"x{i}"}) for i in range(n)]
         write_t2i(d / f"c{f}.parquet", images, texts, row_group_size=4)
     monkeypatch.setattr(scan, "QUERY_ROWS", 9)
@@ -278,11 +396,16 @@ def test_glob_characters_in_file_names_never_read_another_file(tmp_path: Path) -
     assert good is not None and good.ok.all() and good.width.tolist() == [10] * 3
     assert not scan.is_literal_path(str(odd))  # so the indexer never gives it to DuckDB
     for row_group_bytes in (256 << 20, 0):  # units read by Arrow first, or by DuckDB first (big row groups)
-        result = index_registry(registry_for(t2i={"data_dir": tmp_path}), tmp_path / f"out{row_group_bytes}",
-                                IndexOptions(workers=1, arrow_row_group_bytes=row_group_bytes))
+        result = index_registry(
+            registry_for(t2i={"data_dir": tmp_path}),
+            tmp_path / f"out{row_group_bytes}",
+            IndexOptions(workers=1, arrow_row_group_bytes=row_group_bytes),
+        )
         rows = pq.read_table(result.index_path).to_pylist()
         assert {(Path(r["source_file"]).name, tuple(r["image_sizes"][0]), r["text_chars"]) for r in rows} == {
-            ("a1.parquet", (10, 10), 10), ("a[1].parquet", (20, 20), 4)}
+            ("a1.parquet", (10, 10), 10),
+            ("a[1].parquet", (20, 20), 4),
+        }
 
 
 def test_rows_read_back_from_the_part_give_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,9 +89,21 @@ def test_denoise_schedule_branches_cfg_and_euler_direction(inf, monkeypatch, ren
     names = {id(gen): "gen", id(cfg_text): "text", id(cfg_img): "img"}
     calls, out = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
-        gen, cfg_text, cfg_img, 32, 48, torch.Generator().manual_seed(7),
-        Guidance(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
-                 cfg_renorm_type=renorm, timestep_shift=3.0, num_timesteps=50),
+        gen,
+        cfg_text,
+        cfg_img,
+        32,
+        48,
+        torch.Generator().manual_seed(7),
+        Guidance(
+            cfg_text_scale=4.0,
+            cfg_img_scale=1.5,
+            cfg_interval=(0.4, 1.0),
+            cfg_renorm_min=0.0,
+            cfg_renorm_type=renorm,
+            timestep_shift=3.0,
+            num_timesteps=50,
+        ),
     )
     by = {k: [t for n, t, _ in calls if n == k] for k in ("gen", "text", "img")}
     assert len(by["gen"]) == 49 and len(by["text"]) == len(by["img"]) == 41
@@ -123,9 +135,21 @@ def test_no_text_guidance_means_no_extra_branches(inf, monkeypatch):
     names = {id(gen): "gen", id(cfg_text): "text", id(cfg_img): "img"}
     calls, out = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
-        gen, cfg_text, cfg_img, 16, 32, torch.Generator().manual_seed(0),
-        Guidance(cfg_text_scale=1.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_min=0.0,
-                 cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=5),
+        gen,
+        cfg_text,
+        cfg_img,
+        16,
+        32,
+        torch.Generator().manual_seed(0),
+        Guidance(
+            cfg_text_scale=1.0,
+            cfg_img_scale=2.0,
+            cfg_interval=(0.0, 1.0),
+            cfg_renorm_min=0.0,
+            cfg_renorm_type="global",
+            timestep_shift=1.0,
+            num_timesteps=5,
+        ),
     )
     assert [n for n, _, _ in calls] == ["gen"] * 4
     x0 = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
@@ -359,9 +383,21 @@ def test_denoise_interval_edge_uses_fp32_comparison(inf, monkeypatch):
     names = {id(gen): "gen", id(cfg_text): "text", id(cfg_img): "img"}
     calls, _ = _script_velocity(monkeypatch, inf, vel, names)
     inf.denoise(
-        gen, cfg_text, cfg_img, 16, 16, None,
-        Guidance(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0,
-                 cfg_renorm_type="global", timestep_shift=1.0, num_timesteps=6),
+        gen,
+        cfg_text,
+        cfg_img,
+        16,
+        16,
+        None,
+        Guidance(
+            cfg_text_scale=4.0,
+            cfg_img_scale=1.5,
+            cfg_interval=(0.4, 1.0),
+            cfg_renorm_min=0.0,
+            cfg_renorm_type="global",
+            timestep_shift=1.0,
+            num_timesteps=6,
+        ),
     )
     assert [t for n, t, _ in calls if n == "text"] == pytest.approx([1.0, 0.8, 0.6])
     assert len([n for n, _, _ in calls if n == "gen"]) == 5
@@ -384,9 +420,7 @@ def test_image_chunks_route_markers_to_und_and_latents_to_gen(inf):
 def test_call_puts_the_image_first_and_matches_edit(inf):
     img = Image.new("RGB", (40, 30), (200, 10, 10))
     kw = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0)}
-    out = inf(
-        text="make it green", image=img, cfg_renorm_type="text_channel", num_timesteps=3, seed=5, **kw
-    )
+    out = inf(text="make it green", image=img, cfg_renorm_type="text_channel", num_timesteps=3, seed=5, **kw)
     assert out["text"] is None and isinstance(out["image"], Image.Image)
     want = inf.edit(img, "make it green", num_timesteps=3, seed=5, **kw)
     assert out["image"].tobytes() == want.tobytes() and out["image"].size == want.size

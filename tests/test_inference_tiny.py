@@ -170,9 +170,7 @@ def test_kv_cached_prefill_equals_packed_forward():
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, 1000, (6,), generator=g)
-    lat = model.embed_latents(
-        torch.randn(4, 64, generator=g), torch.full((4,), 0.7), torch.tensor([0, 1, 64, 65])
-    )
+    lat = model.embed_latents(torch.randn(4, 64, generator=g), torch.full((4,), 0.7), torch.tensor([0, 1, 64, 65]))
     marks = model.embed_text(torch.tensor([151652, 151653]))
     image = torch.cat([marks[:1], lat, marks[1:]])
     with torch.no_grad():
@@ -192,9 +190,7 @@ def test_kv_cached_prefill_equals_packed_forward():
 
 
 def test_think_mode_prefills_system_prompt_and_plan(inferencer):
-    img = inferencer.generate(
-        "a dog", height=16, width=16, num_timesteps=2, seed=0, think=True, max_think_tokens=3
-    )
+    img = inferencer.generate("a dog", height=16, width=16, num_timesteps=2, seed=0, think=True, max_think_tokens=3)
     assert img.size == (16, 16)
     answer = inferencer.understand(None, "why?", max_new_tokens=3, think=True)
     assert isinstance(answer, str)

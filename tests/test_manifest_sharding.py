@@ -32,8 +32,15 @@ from bagel_core.plan.sharding import (
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return write_fixture(tmp_path_factory.mktemp("man"), t2i_files=5, edit_files=3, edit_row_groups=2,
-                         vlm_copies=6, t2i_num_used=12, vlm_num_used=22)
+    return write_fixture(
+        tmp_path_factory.mktemp("man"),
+        t2i_files=5,
+        edit_files=3,
+        edit_row_groups=2,
+        vlm_copies=6,
+        t2i_num_used=12,
+        vlm_num_used=22,
+    )
 
 
 def _load(fx):
@@ -59,9 +66,7 @@ def test_every_unit_assigned_at_most_once_per_epoch(fx, world_size, num_workers)
     manifest = build_manifest(config, registry, world_size, num_workers, seed=42)
     for name, group in config.groups.items():
         listed = Counter(list_group_units(group, registry).units)
-        assigned = Counter(
-            u for (g, _, _), units in manifest.assignments.items() if g == name for u in units
-        )
+        assigned = Counter(u for (g, _, _), units in manifest.assignments.items() if g == name for u in units)
         assert not assigned - listed, "a unit was assigned more often than it is listed"
         info = manifest.groups[name]
         dropped = info["dropped_at_rank_level"] + info["dropped_at_worker_level"]
@@ -92,8 +97,10 @@ def test_t2i_num_used_repeats_files_and_vlm_truncates(fx):
 
 def test_split_follows_upstream_rule():
     """Sort, Random(seed).shuffle, rank slices with the remainder dropped, worker slices reversed."""
-    units = [DataUnit("t2i_pretrain", "t2i", f"/d/chunk_{i}.parquet", sort_key=(f"/d/chunk_{i}.parquet",))
-             for i in (3, 1, 10, 0, 2, 7, 5, 4, 9, 8, 6)]
+    units = [
+        DataUnit("t2i_pretrain", "t2i", f"/d/chunk_{i}.parquet", sort_key=(f"/d/chunk_{i}.parquet",))
+        for i in (3, 1, 10, 0, 2, 7, 5, 4, 9, 8, 6)
+    ]
     expected = sorted(units, key=lambda u: u.source_file)
     random.Random(5).shuffle(expected)
     got = shuffled_units(units, 5)
@@ -108,8 +115,12 @@ def test_reference_worked_examples():
     """data-format.md 12.3 table (8 ranks)."""
     assert capacity_problem("t2i_pretrain", "t2i", 10, 8, 1) is None
     assert "0 per worker" in capacity_problem("t2i_pretrain", "t2i", 10, 8, 4)
-    edit = [DataUnit("unified_edit", "e", f"/e/c{i // 10}.parquet", row_group=i % 10,
-                     sort_key=(f"/e/c{i // 10}.parquet", i % 10)) for i in range(100)]
+    edit = [
+        DataUnit(
+            "unified_edit", "e", f"/e/c{i // 10}.parquet", row_group=i % 10, sort_key=(f"/e/c{i // 10}.parquet", i % 10)
+        )
+        for i in range(100)
+    ]
     ranks = [rank_slice(shuffled_units(edit, 42), 8, r) for r in range(8)]
     assert {len(r) for r in ranks} == {12} and 100 - 8 * 12 == 4
     assert {len(worker_slice(ranks[0], 4, w)) for w in range(4)} == {3}
@@ -122,9 +133,24 @@ def test_empty_worker_is_an_error_before_launch(fx, tmp_path, capsys):
     message = str(err.value)
     assert "unified_edit: 6 row groups for world_size 4 x num_workers 2 = 8 readers" in message
     assert "Fix:" in message and "t2i_pretrain" not in message  # 12 files suffice
-    rc = bagel_main(["data", "plan", "--registry", str(fx.registry), "--dataset-config", str(fx.groups),
-                   "--index", str(fx.index_dir), "--out", str(tmp_path / "p"),
-                   "--world-size", "4", "--num-workers", "2"])
+    rc = bagel_main(
+        [
+            "data",
+            "plan",
+            "--registry",
+            str(fx.registry),
+            "--dataset-config",
+            str(fx.groups),
+            "--index",
+            str(fx.index_dir),
+            "--out",
+            str(tmp_path / "p"),
+            "--world-size",
+            "4",
+            "--num-workers",
+            "2",
+        ]
+    )
     assert rc == 2 and "unified_edit" in capsys.readouterr().err
     assert not (tmp_path / "p" / "manifest.parquet").exists()
     # non-strict (Dagster) writes it with the problems recorded; the loader's reader refuses it

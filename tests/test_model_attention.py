@@ -56,9 +56,7 @@ def _reference(q, k, v, mask):
 def test_sdpa_matches_masked_softmax_reference():
     layout = PackedLayout.from_splits(SAMPLE_LENS, SPLIT_LENS, MODES)
     q, k, v = _qkv(layout.length)
-    torch.testing.assert_close(
-        packed_attention(q, k, v, layout, "sdpa"), _reference(q, k, v, dense_mask(layout))
-    )
+    torch.testing.assert_close(packed_attention(q, k, v, layout, "sdpa"), _reference(q, k, v, dense_mask(layout)))
 
 
 def test_sdpa_and_flex_agree_on_packed_multisample_sequence():

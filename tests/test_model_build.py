@@ -105,9 +105,7 @@ def test_tiny_forward_backward_trains_both_experts():
     loss = out.ce.mean() + out.mse.mean()
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [
-        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
-    ]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert missing == []
     assert model.latent_pos_embed.pos_embed.grad is None
     # Fresh CE is near ln(V) scale, not a blow-up.
@@ -288,9 +286,7 @@ def test_understanding_only_model_rejects_latents():
     cfg = preset("tiny")
     cfg.visual_gen = False
     model = build_model(cfg)
-    assert not any(
-        k.startswith(("vae2llm", "llm2vae", "time_embedder", "latent_pos")) for k in model.state_dict()
-    )
+    assert not any(k.startswith(("vae2llm", "llm2vae", "time_embedder", "latent_pos")) for k in model.state_dict())
     vlm = make_packed_batch(cfg, [[("vit", 2, 2), ("text", 4, True)]])
     assert model(**vlm).mse is None
     with pytest.raises(ValueError, match="visual_gen=False"):

@@ -313,8 +313,10 @@ def test_interpolated_ids_bucket_fractional_coordinates():
     """data-format.md 9.2: bucket = #boundaries among 1/M..(M-1)/M that are <= k/R."""
     m = 4
     ids = interpolated_position_ids(2, 3, m)
+
     def bucket(k, n):
         return sum(1 for b in range(1, m) if b / m <= k / n)
+
     want = [bucket(r, 2) * m + bucket(c, 3) for r in range(2) for c in range(3)]
     assert ids.tolist() == want == [0, 1, 2, 8, 9, 10]
     # Coordinates are fp32 arange values as upstream: 15/25 is 0.59999996 < 42/70, bucket 41.
@@ -351,7 +353,10 @@ def test_training_flow_inputs_and_mse_target_follow_the_reference():
         out = model(**batch, noise_generator=torch.Generator().manual_seed(9))
     # x0: crop each latent to (2h, 2w), 2x2 patches, channel fastest (checklist 4)
     x0 = torch.cat(
-        [patchify(lat[:, : 2 * h, : 2 * w], 2) for lat, (h, w) in zip(batch["padded_latent"], batch["patchified_vae_latent_shapes"])]
+        [
+            patchify(lat[:, : 2 * h, : 2 * w], 2)
+            for lat, (h, w) in zip(batch["padded_latent"], batch["patchified_vae_latent_shapes"])
+        ]
     )
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
     tau = batch["packed_timesteps"]

@@ -30,9 +30,7 @@ def tiny_dir(tmp_path_factory):
 
 def _run(model, cfg):
     with torch.no_grad():
-        return model(
-            **make_packed_batch(cfg, MIXED_SAMPLES), noise_generator=torch.Generator().manual_seed(0)
-        )
+        return model(**make_packed_batch(cfg, MIXED_SAMPLES), noise_generator=torch.Generator().manual_seed(0))
 
 
 def test_directory_has_release_layout(tiny_dir):

@@ -28,6 +28,7 @@ def _causal_logits(ours, ids: torch.Tensor) -> torch.Tensor:
     )
     return ours.lm_head(hidden)
 
+
 def test_plain_qwen2_matches_transformers():
     from transformers import Qwen2Config
     from transformers import Qwen2ForCausalLM as HFQwen2

@@ -82,9 +82,9 @@ def check_batch(batch: dict) -> None:
     start = 0
     for n, mode in zip(splits, modes):
         if mode == "causal":
-            assert at[start] == BOS and at[start + n - 1] == EOS and (at[start:start + n] >= 0).all()
+            assert at[start] == BOS and at[start + n - 1] == EOS and (at[start : start + n] >= 0).all()
         else:
-            assert at[start] == SOI and at[start + n - 1] == EOI and (at[start + 1:start + n - 1] == -1).all()
+            assert at[start] == SOI and at[start + n - 1] == EOI and (at[start + 1 : start + n - 1] == -1).all()
         start += n
     # VAE fields
     if "padded_images" in batch:
@@ -164,8 +164,12 @@ def _sample(group: str, plan, sizes) -> LoadedSample:
 def _builder(interpolate: bool = False) -> PackBuilder:
     vae, vit = ImageTransformArgs(**SMALL_VAE), ImageTransformArgs(**SMALL_EDIT_VIT)
     vlm = ImageTransformArgs(**SMALL_VLM_VIT)
-    transforms = {("t2i", "vae_image"): ImageTransform.from_args(vae), ("edit", "vae_image"): ImageTransform.from_args(vae),
-                  ("edit", "vit_image"): ImageTransform.from_args(vit), ("vlm", "vit_image"): ImageTransform.from_args(vlm)}
+    transforms = {
+        ("t2i", "vae_image"): ImageTransform.from_args(vae),
+        ("edit", "vae_image"): ImageTransform.from_args(vae),
+        ("edit", "vit_image"): ImageTransform.from_args(vit),
+        ("vlm", "vit_image"): ImageTransform.from_args(vlm),
+    }
     return PackBuilder(TOKEN_IDS, 64, 70, interpolate, transforms, {"vlm"})
 
 
@@ -180,13 +184,19 @@ def test_positions_and_modes_t2i_edit_vlm_by_hand():
     # edit, two steps sequential, source VAE dropped: 64x64 images (4x4 latents), 56x56 ViT (4x4 patches)
     plan = build_edit_plan([(64, 64)] * 3, EditSpan(0, 2, False), [[21, 22], [23]], vae, vit)
     assert [(i.kind, i.loss) for i in plan.items] == [
-        ("vae_image", False), ("vit_image", False), ("text", False), ("vae_image", True), ("vae_image", False),
-        ("vit_image", False), ("text", False), ("vae_image", True)]
+        ("vae_image", False),
+        ("vit_image", False),
+        ("text", False),
+        ("vae_image", True),
+        ("vae_image", False),
+        ("vit_image", False),
+        ("text", False),
+        ("vae_image", True),
+    ]
     edit = _sample("edit", plan, [(64, 64)] * 3)
     assert b.add(edit, {0}, rng) == 18 + 4 + 18 + 18 + 18 + 3 + 18
     # VLM: one 56x56 image, question (2 ids), answer (3 ids, loss)
-    rec = {"image": "x.png", "conversations": [{"from": "human", "value": "<image>q"},
-                                               {"from": "gpt", "value": "a"}]}
+    rec = {"image": "x.png", "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]}
     ids = {"q": [31, 32], "a": [41, 42, 43]}
     vplan = build_vlm_plan(rec, [(56, 56)], vlm_args, lambda t: ids[t])
     vlm = _sample("vlm", vplan, [(56, 56)])
@@ -199,10 +209,22 @@ def test_positions_and_modes_t2i_edit_vlm_by_hand():
     assert pos[:19] == [0, 1, 2, 3, 4] + [5] * 14
     # edit: dropped source VAE advances RoPE (0 -> ViT at 1); text 2..5; noised image 1 at 6 (no advance);
     # clean copy of image 1 at 6; its ViT at 7; text 8..10; noised target at 11
-    e = pos[19:19 + 97]
+    e = pos[19 : 19 + 97]
     assert e == [1] * 18 + [2, 3, 4, 5] + [6] * 18 + [6] * 18 + [7] * 18 + [8, 9, 10] + [11] * 18
-    assert batch["attn_modes"] == ["causal", "noise", "full", "causal", "noise", "full", "full", "causal", "noise",
-                                   "full", "causal", "causal"]
+    assert batch["attn_modes"] == [
+        "causal",
+        "noise",
+        "full",
+        "causal",
+        "noise",
+        "full",
+        "full",
+        "causal",
+        "noise",
+        "full",
+        "causal",
+        "causal",
+    ]
     # VLM: image 0, question 1..4, answer 5..9
     assert pos[116:] == [0] * 18 + [1, 2, 3, 4] + [5, 6, 7, 8, 9]
     # text ids: T2I caption wrapped; CE on the answer's <|im_start|> + ids, labels ids + <|im_end|>
@@ -218,7 +240,7 @@ def test_positions_and_modes_t2i_edit_vlm_by_hand():
     # timesteps: finite and shared within a noised image, -inf for the clean copy
     taus = batch["packed_timesteps"]
     assert torch.isfinite(taus[:12]).all() and len(set(taus[:12].tolist())) == 1
-    assert torch.isneginf(taus[12 + 16:12 + 32]).all()  # edit: noised img1 (16), then its clean copy (16)
+    assert torch.isneginf(taus[12 + 16 : 12 + 32]).all()  # edit: noised img1 (16), then its clean copy (16)
     assert batch["mse_loss_indexes"][:12].tolist() == list(range(6, 18))
     # ViT patches are channel-last 14x14x3 vectors of the resized image
     patches = batch["packed_vit_tokens"][:16].view(16, 14, 14, 3)
@@ -244,13 +266,19 @@ def test_packed_token_counts_equal_token_stats(tmp_path):
     fx = small_fixture(tmp_path / "data", vlm_copies=2)
     manifest = make_manifest(fx, tmp_path / "manifest")
     config, registry = load_dataset_config(fx.groups), Registry.load(fx.registry)
-    params = PackingParams(expected_num_tokens=300, max_num_tokens=400, max_num_tokens_per_sample=400,
-                           prefer_buffer_before=100, max_buffer_size=4)
+    params = PackingParams(
+        expected_num_tokens=300,
+        max_num_tokens=400,
+        max_num_tokens_per_sample=400,
+        prefer_buffer_before=100,
+        max_buffer_size=4,
+    )
     result = compute_token_stats(registry, config, fx.index_dir, tmp_path / "stats", max_num_tokens_per_sample=400)
     stats = pl.read_parquet(result.stats_path)
     assert not stats["over_cap"].any()
-    by_key = {(os.path.realpath(r["source_file"]), r["row_group"], r["row_index"]): r
-              for r in stats.iter_rows(named=True)}
+    by_key = {
+        (os.path.realpath(r["source_file"]), r["row_group"], r["row_index"]): r for r in stats.iter_rows(named=True)
+    }
     quarantined = {(os.path.realpath(str(fx.t2i_files[0])), 0, 1)}  # index row 1 (see write_fixture)
     ds = make_dataset(fx, manifest, params=params, dropout=NO_DROPOUT)
     seen: dict[tuple, set] = {}
@@ -311,8 +339,11 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     bad_file = os.path.realpath(fx.edit_files[1])
     packed = [d for b in batches for d in b["batch_data_indexes"]]
     assert not any(os.path.realpath(d["source_file"]) == bad_file for d in packed)
-    assert not any(os.path.realpath(d["source_file"]) == os.path.realpath(fx.t2i_files[0])
-                   and (d["row_group"], d["row_index"]) == (0, 0) for d in packed)
+    assert not any(
+        os.path.realpath(d["source_file"]) == os.path.realpath(fx.t2i_files[0])
+        and (d["row_group"], d["row_index"]) == (0, 0)
+        for d in packed
+    )
 
 
 def test_group_without_any_usable_sample_fails_loudly(tmp_path):
@@ -384,16 +415,26 @@ def test_each_rank_reads_exactly_its_manifest_units_and_logs_repeats(tmp_path, c
     seen_by_rank = []
     for rank in range(2):
         units = read_manifest(manifest, rank, 0, world_size=2, num_workers=0)
-        allowed = {(os.path.realpath(u.source_file), u.row_group if u.group == "unified_edit" else None,
-                    u.line if u.group == "vlm_sft" else None) for us in units.values() for u in us}
+        allowed = {
+            (
+                os.path.realpath(u.source_file),
+                u.row_group if u.group == "unified_edit" else None,
+                u.line if u.group == "vlm_sft" else None,
+            )
+            for us in units.values()
+            for u in us
+        }
         ds = make_dataset(fx, manifest, rank=rank, world_size=2)
         with caplog.at_level("INFO", logger="bagel_core.loader.packed_dataset"):
             batches = list(itertools.islice(iter(ds), 6))
         seen = set()
         for d in (d for b in batches for d in b["batch_data_indexes"]):
             group = d["dataset_name"]
-            key = (os.path.realpath(d["source_file"]), d["row_group"] if group == "unified_edit" else None,
-                   d["row_index"] if group == "vlm_sft" else None)
+            key = (
+                os.path.realpath(d["source_file"]),
+                d["row_group"] if group == "unified_edit" else None,
+                d["row_index"] if group == "vlm_sft" else None,
+            )
             assert key in allowed
             seen.add(key)
         seen_by_rank.append(seen)
@@ -406,8 +447,13 @@ def test_overflow_discards_are_counted(data):
     # the fine-tune recipe pattern (prefer_buffer_before > max_num_tokens): a sample that does not fit is
     # buffered, popped at once, overflows again and is discarded by the flush -- counted, never silent
     fx, manifest = data
-    params = PackingParams(expected_num_tokens=128, max_num_tokens=150, max_num_tokens_per_sample=150,
-                           prefer_buffer_before=1000, max_buffer_size=50)
+    params = PackingParams(
+        expected_num_tokens=128,
+        max_num_tokens=150,
+        max_num_tokens_per_sample=150,
+        prefer_buffer_before=1000,
+        max_buffer_size=50,
+    )
     ds = make_dataset(fx, manifest, params=params, dropout=NO_DROPOUT)
     batches = list(itertools.islice(iter(ds), 12))
     for batch in batches:

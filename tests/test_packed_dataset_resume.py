@@ -19,8 +19,13 @@ from bagel_core.loader.packed_dataset import collate_packed
 from bagel_core.plan.packing import PackingParams
 
 #: Tight packing so samples sit in the overflow buffer at flushes and overflow flushes discard samples.
-PARAMS = PackingParams(expected_num_tokens=128, max_num_tokens=150, max_num_tokens_per_sample=160,
-                       prefer_buffer_before=60, max_buffer_size=4)
+PARAMS = PackingParams(
+    expected_num_tokens=128,
+    max_num_tokens=150,
+    max_num_tokens_per_sample=160,
+    prefer_buffer_before=60,
+    max_buffer_size=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def test_resume_in_process_is_exact_with_a_non_empty_buffer(fx):
     with_buffer = [i + 1 for i, b in enumerate(reference[:-6]) if b["data_state"]["buffer"]]
     assert with_buffer, "the small packing params should leave samples in the overflow buffer at a flush"
     n, m = with_buffer[0], 6
-    assert any(d["dropped"] for b in reference[n:n + m] for d in b["batch_data_indexes"])  # dropout replayed
+    assert any(d["dropped"] for b in reference[n : n + m] for d in b["batch_data_indexes"])  # dropout replayed
 
     first = make_dataset(data, m0, params=PARAMS)
     it = iter(first)
@@ -75,7 +80,7 @@ def test_resume_in_process_is_exact_with_a_non_empty_buffer(fx):
     resumed = make_dataset(data, m0, params=PARAMS)
     resumed.load_state_dict(state)
     tail = list(itertools.islice(iter(resumed), m))
-    assert_same(tail, reference[n:n + m])
+    assert_same(tail, reference[n : n + m])
     assert resumed.counters() == reference[n + m - 1]["data_state"]["counters"]
 
 
@@ -145,20 +150,27 @@ def test_pack_events_uses_a_caller_owned_buffer():
 
     from bagel_core.plan.packing import Buffered, Flush, Packed, pack_events
 
-    params = PackingParams(expected_num_tokens=10, max_num_tokens=12, max_num_tokens_per_sample=12,
-                           prefer_buffer_before=5, max_buffer_size=2)
+    params = PackingParams(
+        expected_num_tokens=10,
+        max_num_tokens=12,
+        max_num_tokens_per_sample=12,
+        prefer_buffer_before=5,
+        max_buffer_size=2,
+    )
     fresh = iter(range(100, 1000))
     buffer = deque([("b0", 0), ("b1", 0)])
-    events = pack_events(params, [1.0], [False], lambda g: f"s{next(fresh)}", lambda s: 4, lambda s: 4,
-                         random.Random(0), buffer=buffer)
+    events = pack_events(
+        params, [1.0], [False], lambda g: f"s{next(fresh)}", lambda s: 4, lambda s: 4, random.Random(0), buffer=buffer
+    )
     first = [next(events) for _ in range(2)]
     assert [(type(e), e.sample, e.from_buffer) for e in first] == [(Packed, "b0", True), (Packed, "b1", True)]
     assert not buffer
     rest = list(itertools.islice(events, 3))
     assert isinstance(rest[0], Packed) and not rest[0].from_buffer and isinstance(rest[1], Flush)
     # a sample that does not fit is appended to the caller's deque
-    events = pack_events(params, [1.0], [False], lambda g: "big", lambda s: 8, lambda s: 8, random.Random(0),
-                         buffer=buffer)
+    events = pack_events(
+        params, [1.0], [False], lambda g: "big", lambda s: 8, lambda s: 8, random.Random(0), buffer=buffer
+    )
     assert isinstance(next(events), Packed) and isinstance(next(events), Buffered) and list(buffer) == [("big", 0)]
 
 

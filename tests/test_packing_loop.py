@@ -33,8 +33,9 @@ from bagel_core.stats.token_stats import compute_token_stats
 def run(params, weights, mandatory, streams, n_events, seed=0):
     """Samples are ints: their estimate and their real length (exact = estimate here)."""
     iters = [iter(s) for s in streams]
-    events = pack_events(params, weights, mandatory, lambda g: next(iters[g]), lambda s: s, lambda s: s,
-                         random.Random(seed))
+    events = pack_events(
+        params, weights, mandatory, lambda g: next(iters[g]), lambda s: s, lambda s: s, random.Random(seed)
+    )
     return list(itertools.islice(events, n_events))
 
 
@@ -60,17 +61,23 @@ def test_group_choice_uses_strict_cumulative_comparison():
 
 
 def test_mandatory_fill_is_strict_and_ordinary_cap_is_not():
-    p = PackingParams(expected_num_tokens=100, max_num_tokens=120, max_num_tokens_per_sample=50,
-                      prefer_buffer_before=0, max_buffer_size=2)
+    p = PackingParams(
+        expected_num_tokens=100,
+        max_num_tokens=120,
+        max_num_tokens_per_sample=50,
+        prefer_buffer_before=0,
+        max_buffer_size=2,
+    )
     # weights [0, 1]: ordinary draws always take group 1; group 0 only enters through the mandatory fill
     events = run(p, [0, 1], [True, False], [[50, 40, 40, 40], [50, 51, 50, 30]], 7)
     assert kinds(events) == [
-        ("S", 50), ("P", 40),            # mandatory fill: 50 is not < 50 (strict), 40 is packed
-        ("P", 50),                       # ordinary check: 50 is not > 50, so it passes
-        ("S", 51),                       # 51 > 50
-        ("B", 50),                       # 90 + 50 > 120: buffered
-        ("P", 30),                       # 90 + 30 = 120 is not > 120
-        ("F", 120, False, None),         # 120 >= 100: flush
+        ("S", 50),
+        ("P", 40),  # mandatory fill: 50 is not < 50 (strict), 40 is packed
+        ("P", 50),  # ordinary check: 50 is not > 50, so it passes
+        ("S", 51),  # 51 > 50
+        ("B", 50),  # 90 + 50 > 120: buffered
+        ("P", 30),  # 90 + 30 = 120 is not > 120
+        ("F", 120, False, None),  # 120 >= 100: flush
     ]
     assert isinstance(events[0], Skipped) and events[0].mandatory
 
@@ -78,17 +85,27 @@ def test_mandatory_fill_is_strict_and_ordinary_cap_is_not():
 def test_overflow_flush_discards_the_sample_in_hand():
     """Fine-tune recipe: prefer_buffer_before > max_num_tokens -> the buffered sample comes straight back,
     overflows again, forces a flush and is lost."""
-    p = PackingParams(expected_num_tokens=100, max_num_tokens=115, max_num_tokens_per_sample=100,
-                      prefer_buffer_before=200, max_buffer_size=50)
+    p = PackingParams(
+        expected_num_tokens=100,
+        max_num_tokens=115,
+        max_num_tokens_per_sample=100,
+        prefer_buffer_before=200,
+        max_buffer_size=50,
+    )
     events = run(p, [1], [False], [[60, 50, 40, 10, 10]], 6)
     assert kinds(events) == [("P", 60), ("P", 50), ("F", 110, False, None), ("P", 40), ("P", 10), ("P", 10)]
-    q = PackingParams(expected_num_tokens=100, max_num_tokens=105, max_num_tokens_per_sample=100,
-                      prefer_buffer_before=200, max_buffer_size=50)
+    q = PackingParams(
+        expected_num_tokens=100,
+        max_num_tokens=105,
+        max_num_tokens_per_sample=100,
+        prefer_buffer_before=200,
+        max_buffer_size=50,
+    )
     events = run(q, [1], [False], [[60, 50, 30, 20]], 5)
     assert kinds(events) == [
         ("P", 60),
-        ("B", 50),                       # 110 > 105: a fresh sample is buffered
-        ("F", 60, True, 50),             # popped back (60 < 200), overflows again: flush, 50 discarded
+        ("B", 50),  # 110 > 105: a fresh sample is buffered
+        ("F", 60, True, 50),  # popped back (60 < 200), overflows again: flush, 50 discarded
         ("P", 30),
         ("P", 20),
     ]
@@ -96,28 +113,36 @@ def test_overflow_flush_discards_the_sample_in_hand():
 
 
 def test_buffer_full_forces_flush_and_buffer_preferred_when_pack_is_small():
-    p = PackingParams(expected_num_tokens=100, max_num_tokens=100, max_num_tokens_per_sample=100,
-                      prefer_buffer_before=50, max_buffer_size=1)
+    p = PackingParams(
+        expected_num_tokens=100,
+        max_num_tokens=100,
+        max_num_tokens_per_sample=100,
+        prefer_buffer_before=50,
+        max_buffer_size=1,
+    )
     events = run(p, [1], [False], [[70, 40, 45, 20, 10]], 6)
     assert kinds(events) == [
         ("P", 70),
-        ("B", 40),                       # 110 > 100, buffer has room
-        ("F", 70, True, 45),             # buffer full: flush, the fresh 45 is discarded
-        ("P", 40),                       # curr 0 < 50: the buffer's oldest first
-        ("P", 20),                       # curr 40 < 50 but the buffer is empty: draw
+        ("B", 40),  # 110 > 100, buffer has room
+        ("F", 70, True, 45),  # buffer full: flush, the fresh 45 is discarded
+        ("P", 40),  # curr 0 < 50: the buffer's oldest first
+        ("P", 20),  # curr 40 < 50 but the buffer is empty: draw
         ("P", 10),
     ]
     assert events[3].from_buffer and not events[4].from_buffer
 
 
 def test_simulation_is_deterministic_and_counts_epochs():
-    p = PackingParams(expected_num_tokens=100, max_num_tokens=120, max_num_tokens_per_sample=80,
-                      prefer_buffer_before=50, max_buffer_size=5)
+    p = PackingParams(
+        expected_num_tokens=100,
+        max_num_tokens=120,
+        max_num_tokens_per_sample=80,
+        prefer_buffer_before=50,
+        max_buffer_size=5,
+    )
     a_samples = [SimSample("a", ("a", i), (0.5, 1.0), (30, 60), (30, 60)) for i in range(10)]
-    b_samples = [SimSample("b", ("b", i), (1.0,), (90 if i == 3 else 20,), (90 if i == 3 else 20,))
-                 for i in range(7)]
-    runs = [simulate_worker(p, ["a", "b"], [1, 1], [True, False], [a_samples, b_samples], seed=1)
-            for _ in range(2)]
+    b_samples = [SimSample("b", ("b", i), (1.0,), (90 if i == 3 else 20,), (90 if i == 3 else 20,)) for i in range(7)]
+    runs = [simulate_worker(p, ["a", "b"], [1, 1], [True, False], [a_samples, b_samples], seed=1) for _ in range(2)]
     assert runs[0] == runs[1]
     r = runs[0]
     assert set(r.first_pass_pack) == {"a", "b"} and not r.truncated

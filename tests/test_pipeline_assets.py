@@ -11,8 +11,9 @@ from assets.example import dataset_registry, example_dataset, example_zip
 from assets.resources import PipelineWorkspace
 from pipelines import defs
 
-SMALL_RUN_CONFIG = {"ops": {"example_zip": {"config": {"t2i_files": 2, "t2i_rows_per_file": 3, "edit_files": 2,
-                                                        "vlm_lines": 6}}}}
+SMALL_RUN_CONFIG = {
+    "ops": {"example_zip": {"config": {"t2i_files": 2, "t2i_rows_per_file": 3, "edit_files": 2, "vlm_lines": 6}}}
+}
 
 
 def test_definitions_load_and_job_exists():
@@ -25,8 +26,12 @@ def test_definitions_load_and_job_exists():
 def test_example_assets_materialise(tmp_path):
     workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
     with dg.instance_for_test() as instance:
-        result = dg.materialize([example_zip, example_dataset, dataset_registry], instance=instance,
-                                resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG)
+        result = dg.materialize(
+            [example_zip, example_dataset, dataset_registry],
+            instance=instance,
+            resources={"workspace": workspace},
+            run_config=SMALL_RUN_CONFIG,
+        )
         assert result.success
         meta = result.asset_materializations_for_node("example_dataset")[0].metadata
         assert meta["t2i/files"].value == 2 and meta["vlm/files"].value > 6
@@ -36,21 +41,32 @@ def test_example_assets_materialise(tmp_path):
         assert check.passed
         assert Path(workspace.registry_path).is_file() and Path(workspace.dataset_config_path).is_file()
         # Re-materialising is idempotent: the unchanged archive is not extracted again.
-        again = dg.materialize([example_zip, example_dataset], instance=instance,
-                               resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG)
-        assert again.asset_materializations_for_node("example_dataset")[0].metadata[
-            "unchanged_archive_skipped"].value is True
+        again = dg.materialize(
+            [example_zip, example_dataset],
+            instance=instance,
+            resources={"workspace": workspace},
+            run_config=SMALL_RUN_CONFIG,
+        )
+        assert (
+            again.asset_materializations_for_node("example_dataset")[0].metadata["unchanged_archive_skipped"].value
+            is True
+        )
 
 
 def test_broken_shard_fails_the_blocking_registry_check(tmp_path):
     workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
     with dg.instance_for_test() as instance:
-        assert dg.materialize([example_zip, example_dataset], instance=instance,
-                              resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG).success
+        assert dg.materialize(
+            [example_zip, example_dataset],
+            instance=instance,
+            resources={"workspace": workspace},
+            run_config=SMALL_RUN_CONFIG,
+        ).success
         shard = workspace.example_dir / "bagel_example" / "t2i" / "chunk_0.parquet"
         shard.write_bytes(shard.read_bytes()[:100])  # truncated: footer gone
-        result = dg.materialize([dataset_registry], instance=instance, resources={"workspace": workspace},
-                                raise_on_error=False)
+        result = dg.materialize(
+            [dataset_registry], instance=instance, resources={"workspace": workspace}, raise_on_error=False
+        )
         assert not result.success
         [check] = result.get_asset_check_evaluations()
         assert not check.passed
@@ -66,8 +82,14 @@ def test_job_execute_cli_runs_the_main_job(tmp_path):
 
     config.write_text(yaml.safe_dump(SMALL_RUN_CONFIG))
     dagster = Path(sys.executable).parent / "dagster"
-    proc = subprocess.run([str(dagster), "job", "execute", "-m", "pipelines", "-j", "bagel_example_job",
-                           "-c", str(config)], check=False, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(dagster), "job", "execute", "-m", "pipelines", "-j", "bagel_example_job", "-c", str(config)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
     assert (tmp_path / "ws" / "registry" / "dataset_info.yaml").is_file()
@@ -80,8 +102,12 @@ def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
         assert isinstance(registered_data_changed(ctx), dg.SkipReason)  # no registry yet
-        assert dg.materialize([example_zip, example_dataset, dataset_registry], instance=instance,
-                              resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG).success
+        assert dg.materialize(
+            [example_zip, example_dataset, dataset_registry],
+            instance=instance,
+            resources={"workspace": workspace},
+            run_config=SMALL_RUN_CONFIG,
+        ).success
         first = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
         assert isinstance(registered_data_changed(first), dg.SkipReason) and first.cursor
         same = dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"workspace": workspace})
@@ -97,7 +123,14 @@ def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):
 def test_registry_adds_one_index_partition_per_dataset(tmp_path):
     workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
     with dg.instance_for_test() as instance:
-        assert dg.materialize([example_zip, example_dataset, dataset_registry], instance=instance,
-                              resources={"workspace": workspace}, run_config=SMALL_RUN_CONFIG).success
+        assert dg.materialize(
+            [example_zip, example_dataset, dataset_registry],
+            instance=instance,
+            resources={"workspace": workspace},
+            run_config=SMALL_RUN_CONFIG,
+        ).success
         assert instance.get_dynamic_partitions("bagel_datasets") == [
-            "t2i_pretrain.t2i", "unified_edit.seedxedit_multi", "vlm_sft.llava_ov"]
+            "t2i_pretrain.t2i",
+            "unified_edit.seedxedit_multi",
+            "vlm_sft.llava_ov",
+        ]

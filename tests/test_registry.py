@@ -14,7 +14,7 @@ from bagel_core.config.validate import require_valid, validate_registry
 from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
 
 # An upstream-style data/dataset_info.py: imports and a registry of classes around a literal.
-UPSTREAM_DATASET_INFO = textwrap.dedent('''
+UPSTREAM_DATASET_INFO = textwrap.dedent("""
     # Copyright (c) 2025 Bytedance Ltd. and/or its affiliates.
     from .interleave_datasets import UnifiedEditIterableDataset
     from .t2i_dataset import T2IIterableDataset
@@ -52,10 +52,10 @@ UPSTREAM_DATASET_INFO = textwrap.dedent('''
             },
         },
     }
-''')
+""")
 
 # Upstream data/configs/example.yaml, verbatim in structure and values.
-UPSTREAM_EXAMPLE_YAML = textwrap.dedent('''
+UPSTREAM_EXAMPLE_YAML = textwrap.dedent("""
     t2i_pretrain:
       dataset_names:
       - t2i
@@ -101,10 +101,11 @@ UPSTREAM_EXAMPLE_YAML = textwrap.dedent('''
       num_used_data:
       - 1000
       weight: 1
-''')
+""")
 
-SMALL = ExampleConfig(t2i_files=2, t2i_rows_per_file=3, edit_files=2, edit_row_groups_per_file=2,
-                      edit_rows_per_row_group=2, vlm_lines=6)
+SMALL = ExampleConfig(
+    t2i_files=2, t2i_rows_per_file=3, edit_files=2, edit_row_groups_per_file=2, edit_rows_per_row_group=2, vlm_lines=6
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +118,21 @@ def test_upstream_dataset_info_imports_without_executing(tmp_path):
     path.write_text(UPSTREAM_DATASET_INFO)  # its relative imports would fail if it were executed
     registry = import_upstream_dataset_info(path)
     assert [(e.group, e.name) for e in registry.entries] == [
-        ("t2i_pretrain", "t2i"), ("unified_edit", "seedxedit_multi"), ("vlm_sft", "llava_ov")]
+        ("t2i_pretrain", "t2i"),
+        ("unified_edit", "seedxedit_multi"),
+        ("vlm_sft", "llava_ov"),
+    ]
     t2i = registry.get("t2i_pretrain", "t2i")
     assert (t2i.num_files, t2i.num_total_samples, t2i.task) == (10, 1000, "t2i")
     errors = validate_registry(registry)
     # Every path still has the placeholder: one error per entry, naming the key.
     assert [(f.dataset, f.key) for f in errors] == [
-        ("t2i_pretrain/t2i", "data_dir"), ("unified_edit/seedxedit_multi", "data_dir"),
-        ("unified_edit/seedxedit_multi", "parquet_info_path"), ("vlm_sft/llava_ov", "data_dir"),
-        ("vlm_sft/llava_ov", "jsonl_path")]
+        ("t2i_pretrain/t2i", "data_dir"),
+        ("unified_edit/seedxedit_multi", "data_dir"),
+        ("unified_edit/seedxedit_multi", "parquet_info_path"),
+        ("vlm_sft/llava_ov", "data_dir"),
+        ("vlm_sft/llava_ov", "jsonl_path"),
+    ]
     assert all("your_data_path" in f.message for f in errors)
     with pytest.raises(ConfigError, match=r"t2i_pretrain/t2i\.data_dir: still contains the 'your_data_path'"):
         require_valid(registry)
@@ -167,11 +174,14 @@ def test_upstream_example_yaml_imports(tmp_path):
     assert again.groups == {name: group for name, group in config.groups.items()}
 
 
-@pytest.mark.parametrize("group, key, message", [
-    ("t2i_pretrain", "shuffle_lines", "unknown key(s) ['shuffle_lines']"),
-    ("unified_edit", "vit_image_transform_args", "missing 'vit_image_transform_args'"),
-    ("vlm_sft", "frame_sampler_args", "missing 'frame_sampler_args'"),
-])
+@pytest.mark.parametrize(
+    "group, key, message",
+    [
+        ("t2i_pretrain", "shuffle_lines", "unknown key(s) ['shuffle_lines']"),
+        ("unified_edit", "vit_image_transform_args", "missing 'vit_image_transform_args'"),
+        ("vlm_sft", "frame_sampler_args", "missing 'frame_sampler_args'"),
+    ],
+)
 def test_dataset_config_errors_name_the_key(group, key, message):
     data = yaml.safe_load(UPSTREAM_EXAMPLE_YAML)
     if key in data[group]:
@@ -218,11 +228,15 @@ def _write_registry(tmp_path, body: dict):
 
 
 def test_missing_paths_name_the_key(tmp_path, example_root):
-    registry = _write_registry(tmp_path, {
-        "t2i_pretrain": {"t2i": {"data_dir": str(tmp_path / "nope")}},
-        "vlm_sft": {"llava_ov": {"data_dir": str(example_root / "bagel_example/vlm/images"),
-                                 "jsonl_path": "missing.jsonl"}},
-    })
+    registry = _write_registry(
+        tmp_path,
+        {
+            "t2i_pretrain": {"t2i": {"data_dir": str(tmp_path / "nope")}},
+            "vlm_sft": {
+                "llava_ov": {"data_dir": str(example_root / "bagel_example/vlm/images"), "jsonl_path": "missing.jsonl"}
+            },
+        },
+    )
     findings = {(f.dataset, f.key): f.message for f in validate_registry(registry)}
     assert "does not exist" in findings[("t2i_pretrain/t2i", "data_dir")]
     assert str(tmp_path / "missing.jsonl") in findings[("vlm_sft/llava_ov", "jsonl_path")]  # relative to the file
@@ -235,16 +249,23 @@ def test_editing_needs_parquet_info_matching_the_footers(tmp_path, example_root)
     assert (finding.key, finding.severity) == ("parquet_info_path", "error") and "missing" in finding.message
     info = {f"{data_dir}/chunk_0.parquet": {"num_row_groups": 5}}
     (tmp_path / "info.json").write_text(json.dumps(info))
-    registry = _write_registry(tmp_path, {"unified_edit": {"seedxedit_multi": {
-        "data_dir": str(data_dir), "parquet_info_path": "info.json"}}})
+    registry = _write_registry(
+        tmp_path, {"unified_edit": {"seedxedit_multi": {"data_dir": str(data_dir), "parquet_info_path": "info.json"}}}
+    )
     messages = sorted(f.message for f in validate_registry(registry))
     assert "chunk_0.parquet: num_row_groups is 5 but the file footer has 2" in messages[0]
     assert "no entry for" in messages[1] and "chunk_1.parquet" in messages[1]
 
 
 def test_count_disagreement_is_a_warning(tmp_path, example_root):
-    registry = _write_registry(tmp_path, {"t2i_pretrain": {"t2i": {
-        "data_dir": str(example_root / "bagel_example/t2i"), "num_files": 10, "num_total_samples": 1000}}})
+    registry = _write_registry(
+        tmp_path,
+        {
+            "t2i_pretrain": {
+                "t2i": {"data_dir": str(example_root / "bagel_example/t2i"), "num_files": 10, "num_total_samples": 1000}
+            }
+        },
+    )
     findings = validate_registry(registry)
     assert {(f.key, f.severity) for f in findings} == {("num_files", "warning"), ("num_total_samples", "warning")}
     assert "set num_files: 2" in str(findings[0])

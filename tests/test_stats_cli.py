@@ -29,19 +29,45 @@ def fx(tmp_path_factory):
 
 
 def _args(fx, out) -> list[str]:
-    return ["--registry", str(fx.registry), "--dataset-config", str(fx.groups), "--index", str(fx.index_dir),
-            "--out", str(out)]
+    return [
+        "--registry",
+        str(fx.registry),
+        "--dataset-config",
+        str(fx.groups),
+        "--index",
+        str(fx.index_dir),
+        "--out",
+        str(out),
+    ]
 
 
 def test_add_parser_registers_both_commands():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["plan", "--registry", "r", "--dataset-config", "g", "--index", "i", "--out", "o",
-                              "--world-size", "8", "--num-workers", "4", "--seed", "3"])
+    args = parser.parse_args(
+        [
+            "plan",
+            "--registry",
+            "r",
+            "--dataset-config",
+            "g",
+            "--index",
+            "i",
+            "--out",
+            "o",
+            "--world-size",
+            "8",
+            "--num-workers",
+            "4",
+            "--seed",
+            "3",
+        ]
+    )
     assert (args.world_size, args.num_workers, args.seed, args.max_num_tokens) == (8, 4, 3, 36_864)
     assert callable(args.func)
-    assert callable(parser.parse_args(["stats", "--registry", "r", "--dataset-config", "g", "--index", "i",
-                                       "--out", "o"]).func)
+    assert callable(
+        parser.parse_args(["stats", "--registry", "r", "--dataset-config", "g", "--index", "i", "--out", "o"]).func
+    )
 
 
 def test_stats_command_writes_files_and_lists_violations(fx, tmp_path, capsys):
@@ -50,8 +76,9 @@ def test_stats_command_writes_files_and_lists_violations(fx, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "total_tokens" in printed and "over max_num_tokens_per_sample 9000" in printed
     stats = pl.read_parquet(out / "token_stats.parquet")
-    assert {"dataset", "source_file", "row_index", "text_tokens", "vit_tokens", "vae_tokens",
-            "total_tokens"} <= set(stats.columns)
+    assert {"dataset", "source_file", "row_index", "text_tokens", "vit_tokens", "vae_tokens", "total_tokens"} <= set(
+        stats.columns
+    )
     summary = json.loads((out / "token_stats_summary.json").read_text())
     assert summary["over_cap"] == int(stats["over_cap"].sum()) > 0
     assert summary["skipped_reasons"]  # the VLM line without a gpt turn
@@ -60,9 +87,25 @@ def test_stats_command_writes_files_and_lists_violations(fx, tmp_path, capsys):
 
 def test_plan_command_prints_manifest_and_simulation(fx, tmp_path, capsys):
     out = tmp_path / "plan"
-    assert main(["plan", *_args(fx, out), "--world-size", "1", "--num-workers", "2",
-                 "--expected-num-tokens", "10240", "--max-num-tokens", "11520",
-                 "--max-num-tokens-per-sample", "10240"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                *_args(fx, out),
+                "--world-size",
+                "1",
+                "--num-workers",
+                "2",
+                "--expected-num-tokens",
+                "10240",
+                "--max-num-tokens",
+                "11520",
+                "--max-num-tokens-per-sample",
+                "10240",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "packs per epoch" in printed and "token share" in printed
     report = json.loads((out / "packing_simulation.json").read_text())
@@ -71,8 +114,22 @@ def test_plan_command_prints_manifest_and_simulation(fx, tmp_path, capsys):
 
 
 def test_errors_name_the_problem(fx, tmp_path, capsys):
-    assert main(["stats", "--registry", str(fx.registry), "--dataset-config", str(fx.groups),
-                 "--index", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "stats",
+                "--registry",
+                str(fx.registry),
+                "--dataset-config",
+                str(fx.groups),
+                "--index",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "no index found" in capsys.readouterr().err
     assert main(["plan", *_args(fx, tmp_path / "p"), "--world-size", "3", "--num-workers", "1"]) == 2
     err = capsys.readouterr().err

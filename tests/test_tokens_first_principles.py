@@ -26,6 +26,7 @@ from bagel_core.stats.token_stats import compute_token_stats
 
 def ref_resize(w, h, max_size, min_size, stride, max_pixels=1_806_336, img_num=1):
     """data-format.md 7.2, transcribed."""
+
     def div(v):
         return max(stride, round(v / stride) * stride)
 
@@ -142,8 +143,9 @@ def test_edit_rows_match_first_principles(stats_run, tok):
     totals.append((Fraction(1, 4), vae[0] + vit[0] + n(ins[0][0]) + 2 + vae[1]))
     totals.append((Fraction(1, 8), vae[0] + vit[0] + n(ins[0][0] + ".") + 2 + vae[1]))
     for alt in ins[1]:
-        totals.append((Fraction(1, 16),
-                       vae[0] + vit[0] + n(ins[0][0]) + 2 + vae[1] + vae[1] + vit[1] + n(alt) + 2 + vae[2]))
+        totals.append(
+            (Fraction(1, 16), vae[0] + vit[0] + n(ins[0][0]) + 2 + vae[1] + vae[1] + vit[1] + n(alt) + 2 + vae[2])
+        )
         totals.append((Fraction(1, 4), vae[1] + vit[1] + n(alt) + 2 + vae[2]))
     assert sum(p for p, _ in totals) == 1
     got = _row(stats, path, 0, 1)

@@ -57,15 +57,17 @@ def test_t2i_worked_example():
 
 def test_vlm_worked_example():
     """7.4: one 980x980 image, 20-token question, 50-token answer -> 4902 + 22 + 52 = 4976."""
-    record = {"image": "x.jpg", "conversations": [
-        {"from": "human", "value": "<image>\n" + words(20)}, {"from": "gpt", "value": words(50)}]}
+    record = {
+        "image": "x.jpg",
+        "conversations": [{"from": "human", "value": "<image>\n" + words(20)}, {"from": "gpt", "value": words(50)}],
+    }
     count = count_tokens(build_vlm_plan(record, [(980, 980)], VLM_VIT, fake_ids))
     assert count.total == 4976 and count.vit_tokens == 4902 and count.ce_tokens == 51
 
 
 def test_edit_worked_example():
     """7.4: one step at 1024 px, 12-token instruction -> 4098 + 1371 + 14 + 4098 = 9581."""
-    (p, plan), = edit_plan_variants([[words(12)]], [(1024, 1024), (1024, 1024)], VAE, EDIT_VIT, fake_ids)
+    ((p, plan),) = edit_plan_variants([[words(12)]], [(1024, 1024), (1024, 1024)], VAE, EDIT_VIT, fake_ids)
     count = count_tokens(plan)
     assert p == 1 and count.total == 9581
     assert [i.kind for i in plan.items] == [VAE_IMAGE, VIT_IMAGE, "text", VAE_IMAGE]
@@ -129,13 +131,21 @@ def test_t2i_caption_rules():
 
 def test_vlm_conversation_rules():
     # surplus <image> dropped; surplus images only in the estimate; roles other than human/gpt ignored
-    record = {"image": ["a", "b", "c"], "conversations": [
-        {"from": "system", "value": "ignored words"},
-        {"from": "human", "value": "<image> look <image>"},
-        {"from": "gpt", "value": "  spaced answer  "}]}
+    record = {
+        "image": ["a", "b", "c"],
+        "conversations": [
+            {"from": "system", "value": "ignored words"},
+            {"from": "human", "value": "<image> look <image>"},
+            {"from": "gpt", "value": "  spaced answer  "},
+        ],
+    }
     elements = vlm_elements(record["conversations"], 3)
     assert [(e.kind, e.text) for e in elements] == [
-        ("vit_image", ""), ("text", "look"), ("vit_image", ""), ("text", "  spaced answer  ")]
+        ("vit_image", ""),
+        ("text", "look"),
+        ("vit_image", ""),
+        ("text", "  spaced answer  "),
+    ]
     plan = build_vlm_plan(record, [(1000, 1000)] * 3, VLM_VIT, fake_ids)
     count = count_tokens(plan)
     assert len(plan.unplaced_images) == 1
@@ -143,13 +153,21 @@ def test_vlm_conversation_rules():
     assert count.vit_tokens == 2 * ((per[0] // 14) * (per[1] // 14) + 2)
     assert count.estimate == 3 * (per[0] * per[1] // 196) + 1 + 2 + 2 * 4
     # more <image> placeholders than images in one turn: only idx < num_images get a slot
-    two = {"image": "a", "conversations": [{"from": "human", "value": "<image><image>x"},
-                                           {"from": "gpt", "value": "y"}]}
+    two = {
+        "image": "a",
+        "conversations": [{"from": "human", "value": "<image><image>x"}, {"from": "gpt", "value": "y"}],
+    }
     assert sum(i.kind == VIT_IMAGE for i in build_vlm_plan(two, [(500, 500)], VLM_VIT, fake_ids).items) == 1
     # per-turn counting can place more slots than images: upstream would crash -> rejected
-    per_turn = {"image": "a", "conversations": [
-        {"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"},
-        {"from": "human", "value": "<image>z"}, {"from": "gpt", "value": "w"}]}
+    per_turn = {
+        "image": "a",
+        "conversations": [
+            {"from": "human", "value": "<image>x"},
+            {"from": "gpt", "value": "y"},
+            {"from": "human", "value": "<image>z"},
+            {"from": "gpt", "value": "w"},
+        ],
+    }
     with pytest.raises(SampleRejected, match="more than 1 image"):
         build_vlm_plan(per_turn, [(500, 500)], VLM_VIT, fake_ids)
     with pytest.raises(SampleRejected, match="No loss defined"):
@@ -158,13 +176,14 @@ def test_vlm_conversation_rules():
         build_vlm_plan({"video": "v.mp4", "conversations": []}, [], VLM_VIT, fake_ids)
     # a gpt text that tokenises to nothing is dropped -> no loss left
     with pytest.raises(SampleRejected, match="No loss"):
-        build_vlm_plan({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},
-                       [], VLM_VIT, fake_ids)
+        build_vlm_plan(
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}, [], VLM_VIT, fake_ids
+        )
 
 
 def test_latent_and_vit_sides_are_reported():
     big = ImageTransformArgs(max_image_size=2048, min_image_size=512, image_stride=16, max_pixels=10**8)
-    (_, plan), = t2i_plan_variants('{"a": "x"}', (2048, 1024), big, fake_ids)
+    ((_, plan),) = t2i_plan_variants('{"a": "x"}', (2048, 1024), big, fake_ids)
     assert count_tokens(plan).max_latent_side == 128
     plan = SamplePlan((PlanItem.vit((1120, 560), 14, 0),))
     assert count_tokens(plan).max_vit_side == 80

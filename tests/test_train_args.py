@@ -124,10 +124,16 @@ FINETUNE_43 = r"""PYTHONPATH=. torchrun \
   --max_num_tokens_per_sample 10240"""
 
 PLACEHOLDERS = {
-    "num_nodes": "1", "node_rank": "0", "master_addr": "127.0.0.1", "master_port": "29500",
-    "llm_path": "/ckpt/Qwen2.5-0.5B-Instruct", "vae_path": "/ckpt/flux/ae.safetensors",
-    "vit_path": "/ckpt/siglip-so400m-14-980-flash-attn2-navit", "resume_from": "/ckpt/resume/0002000",
-    "output_path": "/out/results", "ckpt_path": "/out/checkpoints",
+    "num_nodes": "1",
+    "node_rank": "0",
+    "master_addr": "127.0.0.1",
+    "master_port": "29500",
+    "llm_path": "/ckpt/Qwen2.5-0.5B-Instruct",
+    "vae_path": "/ckpt/flux/ae.safetensors",
+    "vit_path": "/ckpt/siglip-so400m-14-980-flash-attn2-navit",
+    "resume_from": "/ckpt/resume/0002000",
+    "output_path": "/out/results",
+    "ckpt_path": "/out/checkpoints",
 }
 
 
@@ -140,7 +146,7 @@ def _command(text: str, **subst: str) -> tuple[int, int, list[str]]:
     i = tokens.index("train/pretrain_unified_navit.py")
     launcher = dict(t[2:].split("=", 1) for t in tokens[:i] if t.startswith("--"))
     per_node = int(launcher["nproc_per_node"])
-    return int(launcher["nnodes"]) * per_node, per_node, tokens[i + 1:]
+    return int(launcher["nnodes"]) * per_node, per_node, tokens[i + 1 :]
 
 
 # ---- the guides' commands ------------------------------------------------------------------------------
@@ -160,8 +166,11 @@ def test_pretrain_command(monkeypatch):
     cfg = parse_args(argv)
     m, d, t = cfg.model, cfg.data, cfg.training
     assert d.dataset_config_file == "./data/configs/example.yaml"
-    assert (m.llm_path, m.vae_path, m.vit_path) == (PLACEHOLDERS["llm_path"], PLACEHOLDERS["vae_path"],
-                                                    PLACEHOLDERS["vit_path"])
+    assert (m.llm_path, m.vae_path, m.vit_path) == (
+        PLACEHOLDERS["llm_path"],
+        PLACEHOLDERS["vae_path"],
+        PLACEHOLDERS["vit_path"],
+    )
     assert m.layer_module == "Qwen2MoTDecoderLayer" and m.max_latent_size == 64
     assert t.use_flex is True and m.attn_backend == "flex"
     assert t.resume_from == PLACEHOLDERS["resume_from"] and t.auto_resume is False
@@ -219,28 +228,61 @@ def test_finetune_43_two_nodes(monkeypatch):
 
 
 # ---- spellings, booleans, prefixes ------------------------------------------------------------------
-@pytest.mark.parametrize("argv", [["--num_worker", "1"], ["--num-worker", "1"], ["--num_workers=1"],
-                                  ["--num_w=1"], ["--num-workers", "1"]])
+@pytest.mark.parametrize(
+    "argv", [["--num_worker", "1"], ["--num-worker", "1"], ["--num_workers=1"], ["--num_w=1"], ["--num-workers", "1"]]
+)
 def test_num_worker_prefix_and_spellings(argv):
     cfg = parse_args(argv)
     assert cfg.data.num_workers == 1 and "num_workers" in cfg.given
 
 
 def test_dash_spelling_equals_underscore():
-    a = parse_args(["--resume-model-only", "True", "--max-latent-size", "64", "--lr-scheduler=cosine",
-                    "--resume-from", "/ckpt/x", "--vit-select-layer", "-1"])
-    b = parse_args(["--resume_model_only", "True", "--max_latent_size", "64", "--lr_scheduler=cosine",
-                    "--resume_from", "/ckpt/x", "--vit_select_layer", "-1"])
+    a = parse_args(
+        [
+            "--resume-model-only",
+            "True",
+            "--max-latent-size",
+            "64",
+            "--lr-scheduler=cosine",
+            "--resume-from",
+            "/ckpt/x",
+            "--vit-select-layer",
+            "-1",
+        ]
+    )
+    b = parse_args(
+        [
+            "--resume_model_only",
+            "True",
+            "--max_latent_size",
+            "64",
+            "--lr_scheduler=cosine",
+            "--resume_from",
+            "/ckpt/x",
+            "--vit_select_layer",
+            "-1",
+        ]
+    )
     assert a == b and a.training.resume_model_only and a.model.max_latent_size == 64
     assert a.training.lr_scheduler == "cosine" and a.model.vit_select_layer == -1
 
 
-@pytest.mark.parametrize("argv,value", [
-    (["--use_flex"], True), (["--use_flex", "True"], True), (["--use_flex", "true"], True),
-    (["--use_flex", "1"], True), (["--use_flex", "yes"], True), (["--use-flex=True"], True),
-    (["--use_flex", "False"], False), (["--use_flex=false"], False), (["--use_flex", "0"], False),
-    (["--use_flex", "--lr", "1e-3"], True), ([], False),
-])
+@pytest.mark.parametrize(
+    "argv,value",
+    [
+        (["--use_flex"], True),
+        (["--use_flex", "True"], True),
+        (["--use_flex", "true"], True),
+        (["--use_flex", "1"], True),
+        (["--use_flex", "yes"], True),
+        (["--use-flex=True"], True),
+        (["--use_flex", "False"], False),
+        (["--use_flex=false"], False),
+        (["--use_flex", "0"], False),
+        (["--use_flex", "--lr", "1e-3"], True),
+        ([], False),
+    ],
+)
 def test_bool_forms(argv, value):
     assert parse_args(argv).training.use_flex is value
 
@@ -277,15 +319,29 @@ def test_ambiguous_prefix_is_an_error():
 def test_prefixes_resolve_as_upstream():
     # upstream resolves --model to --model_path and --dataset to --dataset_config_file: our --model_preset and
     # --dataset_info do not make them ambiguous; a prefix of both spellings of one argument is not ambiguous
-    cfg = parse_args(["--model", "/m", "--dataset", "g.yaml", "--save", "5", "--model_pre", "small",
-                      "--dataset_i", "r.yaml"])
+    cfg = parse_args(
+        ["--model", "/m", "--dataset", "g.yaml", "--save", "5", "--model_pre", "small", "--dataset_i", "r.yaml"]
+    )
     assert (cfg.model.model_path, cfg.data.dataset_config_file, cfg.training.save_every) == ("/m", "g.yaml", 5)
     assert (cfg.model.model_preset, cfg.data.dataset_info) == ("small", "r.yaml")
 
 
 def test_our_aliases_and_fields():
-    cfg = parse_args(["--registry_file", "r.yaml", "--manifest_dir", "m", "--keep_last_k", "3", "--dry_run",
-                      "--attn_backend", "flex", "--model_preset", "small"])
+    cfg = parse_args(
+        [
+            "--registry_file",
+            "r.yaml",
+            "--manifest_dir",
+            "m",
+            "--keep_last_k",
+            "3",
+            "--dry_run",
+            "--attn_backend",
+            "flex",
+            "--model_preset",
+            "small",
+        ]
+    )
     assert (cfg.data.dataset_info, cfg.data.manifest, cfg.training.keep_last_k) == ("r.yaml", "m", 3)
     assert cfg.training.dry_run and cfg.model.attn_backend == "flex" and cfg.model.model_preset == "small"
     assert parse_args(["--dataset_info", "a.yaml", "--manifest", "d"]).data.manifest == "d"
@@ -297,21 +353,24 @@ def test_resume_from_none(raw):
 
 
 # ---- values and world size -------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,pattern", [
-    (["--lr_scheduler", "linear"], r"--lr_scheduler 'linear'.*constant, cosine"),
-    (["--sharding_strategy", "HYBRID"], r"--sharding_strategy 'HYBRID'.*--sharding_strategy HYBRID_SHARD"),
-    (["--sharding_strategy", "SHARD_GRAD_OP"], r"first checkpoint save"),
-    (["--attn_backend", "xformers"], r"--attn_backend 'xformers'.*sdpa, flex, flash"),
-    (["--use_flex", "True", "--attn_backend", "sdpa"], r"--use_flex True .*--attn_backend"),
-    (["--keep_last_k", "-1"], r"--keep_last_k -1 must be >= 0"),
-    (["--save_every", "0"], r"--save_every 0 must be > 0"),
-    (["--log_every", "-5"], r"--log_every -5 must be > 0"),
-    (["--layer_module", "Qwen2MoT"], r"--layer_module 'Qwen2MoT'.*Qwen2MoTDecoderLayer"),
-    (["--model_preset", "huge"], r"--model_preset 'huge'"),
-    (["--expected_num_tokens", "40000"], r"--expected_num_tokens 40000 exceeds --max_num_tokens 36864"),
-    (["--visual_gen", "False", "--visual_und", "False"], r"nothing to train"),
-    (["--lr", "abc"], r"--lr: invalid float value"),
-])
+@pytest.mark.parametrize(
+    "argv,pattern",
+    [
+        (["--lr_scheduler", "linear"], r"--lr_scheduler 'linear'.*constant, cosine"),
+        (["--sharding_strategy", "HYBRID"], r"--sharding_strategy 'HYBRID'.*--sharding_strategy HYBRID_SHARD"),
+        (["--sharding_strategy", "SHARD_GRAD_OP"], r"first checkpoint save"),
+        (["--attn_backend", "xformers"], r"--attn_backend 'xformers'.*sdpa, flex, flash"),
+        (["--use_flex", "True", "--attn_backend", "sdpa"], r"--use_flex True .*--attn_backend"),
+        (["--keep_last_k", "-1"], r"--keep_last_k -1 must be >= 0"),
+        (["--save_every", "0"], r"--save_every 0 must be > 0"),
+        (["--log_every", "-5"], r"--log_every -5 must be > 0"),
+        (["--layer_module", "Qwen2MoT"], r"--layer_module 'Qwen2MoT'.*Qwen2MoTDecoderLayer"),
+        (["--model_preset", "huge"], r"--model_preset 'huge'"),
+        (["--expected_num_tokens", "40000"], r"--expected_num_tokens 40000 exceeds --max_num_tokens 36864"),
+        (["--visual_gen", "False", "--visual_und", "False"], r"nothing to train"),
+        (["--lr", "abc"], r"--lr: invalid float value"),
+    ],
+)
 def test_value_errors_name_the_flag(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_args(argv)
@@ -360,18 +419,18 @@ def test_check_world_size_on_a_built_config():
 # ---- defaults, fields, help, CLI ---------------------------------------------------------------------
 UPSTREAM_FIELDS = {  # training.md section 2 (ModelArguments, DataArguments, TrainingArguments)
     ModelArguments: "model_path llm_path llm_qk_norm tie_word_embeddings layer_module vae_path vit_path "
-                    "max_latent_size latent_patch_size vit_patch_size vit_max_num_patch_per_side connector_act "
-                    "interpolate_pos vit_select_layer vit_rope text_cond_dropout_prob vae_cond_dropout_prob "
-                    "vit_cond_dropout_prob",
+    "max_latent_size latent_patch_size vit_patch_size vit_max_num_patch_per_side connector_act "
+    "interpolate_pos vit_select_layer vit_rope text_cond_dropout_prob vae_cond_dropout_prob "
+    "vit_cond_dropout_prob",
     DataArguments: "dataset_config_file prefetch_factor num_workers max_num_tokens_per_sample max_num_tokens "
-                   "prefer_buffer_before max_buffer_size data_seed",
+    "prefer_buffer_before max_buffer_size data_seed",
     TrainingArguments: "visual_gen visual_und results_dir checkpoint_dir wandb_project wandb_name wandb_runid "
-                       "wandb_resume wandb_offline global_seed auto_resume resume_from resume_model_only "
-                       "finetune_from_ema finetune_from_hf log_every save_every total_steps warmup_steps "
-                       "lr_scheduler lr min_lr beta1 beta2 eps ema max_grad_norm timestep_shift mse_weight "
-                       "ce_weight ce_loss_reweighting expected_num_tokens gradient_accumulation_steps "
-                       "peak_device_tflops num_replicate num_shard sharding_strategy backward_prefetch "
-                       "cpu_offload freeze_llm freeze_vit freeze_vae freeze_und copy_init_moe use_flex",
+    "wandb_resume wandb_offline global_seed auto_resume resume_from resume_model_only "
+    "finetune_from_ema finetune_from_hf log_every save_every total_steps warmup_steps "
+    "lr_scheduler lr min_lr beta1 beta2 eps ema max_grad_norm timestep_shift mse_weight "
+    "ce_weight ce_loss_reweighting expected_num_tokens gradient_accumulation_steps "
+    "peak_device_tflops num_replicate num_shard sharding_strategy backward_prefetch "
+    "cpu_offload freeze_llm freeze_vit freeze_vae freeze_und copy_init_moe use_flex",
 }
 
 
@@ -383,25 +442,55 @@ def test_every_upstream_field_in_upstream_order():
 
 def test_defaults_equal_upstream():
     m, d, t = ModelArguments(), DataArguments(), TrainingArguments()
-    assert (m.model_path, m.llm_path, m.layer_module) == ("hf/BAGEL-7B-MoT", "hf/Qwen2.5-0.5B-Instruct/",
-                                                          "Qwen2MoTDecoderLayer")
+    assert (m.model_path, m.llm_path, m.layer_module) == (
+        "hf/BAGEL-7B-MoT",
+        "hf/Qwen2.5-0.5B-Instruct/",
+        "Qwen2MoTDecoderLayer",
+    )
     assert (m.vae_path, m.vit_path) == ("flux/vae/ae.safetensors", "hf/siglip-so400m-14-980-flash-attn2-navit/")
     assert (m.llm_qk_norm, m.tie_word_embeddings, m.vit_select_layer, m.connector_act) == (
-        True, False, -2, "gelu_pytorch_tanh")
+        True,
+        False,
+        -2,
+        "gelu_pytorch_tanh",
+    )
     assert (m.max_latent_size, m.text_cond_dropout_prob, m.vae_cond_dropout_prob) == (32, 0.1, 0.3)
     assert (d.dataset_config_file, d.num_workers, d.prefetch_factor, d.data_seed) == (
-        "data/configs/example.yaml", 4, 2, 42)
+        "data/configs/example.yaml",
+        4,
+        2,
+        42,
+    )
     assert (d.max_num_tokens_per_sample, d.max_num_tokens, d.prefer_buffer_before, d.max_buffer_size) == (
-        16384, 36864, 16384, 50)
+        16384,
+        36864,
+        16384,
+        50,
+    )
     assert (t.wandb_project, t.wandb_name, t.wandb_runid, t.wandb_resume, t.wandb_offline) == (
-        "bagel", "run", "0", "allow", False)
+        "bagel",
+        "run",
+        "0",
+        "allow",
+        False,
+    )
     assert (t.global_seed, t.resume_from, t.eps, t.ema, t.beta2, t.min_lr) == (4396, None, 1e-15, 0.9999, 0.95, 1e-7)
     assert (t.num_replicate, t.num_shard, t.sharding_strategy, t.backward_prefetch, t.cpu_offload) == (
-        1, 8, "HYBRID_SHARD", "BACKWARD_PRE", False)
+        1,
+        8,
+        "HYBRID_SHARD",
+        "BACKWARD_PRE",
+        False,
+    )
     assert (t.freeze_llm, t.freeze_vit, t.freeze_vae, t.freeze_und, t.copy_init_moe, t.use_flex) == (
-        False, False, True, False, True, False)
-    assert (t.gradient_accumulation_steps, t.peak_device_tflops, t.total_steps, t.save_every) == (
-        1, 0.0, 500_000, 2000)
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+    )
+    assert (t.gradient_accumulation_steps, t.peak_device_tflops, t.total_steps, t.save_every) == (1, 0.0, 500_000, 2000)
 
 
 def test_help_lists_every_argument(capsys):
@@ -424,7 +513,9 @@ def test_dry_run_prints_config_and_warns_on_unapplied(capsys, monkeypatch):
     cfg = json.loads(captured.out)
     assert cfg["training"]["lr"] == 2e-5 and cfg["training"]["freeze_llm"] is True
     assert set(cfg) == {"model", "data", "training"}
-    assert "warning: --freeze_llm True is accepted but not applied" in captured.err and "layer_module" not in captured.err
+    assert (
+        "warning: --freeze_llm True is accepted but not applied" in captured.err and "layer_module" not in captured.err
+    )
 
 
 def test_training_refuses_several_ranks(capsys, monkeypatch):

@@ -28,13 +28,27 @@ def data(tmp_path_factory):
 def _args(data, ckpt, **over) -> list[str]:
     fx, manifest = data
     base = {
-        "dataset_config_file": fx.groups, "registry_file": fx.registry, "manifest_dir": manifest,
-        "num_workers": 0, "model_preset": "tiny", "checkpoint_dir": ckpt, "results_dir": ckpt.parent / "results",
-        "expected_num_tokens": SMALL_PARAMS.expected_num_tokens, "max_num_tokens": SMALL_PARAMS.max_num_tokens,
+        "dataset_config_file": fx.groups,
+        "registry_file": fx.registry,
+        "manifest_dir": manifest,
+        "num_workers": 0,
+        "model_preset": "tiny",
+        "checkpoint_dir": ckpt,
+        "results_dir": ckpt.parent / "results",
+        "expected_num_tokens": SMALL_PARAMS.expected_num_tokens,
+        "max_num_tokens": SMALL_PARAMS.max_num_tokens,
         "max_num_tokens_per_sample": SMALL_PARAMS.max_num_tokens_per_sample,
-        "prefer_buffer_before": SMALL_PARAMS.prefer_buffer_before, "max_buffer_size": SMALL_PARAMS.max_buffer_size,
-        "text_cond_dropout_prob": 0.0, "vae_cond_dropout_prob": 0.0, "vit_cond_dropout_prob": 0.0,
-        "warmup_steps": 0, "lr": 1e-3, "ema": 0.9, "log_every": 1, "save_every": 1000, "total_steps": 6,
+        "prefer_buffer_before": SMALL_PARAMS.prefer_buffer_before,
+        "max_buffer_size": SMALL_PARAMS.max_buffer_size,
+        "text_cond_dropout_prob": 0.0,
+        "vae_cond_dropout_prob": 0.0,
+        "vit_cond_dropout_prob": 0.0,
+        "warmup_steps": 0,
+        "lr": 1e-3,
+        "ema": 0.9,
+        "log_every": 1,
+        "save_every": 1000,
+        "total_steps": 6,
         "global_seed": 7,
     }
     base.update(over)
@@ -50,8 +64,22 @@ def _trainer(data, ckpt, **over) -> Trainer:
 
 # ---- arguments -------------------------------------------------------------------------------------
 def test_parse_both_spellings_and_booleans():
-    cfg = parse_args(["--visual_gen", "False", "--visual-und", "true", "--total-steps", "12", "--lr=2e-5",
-                      "--auto_resume", "--resume_from", "None", "--lr_scheduler", "cosine"])
+    cfg = parse_args(
+        [
+            "--visual_gen",
+            "False",
+            "--visual-und",
+            "true",
+            "--total-steps",
+            "12",
+            "--lr=2e-5",
+            "--auto_resume",
+            "--resume_from",
+            "None",
+            "--lr_scheduler",
+            "cosine",
+        ]
+    )
     assert cfg.training.visual_gen is False and cfg.training.visual_und is True
     assert cfg.training.total_steps == 12 and cfg.training.lr == 2e-5 and cfg.training.auto_resume is True
     assert cfg.training.resume_from is None and cfg.training.lr_scheduler == "cosine"
@@ -105,8 +133,10 @@ def test_resume_is_bit_exact(data, tmp_path):
     hist_b += second.run()
     assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
     assert [h["lr"] for h in hist_a] == [h["lr"] for h in hist_b]
-    wa, wb = load_file(str(step_dir(tmp_path / "a", 6) / "model.safetensors")), \
-        load_file(str(step_dir(tmp_path / "b", 6) / "model.safetensors"))
+    wa, wb = (
+        load_file(str(step_dir(tmp_path / "a", 6) / "model.safetensors")),
+        load_file(str(step_dir(tmp_path / "b", 6) / "model.safetensors")),
+    )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ea, eb = straight.ema.state_dict(), second.ema.state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
@@ -152,8 +182,10 @@ def test_resume_is_bit_exact_with_dataloader_workers(tmp_path_factory, tmp_path)
     hist_b += _trainer(data2, tmp_path / "b", total_steps=4, num_workers=2, auto_resume=True).run()
     assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
     assert [h["tokens"] for h in hist_a] == [h["tokens"] for h in hist_b]
-    wa, wb = load_file(str(step_dir(tmp_path / "a", 4) / "model.safetensors")), \
-        load_file(str(step_dir(tmp_path / "b", 4) / "model.safetensors"))
+    wa, wb = (
+        load_file(str(step_dir(tmp_path / "a", 4) / "model.safetensors")),
+        load_file(str(step_dir(tmp_path / "b", 4) / "model.safetensors")),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -164,8 +196,9 @@ def test_model_and_vae_from_a_model_dir(data, tmp_path):
     cfg = preset("tiny")
     src = build_model(cfg)
     save_model_dir(tmp_path / "hf", src, vae=AutoEncoder(cfg.vae), dtype=torch.float32)
-    tr = _trainer(data, tmp_path / "ckpt", model_path=tmp_path / "hf", total_steps=2,
-                  max_latent_size=cfg.max_latent_size)
+    tr = _trainer(
+        data, tmp_path / "ckpt", model_path=tmp_path / "hf", total_steps=2, max_latent_size=cfg.max_latent_size
+    )
     saved = src.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in tr.model.state_dict().items())
     hist = tr.run()

@@ -55,8 +55,12 @@ def test_transparency_is_composited_on_white():
 def test_bundled_tokenizer_is_qwen25_with_bagel_ids():
     tokenizer, ids = load_tokenizer()
     assert len(tokenizer) == 151_665
-    assert ids.as_dict() == {"bos_token_id": 151644, "eos_token_id": 151645,
-                             "start_of_image": 151652, "end_of_image": 151653}
+    assert ids.as_dict() == {
+        "bos_token_id": 151644,
+        "eos_token_id": 151645,
+        "start_of_image": 151652,
+        "end_of_image": 151653,
+    }
     # Qwen3-only added tokens are removed: literal "<think>" is ordinary BPE text as in Qwen2.5.
     assert len(tokenizer.encode("<think>")) > 1
     # No BOS/EOS added by plain encode (BAGEL wraps spans itself).

@@ -21,7 +21,12 @@ from bagel_core.config.registry import GROUP_TASKS, Registry
 
 #: Keys the packer consumes (data-format.md 3.2) plus constructor keys (3.3), per group.
 _COMMON_KEYS = {
-    "dataset_names", "is_mandatory", "weight", "image_transform_args", "resume_data_status", "num_used_data",
+    "dataset_names",
+    "is_mandatory",
+    "weight",
+    "image_transform_args",
+    "resume_data_status",
+    "num_used_data",
 }
 ALLOWED_KEYS: dict[str, set[str]] = {
     "t2i_pretrain": _COMMON_KEYS,
@@ -96,8 +101,7 @@ class DatasetConfig:
         path.write_text(
             "# BAGEL dataset-group config (upstream example.yaml schema). Written by bagel-pipeline.\n"
             "# num_used_data: files for t2i/edit, lines for vlm; every group needs at least\n"
-            "# world_size x num_workers units or a worker gets no data.\n"
-            + yaml.safe_dump(body, sort_keys=False)
+            "# world_size x num_workers units or a worker gets no data.\n" + yaml.safe_dump(body, sort_keys=False)
         )
         return path
 

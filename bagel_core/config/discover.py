@@ -67,8 +67,7 @@ def _parquet_entry(group: str, name: str, data_dir: Path) -> DatasetEntry | None
     if not files:
         return None
     rows, _, problems = parquet_footer_counts(files)
-    return DatasetEntry(group, name, data_dir, num_files=len(files),
-                        num_total_samples=None if problems else rows)
+    return DatasetEntry(group, name, data_dir, num_files=len(files), num_total_samples=None if problems else rows)
 
 
 def discover_registry(root: str | Path, parquet_info_dir: str | Path) -> Registry:
@@ -104,10 +103,15 @@ def discover_registry(root: str | Path, parquet_info_dir: str | Path) -> Registr
     if vlm.is_dir():
         image_root = vlm / "images" if (vlm / "images").is_dir() else vlm
         for jsonl in sorted(vlm.glob("*.jsonl")):
-            entries.append(DatasetEntry(
-                "vlm_sft", OFFICIAL_NAMES.get(jsonl.stem, jsonl.stem), image_root,
-                num_total_samples=count_jsonl_lines(jsonl), jsonl_path=jsonl,
-            ))
+            entries.append(
+                DatasetEntry(
+                    "vlm_sft",
+                    OFFICIAL_NAMES.get(jsonl.stem, jsonl.stem),
+                    image_root,
+                    num_total_samples=count_jsonl_lines(jsonl),
+                    jsonl_path=jsonl,
+                )
+            )
     if not entries:
         raise ConfigError(f"{root}: found no parquet shards or JSONL files in the example layout")
     return Registry(entries=entries)
@@ -126,7 +130,10 @@ def default_dataset_config(registry: Registry) -> DatasetConfig:
         group = groups.get(entry.group)
         if group is None:
             group = GroupConfig(
-                group=entry.group, dataset_names=[], num_used_data=[], weight=1.0,
+                group=entry.group,
+                dataset_names=[],
+                num_used_data=[],
+                weight=1.0,
                 image_transform_args=VLM_VIT_TRANSFORM if entry.group == "vlm_sft" else T2I_VAE_TRANSFORM,
                 is_mandatory=entry.group != "unified_edit",
             )

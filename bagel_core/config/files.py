@@ -12,8 +12,14 @@ import yaml
 from bagel_core.config.errors import ConfigError
 
 
-def _read(path: str | Path, what: str, create_hint: str, kind: str, parse: Callable[[str], Any],
-          errors: tuple[type[Exception], ...]) -> Any:
+def _read(
+    path: str | Path,
+    what: str,
+    create_hint: str,
+    kind: str,
+    parse: Callable[[str], Any],
+    errors: tuple[type[Exception], ...],
+) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; {create_hint}")

@@ -58,8 +58,12 @@ def _check_entry(entry: DatasetEntry) -> list[Finding]:
     for key in ("data_dir", "parquet_info_path", "jsonl_path", "json_dir"):
         value = getattr(entry, key)
         if value is not None and PLACEHOLDER in str(value):
-            add("error", key, f"still contains the '{PLACEHOLDER}' placeholder ({value}); "
-                "replace it with the folder where you extracted the data")
+            add(
+                "error",
+                key,
+                f"still contains the '{PLACEHOLDER}' placeholder ({value}); "
+                "replace it with the folder where you extracted the data",
+            )
     if findings:
         return findings
     if entry.json_dir is not None:
@@ -77,11 +81,19 @@ def _check_entry(entry: DatasetEntry) -> list[Finding]:
         for problem in problems:
             add("error", "data_dir", problem)
         if entry.num_files is not None and entry.num_files != len(files):
-            add("warning", "num_files", f"says {entry.num_files} but {entry.data_dir} holds {len(files)} parquet "
-                f"files; set num_files: {len(files)}")
+            add(
+                "warning",
+                "num_files",
+                f"says {entry.num_files} but {entry.data_dir} holds {len(files)} parquet "
+                f"files; set num_files: {len(files)}",
+            )
         if entry.num_total_samples is not None and not problems and entry.num_total_samples != rows:
-            add("warning", "num_total_samples", f"says {entry.num_total_samples} but the parquet footers count "
-                f"{rows} rows; set num_total_samples: {rows}")
+            add(
+                "warning",
+                "num_total_samples",
+                f"says {entry.num_total_samples} but the parquet footers count "
+                f"{rows} rows; set num_total_samples: {rows}",
+            )
         if entry.group == "unified_edit":
             findings += _check_parquet_info(entry, label, per_file)
     else:
@@ -92,16 +104,26 @@ def _check_entry(entry: DatasetEntry) -> list[Finding]:
         else:
             lines = count_jsonl_lines(entry.jsonl_path)
             if entry.num_total_samples is not None and entry.num_total_samples != lines:
-                add("warning", "num_total_samples", f"says {entry.num_total_samples} but {entry.jsonl_path} has "
-                    f"{lines} non-empty lines; set num_total_samples: {lines}")
+                add(
+                    "warning",
+                    "num_total_samples",
+                    f"says {entry.num_total_samples} but {entry.jsonl_path} has "
+                    f"{lines} non-empty lines; set num_total_samples: {lines}",
+                )
     return findings
 
 
 def _check_parquet_info(entry: DatasetEntry, label: str, per_file: dict[Path, tuple[int, int]]) -> list[Finding]:
     findings: list[Finding] = []
     if entry.parquet_info_path is None:
-        return [Finding("error", label, "parquet_info_path", "missing: unified_edit datasets need a parquet_info "
-                        "JSON (`bagel data index` generates one)")]
+        return [
+            Finding(
+                "error",
+                label,
+                "parquet_info_path",
+                "missing: unified_edit datasets need a parquet_info JSON (`bagel data index` generates one)",
+            )
+        ]
     if not entry.parquet_info_path.is_file():
         return [Finding("error", label, "parquet_info_path", f"file {entry.parquet_info_path} does not exist")]
     try:
@@ -109,24 +131,49 @@ def _check_parquet_info(entry: DatasetEntry, label: str, per_file: dict[Path, tu
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [Finding("error", label, "parquet_info_path", f"{entry.parquet_info_path} is not valid JSON: {exc}")]
     if not isinstance(info, dict):
-        return [Finding("error", label, "parquet_info_path", f"{entry.parquet_info_path} must be a JSON object "
-                        "keyed by parquet path")]
+        return [
+            Finding(
+                "error",
+                label,
+                "parquet_info_path",
+                f"{entry.parquet_info_path} must be a JSON object keyed by parquet path",
+            )
+        ]
     placeholder_keys = [k for k in info if PLACEHOLDER in k]
     if placeholder_keys:
-        return [Finding("error", label, "parquet_info_path", f"{len(placeholder_keys)} key(s) in "
-                        f"{entry.parquet_info_path} still contain '{PLACEHOLDER}' (e.g. {placeholder_keys[0]}); "
-                        "rewrite them or regenerate the file with `bagel data index`")]
+        return [
+            Finding(
+                "error",
+                label,
+                "parquet_info_path",
+                f"{len(placeholder_keys)} key(s) in "
+                f"{entry.parquet_info_path} still contain '{PLACEHOLDER}' (e.g. {placeholder_keys[0]}); "
+                "rewrite them or regenerate the file with `bagel data index`",
+            )
+        ]
     for path, (_rows, row_groups) in per_file.items():
         # Upstream matches by exact string: data_dir joined with the file name.
         key = f"{str(entry.data_dir).rstrip('/')}/{path.name}"
         if key not in info:
-            findings.append(Finding("error", label, "parquet_info_path", f"no entry for {key} in "
-                                    f"{entry.parquet_info_path}: upstream would silently skip this file"))
+            findings.append(
+                Finding(
+                    "error",
+                    label,
+                    "parquet_info_path",
+                    f"no entry for {key} in {entry.parquet_info_path}: upstream would silently skip this file",
+                )
+            )
             continue
         declared = info[key].get("num_row_groups") if isinstance(info[key], dict) else None
         if declared != row_groups:
-            findings.append(Finding("error", label, "parquet_info_path", f"{key}: num_row_groups is {declared!r} "
-                                    f"but the file footer has {row_groups}"))
+            findings.append(
+                Finding(
+                    "error",
+                    label,
+                    "parquet_info_path",
+                    f"{key}: num_row_groups is {declared!r} but the file footer has {row_groups}",
+                )
+            )
     return findings
 
 

@@ -61,7 +61,14 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 #: (width, height) choices: square, landscape, portrait, wide, tall.
 IMAGE_SIZES: tuple[tuple[int, int], ...] = (
-    (256, 256), (320, 240), (240, 320), (384, 216), (200, 400), (448, 336), (512, 512), (288, 288),
+    (256, 256),
+    (320, 240),
+    (240, 320),
+    (384, 216),
+    (200, 400),
+    (448, 336),
+    (512, 512),
+    (288, 288),
 )
 
 
@@ -174,8 +181,8 @@ def random_edit(rng: random.Random, scene: Scene) -> tuple[Scene, list[str]]:
     """One edit step and two alternative phrasings of it."""
     shapes = list(scene.shapes)
     free = [p for p in sorted(POSITIONS) if p not in {s.position for s in shapes}]
-    choices = ["recolour", "move"] + (["add"] if free and len(shapes) < 4 else []) + (
-        ["remove"] if len(shapes) > 1 else []
+    choices = (
+        ["recolour", "move"] + (["add"] if free and len(shapes) < 4 else []) + (["remove"] if len(shapes) > 1 else [])
     )
     action = rng.choice(choices)
     if action == "add":
@@ -223,7 +230,8 @@ def vlm_record(rng: random.Random, index: int, image_names: list[str], scenes: l
     if len(scenes) == 2:
         counts = [len(s.shapes) for s in scenes]
         answer = (
-            "Both images have the same number of shapes." if counts[0] == counts[1]
+            "Both images have the same number of shapes."
+            if counts[0] == counts[1]
             else f"The {'first' if counts[0] > counts[1] else 'second'} image has more shapes."
         )
         conversations += [
@@ -234,10 +242,15 @@ def vlm_record(rng: random.Random, index: int, image_names: list[str], scenes: l
     elif scenes:
         turns = _qa_pairs(rng, scenes[0])[: rng.randint(1, 3)]
     else:
-        turns = [(
-            f"What do you get if you mix {a} and {b} light?",
-            f"Mixing {a} and {b} light gives {c}.",
-        ) for a, b, c in [rng.choice([("red", "green", "yellow"), ("green", "blue", "cyan"), ("red", "blue", "magenta")])]]
+        turns = [
+            (
+                f"What do you get if you mix {a} and {b} light?",
+                f"Mixing {a} and {b} light gives {c}.",
+            )
+            for a, b, c in [
+                rng.choice([("red", "green", "yellow"), ("green", "blue", "cyan"), ("red", "blue", "magenta")])
+            ]
+        ]
     for turn, (question, answer) in enumerate(turns):
         prefix = "<image>\n" if scenes and turn == 0 and len(scenes) == 1 else ""
         conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]

@@ -130,17 +130,23 @@ def _download_http(url: str, dest: Path, retries: int, timeout: float, progress:
             mode = "ab" if resumed else "wb"
             total = response.headers.get("Content-Length")
             total_bytes = int(total) + (offset if resumed else 0) if total else None
-            with open(part, mode) as handle, tqdm(
-                total=total_bytes, initial=offset if resumed else 0, unit="B", unit_scale=True,
-                desc=dest.name, disable=not progress, file=sys.stderr,
-            ) as bar:
+            with (
+                open(part, mode) as handle,
+                tqdm(
+                    total=total_bytes,
+                    initial=offset if resumed else 0,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    disable=not progress,
+                    file=sys.stderr,
+                ) as bar,
+            ):
                 for chunk in response.iter_content(_CHUNK):
                     handle.write(chunk)
                     bar.update(len(chunk))
             if total_bytes is not None and part.stat().st_size != total_bytes:
-                raise requests.ConnectionError(
-                    f"connection closed early: {part.stat().st_size} of {total_bytes} bytes"
-                )
+                raise requests.ConnectionError(f"connection closed early: {part.stat().st_size} of {total_bytes} bytes")
 
     attempt()
     os.replace(part, dest)
@@ -186,9 +192,7 @@ def fetch_archive(
     elif parsed.scheme == "" and source:
         _copy_local(Path(source).expanduser(), dest)
     else:
-        raise DataError(
-            f"unsupported source {source!r}: use 'builtin', an http(s):// or file:// URL, or a local path"
-        )
+        raise DataError(f"unsupported source {source!r}: use 'builtin', an http(s):// or file:// URL, or a local path")
     digest = _verify(dest, sha256, source)
     return FetchResult(dest, source, dest.stat().st_size, digest, resumed_from)
 
@@ -293,9 +297,9 @@ def safe_extract(
             os.replace(staging / name, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    marker.write_text(json.dumps(
-        {"sha256": digest, "files": written_files, "bytes": written_bytes, "top_level": top_level}, indent=2
-    ))
+    marker.write_text(
+        json.dumps({"sha256": digest, "files": written_files, "bytes": written_bytes, "top_level": top_level}, indent=2)
+    )
     return ExtractResult(target, written_files, written_bytes, False, top_level)
 
 

@@ -46,8 +46,12 @@ class ImageTransform:
     @classmethod
     def from_args(cls, args: ImageTransformArgs) -> ImageTransform:
         return cls(
-            args.max_image_size, args.min_image_size, args.image_stride, args.max_pixels,
-            args.image_mean, args.image_std,
+            args.max_image_size,
+            args.min_image_size,
+            args.image_stride,
+            args.max_pixels,
+            args.image_mean,
+            args.image_std,
         )
 
     def resize(self, image: Image.Image, img_num: int = 1) -> Image.Image:

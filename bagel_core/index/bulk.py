@@ -157,8 +157,9 @@ def probe_heads(head: pa.Array, tail: pa.Array, lens: np.ndarray, max_pixels: in
 
 
 def _empty(n: int) -> BulkImages:
-    return BulkImages(np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int8),
-                      np.zeros(n, np.int64))
+    return BulkImages(
+        np.zeros(n, bool), np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int8), np.zeros(n, np.int64)
+    )
 
 
 def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
@@ -169,8 +170,9 @@ def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
     cap = np.uint64(min(max(max_pixels, 0), (1 << 64) - 1))
     first = _gather(data, starts, 3)
     # ---- PNG: fixed offsets -----------------------------------------------------------------------
-    png = np.flatnonzero(b.valid & (lens >= 33) & (avail >= 33) & (first[:, 0] == 0x89) & (first[:, 1] == 0x50)
-                         & (first[:, 2] == 0x4E))
+    png = np.flatnonzero(
+        b.valid & (lens >= 33) & (avail >= 33) & (first[:, 0] == 0x89) & (first[:, 1] == 0x50) & (first[:, 2] == 0x4E)
+    )
     if len(png):
         head = _gather(data, starts[png], 33)
         tail = _gather(b.tail_data, b.tail_end[png] - 8, 8)
@@ -178,18 +180,23 @@ def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
         depth, colour = head[:, 24], head[:, 25]
         mode = _PNG_MODE_CODE[colour]
         good = (
-            (head[:, :8] == _PNG_SIG).all(1) & (head[:, 12:16] == _IHDR).all(1)
+            (head[:, :8] == _PNG_SIG).all(1)
+            & (head[:, 12:16] == _IHDR).all(1)
             & (_crc32_rows(head[:, 12:29]) == _be(head[:, 29:33]).astype(np.uint32))
-            & (mode >= 0) & ((depth == 8) | ((colour == 3) & ((depth == 1) | (depth == 2) | (depth == 4))))
-            & (w > 0) & (h > 0) & (w * h <= cap)  # w, h < 2**32: the product fits uint64 exactly
+            & (mode >= 0)
+            & ((depth == 8) | ((colour == 3) & ((depth == 1) | (depth == 2) | (depth == 4))))
+            & (w > 0)
+            & (h > 0)
+            & (w * h <= cap)  # w, h < 2**32: the product fits uint64 exactly
             & (tail == _IEND_TAIL).all(1)
         )
         rows = png[good]
         res.ok[rows] = True
         res.width[rows], res.height[rows], res.mode[rows] = w[good], h[good], mode[good]
     # ---- JPEG: the marker walk, one step for all rows at a time ---------------------------------------
-    jpg = np.flatnonzero(b.valid & (lens >= 4) & (avail >= 4) & (first[:, 0] == 0xFF) & (first[:, 1] == 0xD8)
-                         & (first[:, 2] == 0xFF))
+    jpg = np.flatnonzero(
+        b.valid & (lens >= 4) & (avail >= 4) & (first[:, 0] == 0xFF) & (first[:, 1] == 0xD8) & (first[:, 2] == 0xFF)
+    )
     if len(jpg):
         tail = _gather(b.tail_data, b.tail_end[jpg] - 2, 2)
         jpg = jpg[(tail[:, 0] == 0xFF) & (tail[:, 1] == 0xD9)]  # EOI last: else the per-row path decides
@@ -212,8 +219,14 @@ def _probe(b: _ByteRows, max_pixels: int) -> BulkImages:
             height = (f[:, 1].astype(np.int64) << 8) | f[:, 2]
             width = (f[:, 3].astype(np.int64) << 8) | f[:, 4]
             mode = _JPEG_MODE_CODE[f[:, 5]]
-            good = ((pos[rows] + 10 <= room_to[rows]) & (f[:, 0] == 8) & (mode >= 0) & (height > 0) & (width > 0)
-                    & (width.astype(np.uint64) * height.astype(np.uint64) <= cap))
+            good = (
+                (pos[rows] + 10 <= room_to[rows])
+                & (f[:, 0] == 8)
+                & (mode >= 0)
+                & (height > 0)
+                & (width > 0)
+                & (width.astype(np.uint64) * height.astype(np.uint64) <= cap)
+            )
             done = jpg[rows[good]]
             res.ok[done] = True
             res.width[done], res.height[done], res.mode[done] = width[good], height[good], mode[good]
@@ -305,6 +318,7 @@ def instructions_ok(n_images: list[int], values: list[Any]) -> tuple[list[bool],
 
 def as_strings(arr: pa.Array) -> list[Any] | None:
     """Python values of a (nested) binary/string column as ``str``, or None if any value is not UTF-8."""
+
     def stringy(t: pa.DataType) -> pa.DataType:
         if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
             return pa.string()

@@ -83,7 +83,9 @@ def _text(value: Any, what: str, result: SampleResult) -> str | None:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            result.fail(INVALID_UTF8, f"{what} is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})")
+            result.fail(
+                INVALID_UTF8, f"{what} is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 4]!r})"
+            )
             return None
     return value
 
@@ -181,7 +183,7 @@ def check_vlm_line(raw: bytes, data_dir: str, max_pixels: int, full_decode: bool
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        result.fail(INVALID_UTF8, f"line is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})")
+        result.fail(INVALID_UTF8, f"line is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 4]!r})")
         return result
     if not text.strip():
         result.fail(JSON_INVALID, "blank line (upstream json.loads fails and skips it)")
@@ -229,8 +231,14 @@ def check_vlm_line(raw: bytes, data_dir: str, max_pixels: int, full_decode: bool
     placeholders = 0
     has_loss = False
     for k, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
-            result.fail(CONVERSATION_INVALID, f"key 'conversations'[{k}] must be an object with string 'from' and 'value'")
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            result.fail(
+                CONVERSATION_INVALID, f"key 'conversations'[{k}] must be an object with string 'from' and 'value'"
+            )
             return result
         value = turn["value"]
         result.num_texts += 1

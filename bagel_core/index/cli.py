@@ -30,16 +30,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--registry", required=True, help="dataset registry YAML (upstream DATASET_INFO fields)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
-                   help="index only this dataset (name or group.name; repeatable); others keep earlier results")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="index only this dataset (name or group.name; repeatable); others keep earlier results",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all usable CPUs)")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="declared width*height above which an image is quarantined (decompression bombs; "
-                        "default: the indexer's cap, 200,000,000)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="declared width*height above which an image is quarantined (decompression bombs; "
+        "default: the indexer's cap, 200,000,000)",
+    )
     p.add_argument("--full-decode", action="store_true", help="decode every image instead of header probes")
     p.add_argument("--force", action="store_true", help="re-read every file even if its identity is unchanged")
-    p.add_argument("--max-quarantine-ratio", type=float, default=None,
-                   help="exit 1 when quarantined/rows exceeds this for any dataset")
+    p.add_argument(
+        "--max-quarantine-ratio",
+        type=float,
+        default=None,
+        help="exit 1 when quarantined/rows exceeds this for any dataset",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -73,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     print(summary_table(result))
     for key, problems in result.parquet_info_problems.items():
-        print(f"warning: {key}: the registered parquet_info disagrees with the shards "
-              f"({len(problems)} problem(s)); {args.registry} now points at the generated one", file=sys.stderr)
+        print(
+            f"warning: {key}: the registered parquet_info disagrees with the shards "
+            f"({len(problems)} problem(s)); {args.registry} now points at the generated one",
+            file=sys.stderr,
+        )
         for problem in problems[:10]:
             print(f"  {problem}", file=sys.stderr)
     failed = False
@@ -84,16 +100,21 @@ def run(args: argparse.Namespace) -> int:
             failed = True
         ratio = s.quarantined / s.rows if s.rows else 0.0
         if args.max_quarantine_ratio is not None and ratio > args.max_quarantine_ratio:
-            print(f"error: {s.group}/{s.dataset}: quarantine ratio {ratio:.2%} exceeds "
-                  f"{args.max_quarantine_ratio:.2%}; see {result.quarantine_path}", file=sys.stderr)
+            print(
+                f"error: {s.group}/{s.dataset}: quarantine ratio {ratio:.2%} exceeds "
+                f"{args.max_quarantine_ratio:.2%}; see {result.quarantine_path}",
+                file=sys.stderr,
+            )
             failed = True
     return 1 if failed else 0
 
 
 def summary_table(result: IndexResult) -> str:
     """Plain-text table: one line per dataset indexed in this run, then the output paths."""
-    header = (f"{'group/dataset':<34} {'files':>5} {'reread':>6} {'rows':>9} {'ok':>9} {'quar.':>7} "
-              f"{'MB':>8} {'rows/s':>9}  top reasons")
+    header = (
+        f"{'group/dataset':<34} {'files':>5} {'reread':>6} {'rows':>9} {'ok':>9} {'quar.':>7} "
+        f"{'MB':>8} {'rows/s':>9}  top reasons"
+    )
     lines = [header, "-" * len(header)]
     for s in result.datasets:
         top = ", ".join(f"{k}={v}" for k, v in list(s.reasons.items())[:3]) or "-"
@@ -102,9 +123,11 @@ def summary_table(result: IndexResult) -> str:
             f"{s.quarantined:>7,} {s.file_bytes / 1e6:>8.1f} {s.rows_per_s:>9,.0f}  {top}"
         )
     lines.append("-" * len(header))
-    lines.append(f"{'total':<34} {sum(s.files for s in result.datasets):>5} "
-                 f"{sum(s.files_reindexed for s in result.datasets):>6} {result.rows:>9,} "
-                 f"{result.rows - result.quarantined:>9,} {result.quarantined:>7,}   in {result.seconds:.1f} s")
+    lines.append(
+        f"{'total':<34} {sum(s.files for s in result.datasets):>5} "
+        f"{sum(s.files_reindexed for s in result.datasets):>6} {result.rows:>9,} "
+        f"{result.rows - result.quarantined:>9,} {result.quarantined:>7,}   in {result.seconds:.1f} s"
+    )
     lines.append(f"index       {result.index_path}")
     lines.append(f"quarantine  {result.quarantine_path}")
     for key, path in result.parquet_info.items():

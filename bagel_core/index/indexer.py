@@ -62,7 +62,8 @@ sends every row through the last one; differential tests compare):
 3. **Per row** (:mod:`bagel_core.index.checks`): everything else, with the exact reason and message.
 
 Footers are read once per file with Arrow (row groups, row counts, sizes, schema). Tiers 2-3 run
-per unit (:mod:`bagel_core.index.units`, on :mod:`bagel_core.index.pool`): a run of row groups (up to ``unit_rows`` rows) or a JSONL byte range, read by Arrow (row
+per unit (:mod:`bagel_core.index.units`, on :mod:`bagel_core.index.pool`): a run of row groups
+(up to ``unit_rows`` rows) or a JSONL byte range, read by Arrow (row
 groups larger than ``arrow_row_group_bytes``: streamed through DuckDB with ``file_row_number``;
 either reader is the other's fallback, so a row group only one of them can read still gets
 indexed). JSONL is read as bytes in Python (DuckDB's JSON reader either aborts on a bad line or
@@ -183,8 +184,9 @@ def _footer_facts(path: str) -> FooterFacts | str:
     try:
         meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
-        groups = [(i, meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
-                  for i in range(meta.num_row_groups)]
+        groups = [
+            (i, meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)
+        ]
     except Exception as exc:  # noqa: BLE001 - any footer error means the file cannot be opened
         return f"{type(exc).__name__}: {exc}"
     return groups, meta.num_rows, schema
@@ -214,8 +216,10 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
         if col not in types:
             problem = (
                 MISSING_COLUMN,
-                (f"column '{col}' is missing (found: {', '.join(types) or 'none'}); "
-                 f"a {entry.group} file needs columns {', '.join(expected)}"),
+                (
+                    f"column '{col}' is missing (found: {', '.join(types) or 'none'}); "
+                    f"a {entry.group} file needs columns {', '.join(expected)}"
+                ),
             )
             break
         if types[col] not in accepted:
@@ -234,8 +238,18 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
     run_sizes: list[int] = []
 
     def flush() -> None:
-        rec.units.append(Unit(entry.name, entry.group, entry.task, path, "parquet", tuple(run),
-                              columns=tuple(expected), row_group_bytes=tuple(run_sizes)))
+        rec.units.append(
+            Unit(
+                entry.name,
+                entry.group,
+                entry.task,
+                path,
+                "parquet",
+                tuple(run),
+                columns=tuple(expected),
+                row_group_bytes=tuple(run_sizes),
+            )
+        )
         run.clear()
         run_sizes.clear()
 
@@ -250,8 +264,9 @@ def _plan_parquet(rec: FileRecord, facts: FooterFacts | str, opts: IndexOptions)
         flush()
 
 
-def _schema_error_rows(rec: FileRecord, spans: list[tuple[int, int, int]],
-                       problem: tuple[str, str]) -> Iterator[pa.Table]:
+def _schema_error_rows(
+    rec: FileRecord, spans: list[tuple[int, int, int]], problem: tuple[str, str]
+) -> Iterator[pa.Table]:
     """Quarantine every footer-declared row of a file with wrong columns, one row group at a time."""
     entry = rec.entry
     for rg_id, first_row, num_rows in spans:
@@ -305,8 +320,17 @@ def _scan_jsonl(rec: FileRecord, entry: DatasetEntry, opts: IndexOptions) -> Non
 
 
 def _jsonl_unit(entry: DatasetEntry, path: str, start: int, end: int, first_line: int) -> Unit:
-    return Unit(entry.name, entry.group, entry.task, path, "jsonl", start=start, end=end,
-                first_line=first_line, data_dir=str(entry.data_dir))
+    return Unit(
+        entry.name,
+        entry.group,
+        entry.task,
+        path,
+        "jsonl",
+        start=start,
+        end=end,
+        first_line=first_line,
+        data_dir=str(entry.data_dir),
+    )
 
 
 def _deps_digest(image_paths: Iterable[str]) -> str:
@@ -382,7 +406,10 @@ def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions,
     if prev is None or opts.force:
         return False
     if (prev["size"], prev["mtime_ns"], prev["footer_hash"], prev["options_digest"]) != (
-        rec.size, rec.mtime_ns, rec.footer_hash, opts.digest()
+        rec.size,
+        rec.mtime_ns,
+        rec.footer_hash,
+        opts.digest(),
     ):
         return False
     if prev["status"] == "unreadable":
@@ -391,7 +418,8 @@ def _can_reuse(rec: FileRecord, prev: dict[str, Any] | None, opts: IndexOptions,
     if not part or not Path(part).is_file():
         return False
     return rec.kind != "jsonl" or prev["deps_digest"] == _deps_digest(
-        _part_image_paths(parts.tables(part, prev["part_batches"])))
+        _part_image_paths(parts.tables(part, prev["part_batches"]))
+    )
 
 
 def _files_for(entry: DatasetEntry) -> list[tuple[str, str]]:
@@ -417,9 +445,15 @@ def _scan_first(records: list[FileRecord], opts: IndexOptions, run: _RunPart, pr
     """First tier (:mod:`scan`): DuckDB queries over the files to index accept the plain rows, which
     go straight to the run's part; each file's units shrink to the row groups holding the rows the
     scan left, and check only those rows. Returns the rows accepted."""
-    todo = [r for r in records if r.kind == "parquet" and r.units and r.pre_rows is None
-            and scan.is_literal_path(r.path)
-            and all(r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())]
+    todo = [
+        r
+        for r in records
+        if r.kind == "parquet"
+        and r.units
+        and r.pre_rows is None
+        and scan.is_literal_path(r.path)
+        and all(r.column_types.get(c) == t for c, t in scan.SCANNABLE[r.entry.task].items())
+    ]
     if not todo:
         return 0
     accepted = 0
@@ -449,8 +483,18 @@ def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -
     accepted = verdict.file_rows[verdict.ok]
     k = np.searchsorted(firsts, accepted, side="right") - 1
     rows = IndexRows(rec.units[0])
-    rows.add_fast(ids[k], firsts[k], accepted, verdict.counts, verdict.width, verdict.height, verdict.mode,
-                  verdict.image_bytes, verdict.num_texts, verdict.text_chars)
+    rows.add_fast(
+        ids[k],
+        firsts[k],
+        accepted,
+        verdict.counts,
+        verdict.width,
+        verdict.height,
+        verdict.mode,
+        verdict.image_bytes,
+        verdict.num_texts,
+        verdict.text_chars,
+    )
     table = rows.table() if len(accepted) else INDEX_SCHEMA.empty_table()
     rec.rows_read += table.num_rows
     rec.ok += table.num_rows
@@ -461,15 +505,21 @@ def _accept_rows(rec: FileRecord, verdict: scan.FileVerdict, lo: int, hi: int) -
         if not len(mine):
             continue
         keep = [i for i, (_, first, n) in enumerate(u.row_groups) if ((mine >= first) & (mine < first + n)).any()]
-        units.append(replace(u, row_groups=tuple(u.row_groups[i] for i in keep),
-                             row_group_bytes=tuple(u.row_group_bytes[i] for i in keep) if u.row_group_bytes else (),
-                             only_rows=tuple(mine.tolist())))
+        units.append(
+            replace(
+                u,
+                row_groups=tuple(u.row_groups[i] for i in keep),
+                row_group_bytes=tuple(u.row_group_bytes[i] for i in keep) if u.row_group_bytes else (),
+                only_rows=tuple(mine.tolist()),
+            )
+        )
     rec.units = sorted(units, key=lambda u: u.first_row)
     return table
 
 
-def _plan_files(entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: IndexOptions,
-                parts: _PartReaders) -> list[FileRecord]:
+def _plan_files(
+    entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: IndexOptions, parts: _PartReaders
+) -> list[FileRecord]:
     """One record per file: identity, reuse decision, and for files to read the units of work."""
     records: list[FileRecord] = []
     for path, kind in _files_for(entry):
@@ -483,8 +533,18 @@ def _plan_files(entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: 
         prev = previous.get(path)
         if _can_reuse(rec, prev, opts, parts):
             assert prev is not None
-            for key in ("deps_digest", "num_row_groups", "num_columns", "footer_rows", "rows_read", "ok",
-                        "quarantined", "status", "error", "part"):
+            for key in (
+                "deps_digest",
+                "num_row_groups",
+                "num_columns",
+                "footer_rows",
+                "rows_read",
+                "ok",
+                "quarantined",
+                "status",
+                "error",
+                "part",
+            ):
                 setattr(rec, key, prev[key])
             rec.batches = list(prev["part_batches"] or [])
             rec.reused = True
@@ -496,8 +556,9 @@ def _plan_files(entry: DatasetEntry, previous: dict[str, dict[str, Any]], opts: 
     return records
 
 
-def _run_units(records: list[FileRecord], opts: IndexOptions, pool: Pool | None, run: _RunPart,
-               progress: ProgressFn | None) -> None:
+def _run_units(
+    records: list[FileRecord], opts: IndexOptions, pool: Pool | None, run: _RunPart, progress: ProgressFn | None
+) -> None:
     """Tiers 2-3 for every unit left, on the pool; their rows go to the run's part as they arrive."""
     units = [u for r in records for u in r.units]
     if not units:
@@ -659,7 +720,9 @@ def _index_dataset_locked(
             declared = "the footer declares" if rec.kind == "parquet" else "the file has lines:"
             summary.invariant_failures.append(f"{rec.path}: {rec.rows_read} rows read, {declared} {rec.footer_rows}")
         if rec.ok + rec.quarantined != rec.rows_read:
-            summary.invariant_failures.append(f"{rec.path}: ok {rec.ok} + quarantined {rec.quarantined} != {rec.rows_read}")
+            summary.invariant_failures.append(
+                f"{rec.path}: ok {rec.ok} + quarantined {rec.quarantined} != {rec.rows_read}"
+            )
 
     counts = _write_dataset_tables(ddir, entry, records, opts, parts)
     parts.close()
@@ -687,8 +750,13 @@ class _BatchedWriter:
     row groups write and read faster; memory stays bounded by ``rows``). ``on_flush`` sees each
     merged table before it is written (counting per batch, not per small table)."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema, rows: int = 16_384,
-                 on_flush: Callable[[pa.Table], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        schema: pa.Schema,
+        rows: int = 16_384,
+        on_flush: Callable[[pa.Table], None] | None = None,
+    ) -> None:
         self.writer = pq.ParquetWriter(path, schema)
         self.schema, self.rows, self.on_flush = schema, rows, on_flush
         self.pending: list[pa.Table] = []
@@ -736,8 +804,9 @@ class _Counts:
 KEEP_ROWS = 16_384
 
 
-def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions,
-                          parts: _PartReaders) -> _Counts:
+def _write_dataset_tables(
+    ddir: Path, entry: DatasetEntry, records: list[FileRecord], opts: IndexOptions, parts: _PartReaders
+) -> _Counts:
     """Concatenate parts into the dataset's index/quarantine and write its files table (atomically)."""
     counts = _Counts()
     tmp_index, tmp_quar = ddir / f".index.{os.getpid()}.tmp", ddir / f".quarantine.{os.getpid()}.tmp"
@@ -759,11 +828,24 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
             for rec in records:
                 if rec.status == "unreadable":
                     iw.flush()  # quarantine rows stay in file order
-                    qw.write(pa.Table.from_pylist([{
-                        "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": rec.path,
-                        "row_group": -1, "row_index": -1, "file_row": -1, "reason": FILE_UNREADABLE,
-                        "message": rec.error or "file cannot be opened",
-                    }], schema=QUARANTINE_SCHEMA))
+                    qw.write(
+                        pa.Table.from_pylist(
+                            [
+                                {
+                                    "dataset": entry.name,
+                                    "group": entry.group,
+                                    "task": entry.task,
+                                    "source_file": rec.path,
+                                    "row_group": -1,
+                                    "row_index": -1,
+                                    "file_row": -1,
+                                    "reason": FILE_UNREADABLE,
+                                    "message": rec.error or "file cannot be opened",
+                                }
+                            ],
+                            schema=QUARANTINE_SCHEMA,
+                        )
+                    )
                     counts.reasons[FILE_UNREADABLE] += 1
                     continue
                 for table in _file_tables(rec, parts):
@@ -771,14 +853,33 @@ def _write_dataset_tables(ddir: Path, entry: DatasetEntry, records: list[FileRec
     os.replace(tmp_index, ddir / "index.parquet")
     os.replace(tmp_quar, ddir / "quarantine.parquet")
     digest = opts.digest()
-    rows = [{
-        "dataset": entry.name, "group": entry.group, "task": entry.task, "source_file": r.path, "kind": r.kind,
-        "size": r.size, "mtime_ns": r.mtime_ns, "footer_hash": r.footer_hash, "deps_digest": r.deps_digest,
-        "options_digest": digest, "num_row_groups": r.num_row_groups, "num_columns": r.num_columns,
-        "footer_rows": r.footer_rows, "rows_read": r.rows_read, "ok": r.ok, "quarantined": r.quarantined,
-        "status": r.status, "error": r.error, "reused": r.reused, "part": r.part,
-        "part_batches": r.batches, "seconds": r.seconds,
-    } for r in records]
+    rows = [
+        {
+            "dataset": entry.name,
+            "group": entry.group,
+            "task": entry.task,
+            "source_file": r.path,
+            "kind": r.kind,
+            "size": r.size,
+            "mtime_ns": r.mtime_ns,
+            "footer_hash": r.footer_hash,
+            "deps_digest": r.deps_digest,
+            "options_digest": digest,
+            "num_row_groups": r.num_row_groups,
+            "num_columns": r.num_columns,
+            "footer_rows": r.footer_rows,
+            "rows_read": r.rows_read,
+            "ok": r.ok,
+            "quarantined": r.quarantined,
+            "status": r.status,
+            "error": r.error,
+            "reused": r.reused,
+            "part": r.part,
+            "part_batches": r.batches,
+            "seconds": r.seconds,
+        }
+        for r in records
+    ]
     tmp_files = ddir / f".files.{os.getpid()}.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=FILES_SCHEMA), tmp_files)
     os.replace(tmp_files, ddir / "files.parquet")
@@ -844,6 +945,7 @@ def index_registry(
         if _estimated_rows(selected, scanned=opts.fast_path and opts.sql_scan) >= opts.min_rows_for_pool:
             pool.start()
         for entry in selected:
+
             def _progress(event: str, n: int) -> None:
                 nonlocal rows_total
                 if progress is None:
@@ -853,6 +955,7 @@ def index_registry(
                     progress("rows_total", rows_total)
                 else:
                     progress(event, n)
+
             summaries.append(index_dataset(entry, out, opts, pool, _progress if progress else None))
     with _output_lock(out):
         combined = combine(registry, out)
@@ -862,8 +965,18 @@ def index_registry(
         reg_path = registry_file(registry)
         if reg_path is not None:
             updated.save(reg_path)
-    return IndexResult(out, summaries, combined["index"], combined["quarantine"], combined["files"], infos,
-                       updated, reg_path, time.perf_counter() - t0, problems)
+    return IndexResult(
+        out,
+        summaries,
+        combined["index"],
+        combined["quarantine"],
+        combined["files"],
+        infos,
+        updated,
+        reg_path,
+        time.perf_counter() - t0,
+        problems,
+    )
 
 
 @contextlib.contextmanager

@@ -95,8 +95,11 @@ class Pool:
             self.start()
         if self._starter is not None:
             self._starter.join(timeout=0.1)  # a spawn pool is up by now; a fork server takes ~0.4 s
-        threads = (ThreadPoolExecutor(self.workers, thread_name_prefix="index-unit")
-                   if self.workers > 1 and self._starter is None else None)
+        threads = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="index-unit")
+            if self.workers > 1 and self._starter is None
+            else None
+        )
         pending: deque[tuple[Unit, Future[pa.Table], bool]] = deque()  # (unit, result, in a worker process)
         limit = 2 * self.workers + 2
         it = iter(units)

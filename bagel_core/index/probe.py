@@ -218,7 +218,9 @@ def probe_bytes(
     return probe_stream(io.BytesIO(data), len(data), max_pixels, full_decode, head=data)
 
 
-def probe_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
+def probe_file(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False
+) -> ImageInfo:
     """Probe an image file on disk (VLM image folder); reads the header and the last bytes only."""
     try:
         with open(path, "rb") as fp:

@@ -38,8 +38,12 @@ def _sizes_sql(paths: Sequence[str | Path]) -> str:
 def image_size_distribution(index_paths: Sequence[str | Path]) -> dict[str, object]:
     """Counts per long-edge bucket, the most common exact sizes, and pixel statistics of ok images."""
     paths = [p for p in index_paths if Path(p).is_file()]
-    empty: dict[str, object] = {"images": 0, "buckets": {b[0]: 0 for b in SIZE_BUCKETS}, "top_sizes": [],
-                                "megapixels": {}}
+    empty: dict[str, object] = {
+        "images": 0,
+        "buckets": {b[0]: 0 for b in SIZE_BUCKETS},
+        "top_sizes": [],
+        "megapixels": {},
+    }
     if not paths:
         return empty
     con = duckdb.connect(config={"threads": 1})
@@ -49,22 +53,27 @@ def image_size_distribution(index_paths: Sequence[str | Path]) -> dict[str, obje
         if not total:
             return empty
         buckets = {
-            label: con.sql(f"SELECT count(*) FROM ({sizes}) WHERE greatest(w, h) >= {lo} AND greatest(w, h) < {hi}")
-            .fetchall()[0][0]
+            label: con.sql(
+                f"SELECT count(*) FROM ({sizes}) WHERE greatest(w, h) >= {lo} AND greatest(w, h) < {hi}"
+            ).fetchall()[0][0]
             for label, lo, hi in SIZE_BUCKETS
         }
-        top = con.sql(f"SELECT w, h, count(*) AS n FROM ({sizes}) GROUP BY w, h ORDER BY n DESC, w, h LIMIT 10").fetchall()
-        stats = con.sql(
-            f"SELECT min(w*h), quantile_cont(w*h, 0.5), max(w*h), avg(w*h) FROM ({sizes})"
-        ).fetchall()[0]
+        top = con.sql(
+            f"SELECT w, h, count(*) AS n FROM ({sizes}) GROUP BY w, h ORDER BY n DESC, w, h LIMIT 10"
+        ).fetchall()
+        stats = con.sql(f"SELECT min(w*h), quantile_cont(w*h, 0.5), max(w*h), avg(w*h) FROM ({sizes})").fetchall()[0]
     finally:
         con.close()
     return {
         "images": int(total),
         "buckets": {k: int(v) for k, v in buckets.items()},
         "top_sizes": [{"width": int(w), "height": int(h), "count": int(n)} for w, h, n in top],
-        "megapixels": {"min": stats[0] / 1e6, "median": float(stats[1]) / 1e6, "max": stats[2] / 1e6,
-                       "mean": float(stats[3]) / 1e6},
+        "megapixels": {
+            "min": stats[0] / 1e6,
+            "median": float(stats[1]) / 1e6,
+            "max": stats[2] / 1e6,
+            "mean": float(stats[3]) / 1e6,
+        },
     }
 
 

@@ -106,8 +106,10 @@ FROM {source}"""
 
 _SQL = {"t2i": _t2i_sql, "edit": _edit_sql}
 #: Column types (``schema.arrow_type_name``) this tier reads; files typed otherwise go to the per-row path.
-SCANNABLE = {"t2i": {"image": "binary", "captions": "string"},
-             "edit": {"image_list": "list<binary>", "instruction_list": "list<list<string>>"}}
+SCANNABLE = {
+    "t2i": {"image": "binary", "captions": "string"},
+    "edit": {"image_list": "list<binary>", "instruction_list": "list<list<string>>"},
+}
 
 
 @dataclass
@@ -154,8 +156,18 @@ def _verdicts(batch: pa.RecordBatch, task: str, max_pixels: int) -> FileVerdict:
         ok = (counts >= 2) & all_ok & (num_texts >= 1)
         sel = np.flatnonzero(ok)
         child = bulk.flat_indices(starts[sel], counts[sel])
-    return FileVerdict("", rows, ok, counts[ok], images.width[child], images.height[child], images.mode[child],
-                       per_row_bytes[ok], num_texts[ok], text_chars[ok])
+    return FileVerdict(
+        "",
+        rows,
+        ok,
+        counts[ok],
+        images.width[child],
+        images.height[child],
+        images.mode[child],
+        per_row_bytes[ok],
+        num_texts[ok],
+        text_chars[ok],
+    )
 
 
 def _finish(path: str, chunks: list[FileVerdict]) -> FileVerdict:
@@ -166,9 +178,18 @@ def _finish(path: str, chunks: list[FileVerdict]) -> FileVerdict:
         parts = [getattr(c, name) for c in chunks]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
-    return FileVerdict(path, cat("file_rows", np.int64), cat("ok", bool), cat("counts", np.int32), cat("width", np.int32),
-                       cat("height", np.int32), cat("mode", np.int8), cat("image_bytes", np.int64),
-                       cat("num_texts", np.int64), cat("text_chars", np.int64))
+    return FileVerdict(
+        path,
+        cat("file_rows", np.int64),
+        cat("ok", bool),
+        cat("counts", np.int32),
+        cat("width", np.int32),
+        cat("height", np.int32),
+        cat("mode", np.int8),
+        cat("image_bytes", np.int64),
+        cat("num_texts", np.int64),
+        cat("text_chars", np.int64),
+    )
 
 
 def _rebatched(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
@@ -187,8 +208,14 @@ def _rebatched(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def _stream(con: duckdb.DuckDBPyConnection, paths: list[str], task: str, max_pixels: int,
-            first_row: int = 0, end_row: int | None = None) -> Iterator[FileVerdict]:
+def _stream(
+    con: duckdb.DuckDBPyConnection,
+    paths: list[str],
+    task: str,
+    max_pixels: int,
+    first_row: int = 0,
+    end_row: int | None = None,
+) -> Iterator[FileVerdict]:
     """Verdicts per file, in ``paths`` order, from one query (one path: optionally rows
     ``[first_row, end_row)`` only, pruned by row group).
 
@@ -207,9 +234,11 @@ def _stream(con: duckdb.DuckDBPyConnection, paths: list[str], task: str, max_pix
         starts = np.asarray(names.is_valid().to_numpy(zero_copy_only=False), bool)
         previous = np.concatenate([[last_row], rows[:-1]])
         new_files = [position.get(str(v), -1) for v in names.drop_null().to_pylist()]
-        if not (starts | (rows == previous + 1)).all() or (starts & (rows != first_row)).any() or (
-            np.diff([current, *new_files]) <= 0
-        ).any():
+        if (
+            not (starts | (rows == previous + 1)).all()
+            or (starts & (rows != first_row)).any()
+            or (np.diff([current, *new_files]) <= 0).any()
+        ):
             raise RuntimeError("DuckDB returned rows out of file order")
         seg = np.cumsum(starts) - 1
         which = np.where(seg >= 0, np.asarray(new_files + [0], np.int64)[np.maximum(seg, 0)], current)
@@ -234,16 +263,33 @@ def _per_file(chunk: FileVerdict, which: np.ndarray) -> Iterator[tuple[int, File
     for a, b in pairwise(bounds):
         oa, ob = int(ok_cum[a]), int(ok_cum[b])
         ia, ib = int(image_cum[oa]), int(image_cum[ob])
-        yield int(which[a]), FileVerdict(
-            "", chunk.file_rows[a:b], chunk.ok[a:b], chunk.counts[oa:ob], chunk.width[ia:ib], chunk.height[ia:ib],
-            chunk.mode[ia:ib], chunk.image_bytes[oa:ob], chunk.num_texts[oa:ob], chunk.text_chars[oa:ob])
+        yield (
+            int(which[a]),
+            FileVerdict(
+                "",
+                chunk.file_rows[a:b],
+                chunk.ok[a:b],
+                chunk.counts[oa:ob],
+                chunk.width[ia:ib],
+                chunk.height[ia:ib],
+                chunk.mode[ia:ib],
+                chunk.image_bytes[oa:ob],
+                chunk.num_texts[oa:ob],
+                chunk.text_chars[oa:ob],
+            ),
+        )
 
 
 Scanned = tuple[str, int, int, FileVerdict | None]  # (path, first row, end row, verdict)
 
 
-def scan_files(con: duckdb.DuckDBPyConnection, files: dict[str, list[tuple[int, int]]], task: str,
-               max_pixels: int, query_rows: int = QUERY_ROWS) -> Iterator[Scanned]:
+def scan_files(
+    con: duckdb.DuckDBPyConnection,
+    files: dict[str, list[tuple[int, int]]],
+    task: str,
+    max_pixels: int,
+    query_rows: int = QUERY_ROWS,
+) -> Iterator[Scanned]:
     """Verdicts for ``files`` (path -> the row ranges its units cover, ascending and contiguous), in
     order, as ``(path, first_row, end_row, verdict)``; each range is whole units. The verdict is None
     where DuckDB cannot read the rows or returns another number of them (the per-row path then reads
@@ -279,8 +325,9 @@ def _expected(files: dict[str, list[tuple[int, int]]], path: str) -> tuple[int, 
     return files[path][0][0], files[path][-1][1]
 
 
-def _scan_range(con: duckdb.DuckDBPyConnection, path: str, lo: int, hi: int, task: str,
-                max_pixels: int) -> Iterator[Scanned]:
+def _scan_range(
+    con: duckdb.DuckDBPyConnection, path: str, lo: int, hi: int, task: str, max_pixels: int
+) -> Iterator[Scanned]:
     try:
         verdicts = list(_stream(con, [path], task, max_pixels, lo, hi))
     except _SCAN_ERRORS:
@@ -289,8 +336,13 @@ def _scan_range(con: duckdb.DuckDBPyConnection, path: str, lo: int, hi: int, tas
     yield path, lo, hi, verdicts[0] if ok else None
 
 
-def _scan_whole(con: duckdb.DuckDBPyConnection, paths: list[str], files: dict[str, list[tuple[int, int]]],
-                task: str, max_pixels: int) -> Iterator[Scanned]:
+def _scan_whole(
+    con: duckdb.DuckDBPyConnection,
+    paths: list[str],
+    files: dict[str, list[tuple[int, int]]],
+    task: str,
+    max_pixels: int,
+) -> Iterator[Scanned]:
     if len(paths) == 1 or any(_expected(files, p)[0] != 0 for p in paths):
         for p in paths:
             yield from _scan_range(con, p, *_expected(files, p), task, max_pixels)

@@ -36,8 +36,11 @@ PARQUET_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
 
 def arrow_type_name(t: pa.DataType) -> str:
     """Arrow type as ``binary`` / ``string`` / ``list<...>``, folding large/view variants together."""
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t) or (
-        pa.types.is_fixed_size_binary(t)
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+        or (pa.types.is_fixed_size_binary(t))
     ):
         return "binary"
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):

@@ -106,15 +106,37 @@ class IndexRows:
         res.fail(reason, message)
         self.add(row_group, row_index, file_row, res)
 
-    def add_fast(self, row_group: np.ndarray, first_row: np.ndarray, file_rows: np.ndarray, counts: np.ndarray,
-                 width: np.ndarray, height: np.ndarray, mode: np.ndarray, image_bytes: np.ndarray,
-                 num_texts: np.ndarray, text_chars: np.ndarray) -> None:
+    def add_fast(
+        self,
+        row_group: np.ndarray,
+        first_row: np.ndarray,
+        file_rows: np.ndarray,
+        counts: np.ndarray,
+        width: np.ndarray,
+        height: np.ndarray,
+        mode: np.ndarray,
+        image_bytes: np.ndarray,
+        num_texts: np.ndarray,
+        text_chars: np.ndarray,
+    ) -> None:
         """Rows the fast path accepted (status ok), one array element per row (``row_group``, the row
         group's ``first_row``, ...); each row has ``counts`` images whose width/height/mode codes follow
         in row order."""
         if len(file_rows):
-            self.fast.append((row_group, file_rows - first_row, file_rows, counts, width, height, mode,
-                              image_bytes, num_texts, text_chars))
+            self.fast.append(
+                (
+                    row_group,
+                    file_rows - first_row,
+                    file_rows,
+                    counts,
+                    width,
+                    height,
+                    mode,
+                    image_bytes,
+                    num_texts,
+                    text_chars,
+                )
+            )
 
     def _fast_table(self) -> pa.Table:
         rg, ri, fr, counts, width, height, mode, nbytes, ntexts, nchars = (
@@ -123,19 +145,31 @@ class IndexRows:
         n, m = len(fr), len(width)
         row_off = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
         pairs = pa.array(np.stack([width, height], 1).astype(np.int32).ravel())
-        sizes = pa.ListArray.from_arrays(row_off, pa.ListArray.from_arrays(
-            pa.array(np.arange(0, 2 * m + 1, 2, dtype=np.int32)), pairs))
+        sizes = pa.ListArray.from_arrays(
+            row_off, pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * m + 1, 2, dtype=np.int32)), pairs)
+        )
         modes = pa.ListArray.from_arrays(row_off, _MODE_NAMES.take(mode))
         u = self.unit
         none = pa.nulls(n, pa.string())
         data = {
-            "dataset": pa.repeat(u.dataset, n), "group": pa.repeat(u.group, n), "task": pa.repeat(u.task, n),
-            "source_file": pa.repeat(u.path, n), "row_group": rg, "row_index": ri, "file_row": fr,
-            "image_sizes": sizes, "num_images": counts.astype(np.int32), "image_modes": modes,
-            "image_bytes": nbytes.astype(np.int64), "num_texts": ntexts.astype(np.int32),
+            "dataset": pa.repeat(u.dataset, n),
+            "group": pa.repeat(u.group, n),
+            "task": pa.repeat(u.task, n),
+            "source_file": pa.repeat(u.path, n),
+            "row_group": rg,
+            "row_index": ri,
+            "file_row": fr,
+            "image_sizes": sizes,
+            "num_images": counts.astype(np.int32),
+            "image_modes": modes,
+            "image_bytes": nbytes.astype(np.int64),
+            "num_texts": ntexts.astype(np.int32),
             "text_chars": nchars.astype(np.int64),
             "image_paths": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())),
-            "video_path": none, "status": pa.repeat("ok", n), "reason": none, "message": none,
+            "video_path": none,
+            "status": pa.repeat("ok", n),
+            "reason": none,
+            "message": none,
         }
         columns = []
         for f in INDEX_SCHEMA:
@@ -152,8 +186,13 @@ class IndexRows:
         u = self.unit
         tables = []
         if n or not self.fast:
-            data = {"dataset": [u.dataset] * n, "group": [u.group] * n, "task": [u.task] * n,
-                    "source_file": [u.path] * n, **self.cols}
+            data = {
+                "dataset": [u.dataset] * n,
+                "group": [u.group] * n,
+                "task": [u.task] * n,
+                "source_file": [u.path] * n,
+                **self.cols,
+            }
             tables.append(pa.Table.from_pydict(data, schema=INDEX_SCHEMA))
         if self.fast:
             tables.append(self._fast_table())
@@ -210,12 +249,19 @@ def _cells(arr: pa.Array) -> list[Any]:
         offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4).tolist()
         data = arr.buffers()[2]
         view = memoryview(data).cast("B") if data is not None else memoryview(b"")  # Arrow exports "b"
-        return [view[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+        return [view[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
     return arr.to_pylist()
 
 
-def _check_rows(rows: IndexRows, unit: Unit, opts: IndexOptions, rg: np.ndarray, first: np.ndarray,
-                batch: pa.RecordBatch, take: np.ndarray) -> None:
+def _check_rows(
+    rows: IndexRows,
+    unit: Unit,
+    opts: IndexOptions,
+    rg: np.ndarray,
+    first: np.ndarray,
+    batch: pa.RecordBatch,
+    take: np.ndarray,
+) -> None:
     """Per-row checks (:mod:`checks`) of the batch rows ``take``: the reference path."""
     if not len(take):
         return
@@ -231,8 +277,9 @@ def _check_rows(rows: IndexRows, unit: Unit, opts: IndexOptions, rg: np.ndarray,
         rows.add(int(rg[i]), fr - int(first[i]), fr, check(x, y, opts.max_pixels, opts.full_decode))
 
 
-def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: IndexRows, rg: np.ndarray,
-               first: np.ndarray) -> np.ndarray:
+def _fast_rows(
+    unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: IndexRows, rg: np.ndarray, first: np.ndarray
+) -> np.ndarray:
     """Vectorised checks (:mod:`bulk`) of a whole batch; adds the rows they accept, returns their mask.
 
     ``rg`` / ``first``: per batch row, its row group and that row group's first file row.
@@ -257,9 +304,18 @@ def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: Inde
         okm = np.asarray(ok, bool)
         sel = candidates[okm]
         accepted[sel] = True
-        rows.add_fast(rg[sel], first[sel], file_rows[sel], np.ones(len(sel), np.int32), images.width[sel],
-                      images.height[sel], images.mode[sel], images.nbytes[sel],
-                      np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
+        rows.add_fast(
+            rg[sel],
+            first[sel],
+            file_rows[sel],
+            np.ones(len(sel), np.int32),
+            images.width[sel],
+            images.height[sel],
+            images.mode[sel],
+            images.nbytes[sel],
+            np.asarray(num_texts, np.int64)[okm],
+            np.asarray(text_chars, np.int64)[okm],
+        )
         return accepted
     lists = batch.column(1)
     if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
@@ -280,9 +336,18 @@ def _fast_rows(unit: Unit, opts: IndexOptions, batch: pa.RecordBatch, rows: Inde
     sel = candidates[okm]
     accepted[sel] = True
     child = bulk.flat_indices(offsets[sel], counts[sel])
-    rows.add_fast(rg[sel], first[sel], file_rows[sel], counts[sel].astype(np.int32), images.width[child],
-                  images.height[child], images.mode[child], row_bytes[sel],
-                  np.asarray(num_texts, np.int64)[okm], np.asarray(text_chars, np.int64)[okm])
+    rows.add_fast(
+        rg[sel],
+        first[sel],
+        file_rows[sel],
+        counts[sel].astype(np.int32),
+        images.width[child],
+        images.height[child],
+        images.mode[child],
+        row_bytes[sel],
+        np.asarray(num_texts, np.int64)[okm],
+        np.asarray(text_chars, np.int64)[okm],
+    )
     return accepted
 
 
@@ -309,8 +374,11 @@ def _plan_reads(unit: Unit, opts: IndexOptions, arrow_ok: bool) -> list[tuple[in
     sizes = unit.row_group_bytes or (0,) * n
     while k < n:
         j, total = k, 0
-        while arrow_ok and j < n and sizes[j] <= opts.arrow_row_group_bytes and (
-            j == k or total + sizes[j] <= MERGED_READ_BYTES
+        while (
+            arrow_ok
+            and j < n
+            and sizes[j] <= opts.arrow_row_group_bytes
+            and (j == k or total + sizes[j] <= MERGED_READ_BYTES)
         ):
             total += sizes[j]
             j += 1
@@ -355,16 +423,21 @@ def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
 
     reads = _plan_reads(unit, opts, pf is not None)
     with ThreadPoolExecutor(1, thread_name_prefix="index-read") as reader_thread:
-        prefetched = [reader_thread.submit(_read_span, unit, k, j, unit.path) if pf is not None and (
-            unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True) else None
-            for k, j in reads[:1]]
+        prefetched = [
+            reader_thread.submit(_read_span, unit, k, j, unit.path)
+            if pf is not None
+            and (unit.row_group_bytes[k] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True)
+            else None
+            for k, j in reads[:1]
+        ]
         for i, (k, j) in enumerate(reads):
             fut = prefetched[i]
             if i + 1 < len(reads):  # start the next read before checking this one
                 k2, j2 = reads[i + 1]
                 small = unit.row_group_bytes[k2] <= opts.arrow_row_group_bytes if unit.row_group_bytes else True
-                prefetched.append(reader_thread.submit(_read_span, unit, k2, j2, unit.path)
-                                  if pf is not None and small else None)
+                prefetched.append(
+                    reader_thread.submit(_read_span, unit, k2, j2, unit.path) if pf is not None and small else None
+                )
             if fut is not None:
                 try:
                     batch = fut.result()
@@ -378,12 +451,20 @@ def _index_parquet_unit(unit: Unit, opts: IndexOptions) -> pa.Table:
     return rows.table()
 
 
-def _read_row_group(unit: Unit, opts: IndexOptions, k: int, pf: pq.ParquetFile | None, done: np.ndarray,
-                    base: int, consume: Callable[[pa.RecordBatch, int, int], bool], rows: IndexRows) -> None:
+def _read_row_group(
+    unit: Unit,
+    opts: IndexOptions,
+    k: int,
+    pf: pq.ParquetFile | None,
+    done: np.ndarray,
+    base: int,
+    consume: Callable[[pa.RecordBatch, int, int], bool],
+    rows: IndexRows,
+) -> None:
     """Row group ``k`` of the unit through the readers in turn (rows done already are skipped);
     rows no reader returns are quarantined as ``row_group_unreadable``."""
     rg_id, first, num_rows = unit.row_groups[k]
-    if done[first - base:first - base + num_rows].all():
+    if done[first - base : first - base + num_rows].all():
         return
     errors: list[str] = []
     outside = False
@@ -398,12 +479,12 @@ def _read_row_group(unit: Unit, opts: IndexOptions, k: int, pf: pq.ParquetFile |
             break
         except Exception as exc:  # noqa: BLE001 - any reader error: try the other reader, then quarantine
             errors.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(exc).__name__}: {exc}")
-    missing = np.flatnonzero(~done[first - base:first - base + num_rows])
+    missing = np.flatnonzero(~done[first - base : first - base + num_rows])
     if len(missing):
         detail = "; ".join(errors)[:500] or "rows declared by the footer were not returned"
         for r in missing.tolist():
             rows.add_failed(rg_id, r, first + r, ROW_GROUP_UNREADABLE, f"row group {rg_id} cannot be read: {detail}")
-        done[first - base:first - base + num_rows] = True
+        done[first - base : first - base + num_rows] = True
     if outside:
         raise DataError(f"{unit.path}: row group {rg_id} returned rows outside the footer's {num_rows} rows")
 

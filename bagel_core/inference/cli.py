@@ -23,13 +23,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model-path",
         required=True,
-        help="BAGEL directory (llm_config.json, vit_config.json, "
-        "ema.safetensors, ae.safetensors, tokenizer files)",
+        help="BAGEL directory (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files)",
     )
     p.add_argument("--prompt", help="text-to-image prompt, or the edit instruction with --image")
-    p.add_argument(
-        "--image", help="input image for editing (with --prompt) or understanding (with --question)"
-    )
+    p.add_argument("--image", help="input image for editing (with --prompt) or understanding (with --question)")
     p.add_argument("--question", help="question about --image; prints the answer")
     p.add_argument("--out", help="output PNG for generation/editing")
     p.add_argument("--width", type=int, default=1024)
@@ -60,9 +57,7 @@ def run_infer(args: argparse.Namespace) -> int:
         raise ConfigError("give --prompt (text-to-image / edit) or --image with --question (understanding)")
     if not args.question and not args.out:
         raise ConfigError("--out FILE.png is required for text-to-image and editing")
-    model, vae, tokenizer, ids = setup_models(
-        args.model_path, device=args.device, dtype=getattr(torch, args.dtype)
-    )
+    model, vae, tokenizer, ids = setup_models(args.model_path, device=args.device, dtype=getattr(torch, args.dtype))
     inf = Inferencer(model, vae, tokenizer, ids)
     image = None
     if args.image:

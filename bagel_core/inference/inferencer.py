@@ -296,9 +296,7 @@ class Inferencer:
                 f"image size {width}x{height} needs a {rows}x{cols} latent grid; this model's "
                 f"max_latent_size {side} allows at most {side * step} px per side"
             )
-        x = torch.randn(
-            rows * cols, self.model.cfg.patch_latent_dim, generator=generator, dtype=torch.float32
-        )
+        x = torch.randn(rows * cols, self.model.cfg.patch_latent_dim, generator=generator, dtype=torch.float32)
         ts = flow_timesteps(guidance.num_timesteps, guidance.timestep_shift)
         dts = ts[:-1] - ts[1:]
         for i in range(guidance.num_timesteps - 1):
@@ -352,8 +350,15 @@ class Inferencer:
             height,
             width,
             generator,
-            Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
-                     timestep_shift, num_timesteps),
+            Guidance(
+                cfg_text_scale,
+                cfg_img_scale,
+                cfg_interval,
+                cfg_renorm_min,
+                cfg_renorm_type,
+                timestep_shift,
+                num_timesteps,
+            ),
         )
 
     def edit(
@@ -392,8 +397,15 @@ class Inferencer:
             resized.height,
             resized.width,
             generator,
-            Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
-                     timestep_shift, num_timesteps),
+            Guidance(
+                cfg_text_scale,
+                cfg_img_scale,
+                cfg_interval,
+                cfg_renorm_min,
+                cfg_renorm_type,
+                timestep_shift,
+                num_timesteps,
+            ),
         )
 
     def understand(
@@ -414,7 +426,6 @@ class Inferencer:
             self.push_vit_image(ctx, self._prepare_image(image))
         self.push_text(ctx, question)
         return self.decode_text(ctx, max_new_tokens, do_sample, temperature, _generator(seed))
-
 
     # ------------------------------------------------------------ upstream's interleaved entry point
 
@@ -492,8 +503,15 @@ class Inferencer:
                 image_shapes[0],
                 image_shapes[1],
                 generator,
-                Guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type,
-                         timestep_shift, num_timesteps),
+                Guidance(
+                    cfg_text_scale,
+                    cfg_img_scale,
+                    cfg_interval,
+                    cfg_renorm_min,
+                    cfg_renorm_type,
+                    timestep_shift,
+                    num_timesteps,
+                ),
             )
         )
         return outputs

@@ -55,7 +55,8 @@ boundaries, so a resumed run yields exactly the packs of an uninterrupted one:
   ``(p + k) % num_workers`` (units, seeds and state), so the resumed order continues exactly even when
   the checkpoint was taken in the middle of a round.
 * The state is only valid for the same seed, rank, world size, ``num_workers`` and manifest (each
-  stream stores a digest of its unit list); a mismatch raises :class:`ConfigError`. A group with ``resume_data_status: false`` restarts its units
+  stream stores a digest of its unit list); a mismatch raises :class:`ConfigError`. A group with
+  ``resume_data_status: false`` restarts its units
   from the beginning (logged; exactness is then given up by request).
 
 The state holds only ints, strings, lists and dicts (``torch.save``/``json`` both work).
@@ -141,8 +142,15 @@ def _grid_ids(rows: int, cols: int, side: int, interpolate: bool) -> torch.Tenso
 class PackBuilder:
     """Accumulates samples into the fields of data-format.md 11 (positions 9.1, modes 9.3)."""
 
-    def __init__(self, token_ids: dict[str, int], max_latent_size: int, vit_side: int, interpolate_pos: bool,
-                 transforms: dict[tuple[str, str], ImageTransform], multi_image_groups: set[str]) -> None:
+    def __init__(
+        self,
+        token_ids: dict[str, int],
+        max_latent_size: int,
+        vit_side: int,
+        interpolate_pos: bool,
+        transforms: dict[tuple[str, str], ImageTransform],
+        multi_image_groups: set[str],
+    ) -> None:
         self.bos, self.eos = token_ids["bos_token_id"], token_ids["eos_token_id"]
         self.soi, self.eoi = token_ids["start_of_image"], token_ids["end_of_image"]
         self.max_latent_size, self.vit_side, self.interpolate = max_latent_size, vit_side, interpolate_pos
@@ -184,8 +192,10 @@ class PackBuilder:
             img_num = len(sample.images) if sample.group in self.multi_image_groups else 1
             pixels = transform(sample.images[item.image_index], img_num)
             if (pixels.shape[2], pixels.shape[1]) != tuple(item.image_size):
-                raise DataError(f"{sample.group}: resized to {tuple(pixels.shape[1:])} but the plan says "
-                                f"{item.image_size} (transform and plan disagree)")
+                raise DataError(
+                    f"{sample.group}: resized to {tuple(pixels.shape[1:])} but the plan says "
+                    f"{item.image_size} (transform and plan disagree)"
+                )
             cache[key] = pixels
         return cache[key]
 
@@ -252,12 +262,20 @@ class PackBuilder:
             self.cur += n + 2
         length = self.cur - start
         self.sample_lens.append(length)
-        self.data_indexes.append({
-            "data_indexes": copy.deepcopy(sample.cursor), "worker_id": worker_id, "dataset_name": sample.group,
-            "dataset": sample.dataset, "source_file": sample.source_file, "row_group": sample.row_group,
-            "row_index": sample.row_index, "num_tokens": length, "est_tokens": sample.count.estimate,
-            "dropped": sorted(dropped),
-        })
+        self.data_indexes.append(
+            {
+                "data_indexes": copy.deepcopy(sample.cursor),
+                "worker_id": worker_id,
+                "dataset_name": sample.group,
+                "dataset": sample.dataset,
+                "source_file": sample.source_file,
+                "row_group": sample.row_group,
+                "row_index": sample.row_index,
+                "num_tokens": length,
+                "est_tokens": sample.count.estimate,
+                "dropped": sorted(dropped),
+            }
+        )
         return length
 
     def finish(self, nested_masks: bool, pad_to: int | None) -> dict[str, Any]:
@@ -371,14 +389,27 @@ class _Worker:
         self.empty_passes = {name: 0 for name in self.names}  # consecutive passes without any
         self.last_cursor: dict[str, Any] = {name: None for name in self.names}
         self.packs = 0
-        self.builder = PackBuilder(ds.token_ids, ds.max_latent_size, ds.vit_max_patches_per_side,
-                                   ds.interpolate_pos, ds.transforms, ds.multi_image_groups)
+        self.builder = PackBuilder(
+            ds.token_ids,
+            ds.max_latent_size,
+            ds.vit_max_patches_per_side,
+            ds.interpolate_pos,
+            ds.transforms,
+            ds.multi_image_groups,
+        )
         if state is not None:
             self._load(state)
         for name, stream in zip(self.names, self.streams):
             if stream is not None:
-                log.info("rank-%d worker-%d dataset-%s: resuming data at %s (pass %d, %d buffered)", ds.rank,
-                         worker_id, name, stream.cursor(stream.position), stream.passes, len(self.buffer))
+                log.info(
+                    "rank-%d worker-%d dataset-%s: resuming data at %s (pass %d, %d buffered)",
+                    ds.rank,
+                    worker_id,
+                    name,
+                    stream.cursor(stream.position),
+                    stream.passes,
+                    len(self.buffer),
+                )
 
     # ---- state ------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -386,14 +417,23 @@ class _Worker:
         streams = {}
         for name, stream in zip(self.names, self.streams):
             if stream is not None:
-                streams[name] = dict(stream.state(), accepted_in_pass=self.accepted[name],
-                                     empty_passes=self.empty_passes[name])
+                streams[name] = dict(
+                    stream.state(), accepted_in_pass=self.accepted[name], empty_passes=self.empty_passes[name]
+                )
         return {
-            "version": STATE_VERSION, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
-            "num_workers": ds.num_workers, "worker_id": self.worker_id, "packs": self.packs,
+            "version": STATE_VERSION,
+            "seed": ds.seed,
+            "rank": ds.rank,
+            "world_size": ds.world_size,
+            "num_workers": ds.num_workers,
+            "worker_id": self.worker_id,
+            "packs": self.packs,
             "streams": streams,
-            "data_status": {name: {self.worker_id: copy.deepcopy(self.last_cursor[name])} for name in self.names
-                            if self.last_cursor[name] is not None},
+            "data_status": {
+                name: {self.worker_id: copy.deepcopy(self.last_cursor[name])}
+                for name in self.names
+                if self.last_cursor[name] is not None
+            },
             "packer_rng": _rng_state(self.rng),
             "buffer": [sample.ref() for sample, _ in self.buffer],
             "counters": copy.deepcopy(self.counters),
@@ -401,11 +441,18 @@ class _Worker:
 
     def _load(self, state: dict[str, Any]) -> None:
         ds = self.ds
-        for key, mine in (("seed", ds.seed), ("rank", ds.rank), ("world_size", ds.world_size),
-                          ("num_workers", ds.num_workers), ("worker_id", self.worker_id)):
+        for key, mine in (
+            ("seed", ds.seed),
+            ("rank", ds.rank),
+            ("world_size", ds.world_size),
+            ("num_workers", ds.num_workers),
+            ("worker_id", self.worker_id),
+        ):
             if state.get(key) != mine:
-                raise ConfigError(f"data resume state was saved with {key}={state.get(key)}, this run has {mine}; "
-                                  "exact resume needs the same seed, rank, world size and num_workers")
+                raise ConfigError(
+                    f"data resume state was saved with {key}={state.get(key)}, this run has {mine}; "
+                    "exact resume needs the same seed, rank, world size and num_workers"
+                )
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data resume state version {state.get('version')} != {STATE_VERSION}")
         for name, group, stream in zip(self.names, self.groups, self.streams):
@@ -419,8 +466,12 @@ class _Worker:
             self.empty_passes[name] = int(saved["empty_passes"])
             if not group.resume_data_status:
                 stream.position = (0, 0, 0)
-                log.info("rank-%d worker-%d %s: resume_data_status is false, restarting its units",
-                         ds.rank, self.worker_id, name)
+                log.info(
+                    "rank-%d worker-%d %s: resume_data_status is false, restarting its units",
+                    ds.rank,
+                    self.worker_id,
+                    name,
+                )
         for name, status in state["data_status"].items():
             self.last_cursor[name] = copy.deepcopy(next(iter(status.values())))
         _set_rng_state(self.rng, state["packer_rng"])
@@ -448,8 +499,9 @@ class _Worker:
     def _skip(self, group: str, reason: str, where: Any) -> None:
         reasons = self.counters["skipped"].setdefault(group, {})
         reasons[reason] = reasons.get(reason, 0) + 1
-        log.warning("rank-%d worker-%d %s: skipped sample at %s: %s", self.ds.rank, self.worker_id, group, where,
-                    reason)
+        log.warning(
+            "rank-%d worker-%d %s: skipped sample at %s: %s", self.ds.rank, self.worker_id, group, where, reason
+        )
 
     def next_sample(self, g: int) -> LoadedSample:
         stream = self.streams[g]
@@ -481,8 +533,7 @@ class _Worker:
         ds = self.ds
         rng = plan_rng(ds.seed, ds.rank, self.worker_id, sample.group, sample.visit, "pack")
         probs = {TEXT: ds.dropout.text, VIT_IMAGE: ds.dropout.vit, VAE_IMAGE: ds.dropout.vae}
-        dropped = {i for i, item in enumerate(sample.plan.items)
-                   if item.enable_cfg and rng.random() < probs[item.kind]}
+        dropped = {i for i, item in enumerate(sample.plan.items) if item.enable_cfg and rng.random() < probs[item.kind]}
         count = count_tokens(sample.plan, dropped)
         added = self.builder.add(sample, dropped, rng, self.worker_id)
         if added != count.total or count.estimate != sample.count.estimate:
@@ -495,8 +546,16 @@ class _Worker:
         weights = [g.weight for g in self.groups]
         mandatory = [g.is_mandatory for g in self.groups]
         c = self.counters
-        for event in pack_events(ds.params, weights, mandatory, self.next_sample, lambda s: s.estimate, self.pack,
-                                 self.rng, buffer=self.buffer):
+        for event in pack_events(
+            ds.params,
+            weights,
+            mandatory,
+            self.next_sample,
+            lambda s: s.estimate,
+            self.pack,
+            self.rng,
+            buffer=self.buffer,
+        ):
             if isinstance(event, Packed):
                 name = self.names[event.group]
                 c["packed"][name] = c["packed"].get(name, 0) + 1
@@ -510,15 +569,27 @@ class _Worker:
                 reason = f"estimate {op} max_num_tokens_per_sample"
                 reasons = c["skipped"].setdefault(self.names[event.group], {})
                 reasons[reason] = reasons.get(reason, 0) + 1
-                log.info("rank-%d worker-%d: skip a sample with length %d (%s %s)", ds.rank, self.worker_id,
-                         event.estimate, self.names[event.group], event.sample.cursor)
+                log.info(
+                    "rank-%d worker-%d: skip a sample with length %d (%s %s)",
+                    ds.rank,
+                    self.worker_id,
+                    event.estimate,
+                    self.names[event.group],
+                    event.sample.cursor,
+                )
             elif isinstance(event, Flush):
                 if event.overflow and event.discarded is not None:
                     name = self.names[event.discarded_group]
                     c["discarded_on_overflow"][name] = c["discarded_on_overflow"].get(name, 0) + 1
                     self.accepted[name] += 1
-                    log.info("rank-%d worker-%d: Yielding data with length %d; discarded %s sample %s (overflow)",
-                             ds.rank, self.worker_id, event.length, name, event.discarded.cursor)
+                    log.info(
+                        "rank-%d worker-%d: Yielding data with length %d; discarded %s sample %s (overflow)",
+                        ds.rank,
+                        self.worker_id,
+                        event.length,
+                        name,
+                        event.discarded.cursor,
+                    )
                 if self.builder.empty:
                     c["empty_flushes"] += 1
                     continue
@@ -563,13 +634,17 @@ class PackedDataset(IterableDataset):
         meta = read_manifest_meta(manifest_dir)
         for key, mine in (("world_size", world_size), ("num_workers", num_workers)):
             if meta[key] != mine:
-                raise ConfigError(f"{manifest_dir}: manifest built for {key}={meta[key]}, dataset has {mine}; "
-                                  "rebuild it with `bagel data plan`")
+                raise ConfigError(
+                    f"{manifest_dir}: manifest built for {key}={meta[key]}, dataset has {mine}; "
+                    "rebuild it with `bagel data plan`"
+                )
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         # Every worker's units are read here, in the main process: polars (the manifest reader) is not
         # fork-safe once its thread pool ran, and DataLoader workers are forked.
-        self.worker_units = {w: read_manifest(manifest_dir, rank, w, world_size=world_size, num_workers=num_workers)
-                             for w in range(max(num_workers, 1))}
+        self.worker_units = {
+            w: read_manifest(manifest_dir, rank, w, world_size=world_size, num_workers=num_workers)
+            for w in range(max(num_workers, 1))
+        }
         self.params = params or PackingParams()
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
@@ -604,8 +679,9 @@ class PackedDataset(IterableDataset):
         info = get_worker_info()
         physical, running = (info.id, info.num_workers) if info is not None else (0, 0)
         if running != self.num_workers:
-            raise ConfigError(f"PackedDataset built for num_workers={self.num_workers} but iterated with "
-                              f"{running} DataLoader workers")
+            raise ConfigError(
+                f"PackedDataset built for num_workers={self.num_workers} but iterated with {running} DataLoader workers"
+            )
         slots = max(self.num_workers, 1)
         if info is not None and self._worker_local is not None:
             # a persistent worker iterated again: continue its own stream rather than replay it
@@ -647,17 +723,30 @@ class PackedDataset(IterableDataset):
             for group, status in state["data_status"].items():
                 data_status.setdefault(group, {}).update(status)
         return {
-            "version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-            "num_workers": self.num_workers, "seed": self.seed, "next_worker": self._next_worker,
-            "batches": self._batches, "workers": copy.deepcopy(self._states), "data_status": data_status,
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "next_worker": self._next_worker,
+            "batches": self._batches,
+            "workers": copy.deepcopy(self._states),
+            "data_status": data_status,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("version", STATE_VERSION), ("rank", self.rank), ("world_size", self.world_size),
-                          ("num_workers", self.num_workers), ("seed", self.seed)):
+        for key, mine in (
+            ("version", STATE_VERSION),
+            ("rank", self.rank),
+            ("world_size", self.world_size),
+            ("num_workers", self.num_workers),
+            ("seed", self.seed),
+        ):
             if state.get(key) != mine:
-                raise ConfigError(f"data resume state has {key}={state.get(key)}, this dataset has {mine}; "
-                                  "exact resume needs the same seed, rank, world size and num_workers")
+                raise ConfigError(
+                    f"data resume state has {key}={state.get(key)}, this dataset has {mine}; "
+                    "exact resume needs the same seed, rank, world size and num_workers"
+                )
         self._states = {int(w): copy.deepcopy(s) for w, s in state["workers"].items()}
         self._next_worker = int(state["next_worker"])
         self._batches = int(state["batches"])

@@ -146,8 +146,10 @@ class UnitStream:
                     rows = [meta.row_group(u.row_group).num_rows]
                 else:
                     rows = None
-                    self._failures[unit] = (f"file has {meta.num_row_groups} row groups, the manifest names "
-                                            f"row group {u.row_group} (stale parquet_info?)")
+                    self._failures[unit] = (
+                        f"file has {meta.num_row_groups} row groups, the manifest names "
+                        f"row group {u.row_group} (stale parquet_info?)"
+                    )
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
             rows = None
             self._failures[unit] = f"cannot open {type(exc).__name__}: {exc}"
@@ -252,8 +254,12 @@ class UnitStream:
         return digest.hexdigest()[:16]
 
     def state(self) -> dict[str, Any]:
-        return {"position": list(self.position), "passes": self.passes, "reads": self.reads,
-                "units": self.units_digest()}
+        return {
+            "position": list(self.position),
+            "passes": self.passes,
+            "reads": self.reads,
+            "units": self.units_digest(),
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         if state.get("units") != self.units_digest():
@@ -320,8 +326,12 @@ def decode_sample(
             raise SampleRejected("image_list / instruction_list is not a list")
         images = [decode_image(b, f"image_list[{k}]") for k, b in enumerate(image_list)]
         plan = sample_edit_plan(
-            instructions, [im.size for im in images], group.image_transform_args, group.vit_image_transform_args,
-            ids_of, rng,
+            instructions,
+            [im.size for im in images],
+            group.image_transform_args,
+            group.vit_image_transform_args,
+            ids_of,
+            rng,
         )
     else:
         try:
@@ -336,9 +346,18 @@ def decode_sample(
         plan = build_vlm_plan(rec, [im.size for im in images], group.image_transform_args, ids_of)
     dataset, source_file, row_group, row_index = stream.source(pos)
     return LoadedSample(
-        group_index=group_index, group=stream.group, dataset=dataset, position=pos, cursor=stream.cursor(pos),
-        visit=visit, plan=plan, images=images, count=count_tokens(plan), source_file=source_file,
-        row_group=row_group, row_index=row_index,
+        group_index=group_index,
+        group=stream.group,
+        dataset=dataset,
+        position=pos,
+        cursor=stream.cursor(pos),
+        visit=visit,
+        plan=plan,
+        images=images,
+        count=count_tokens(plan),
+        source_file=source_file,
+        row_group=row_group,
+        row_index=row_index,
     )
 
 

@@ -117,9 +117,7 @@ def weights_file(model_dir: str | Path, which: str | None = None) -> Path:
     for name in names:
         if (d / name).is_file():
             return d / name
-    raise ConfigError(
-        f"{d}: no {' or '.join(names)} found; put the trained weights (safetensors) next to the configs"
-    )
+    raise ConfigError(f"{d}: no {' or '.join(names)} found; put the trained weights (safetensors) next to the configs")
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -133,9 +131,7 @@ def _listing(keys: list[str]) -> str:
     return f"{shown}{more}"
 
 
-def check_keys(
-    path: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str
-) -> None:
+def check_keys(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
     """Strict key and shape comparison; the error names missing/unexpected/mismatched keys."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -216,9 +212,7 @@ def load_model_dir(
     return model
 
 
-def load_vae(
-    model_dir: str | Path, cfg: BagelConfig | None = None, device: torch.device | str = "cpu"
-) -> AutoEncoder:
+def load_vae(model_dir: str | Path, cfg: BagelConfig | None = None, device: torch.device | str = "cpu") -> AutoEncoder:
     """FLUX VAE from ``ae.safetensors`` (kept in the file's dtype, frozen, eval mode)."""
     cfg = cfg or read_config(model_dir)
     path = Path(model_dir) / VAE_WEIGHTS

@@ -58,9 +58,7 @@ class Routing:
         return cls(und=None, gen=None, length=length)
 
     @classmethod
-    def from_gen_indexes(
-        cls, gen: Tensor, length: int, detach_und: bool = False, qk_fp32: bool = False
-    ) -> Routing:
+    def from_gen_indexes(cls, gen: Tensor, length: int, detach_und: bool = False, qk_fp32: bool = False) -> Routing:
         """Understanding expert everywhere except the given (VAE latent) positions."""
         if gen.numel() == 0:
             return cls(None, None, length, detach_und, qk_fp32)
@@ -75,9 +73,7 @@ class Routing:
     def only_gen(self) -> bool:
         return self.gen is not None and self.und is None
 
-    def apply(
-        self, x: Tensor, f_und: Callable[[Tensor], Tensor], f_gen: Callable[[Tensor], Tensor] | None
-    ) -> Tensor:
+    def apply(self, x: Tensor, f_und: Callable[[Tensor], Tensor], f_gen: Callable[[Tensor], Tensor] | None) -> Tensor:
         """Run ``f_und`` on understanding rows and ``f_gen`` on generation rows of ``x`` [n, ...]."""
         if f_gen is None or self.gen is None:
             out = f_und(x)
@@ -97,13 +93,10 @@ class Routing:
         return out.index_copy(0, self.und, out_und).index_copy(0, self.gen, out_gen.to(out_und.dtype))
 
 
-def rope_cos_sin(
-    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [n, hd] in fp32 from packed RoPE ids, cast to ``dtype``; inv_freq recomputed (never stored)."""
     inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
     )
     freqs = position_ids.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)

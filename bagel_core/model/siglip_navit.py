@@ -87,9 +87,7 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(
-        self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa"
-    ) -> Tensor:
+    def forward(self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa") -> Tensor:
         layout = PackedLayout.documents(seqlens, "full", device=patches.device)
         x = self.embeddings(patches, position_ids)
         for layer in self.encoder.layers:
@@ -105,8 +103,6 @@ class SiglipVisionModel(nn.Module):
         self.cfg = cfg
         self.vision_model = SiglipVisionTransformer(cfg)
 
-    def forward(
-        self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa"
-    ) -> Tensor:
+    def forward(self, patches: Tensor, position_ids: Tensor, seqlens: list[int], backend: str = "sdpa") -> Tensor:
         """patches [N, 588], ids [N] (row*70+col), seqlens patches per image -> features [N, D]."""
         return self.vision_model(patches, position_ids, seqlens, backend)

@@ -25,11 +25,14 @@ def add_packing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefer-buffer-before", type=int, default=defaults.prefer_buffer_before)
     parser.add_argument("--max-buffer-size", type=int, default=defaults.max_buffer_size)
     dropout = CfgDropout()
-    parser.add_argument("--cfg-text-dropout", type=float, default=dropout.text,
-                        help="simulated CFG drop probability of text items (0 disables)")
+    parser.add_argument(
+        "--cfg-text-dropout",
+        type=float,
+        default=dropout.text,
+        help="simulated CFG drop probability of text items (0 disables)",
+    )
     parser.add_argument("--cfg-vit-dropout", type=float, default=dropout.vit)
     parser.add_argument("--cfg-vae-dropout", type=float, default=dropout.vae)
-
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,8 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     plan.add_argument("--world-size", type=int, required=True)
     plan.add_argument("--num-workers", type=int, required=True)
     plan.add_argument("--seed", type=int, default=42, help="data_seed of the training run")
-    plan.add_argument("--stats", default=None,
-                      help="directory with token_stats.parquet (default: --out; computed there when missing)")
+    plan.add_argument(
+        "--stats", default=None, help="directory with token_stats.parquet (default: --out; computed there when missing)"
+    )
     plan.add_argument("--no-simulation", action="store_true", help="write the manifest only")
     add_packing_arguments(plan)
     plan.set_defaults(func=run_plan)
@@ -83,14 +87,24 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         if not (stats_dir / STATS_FILE).is_file():
             print(f"no {STATS_FILE} in {stats_dir}: computing statistics first")
-            compute_token_stats(registry, config, args.index, stats_dir, tokenizer_backend(args.tokenizer),
-                                max_num_tokens_per_sample=args.max_num_tokens_per_sample,
-                                max_latent_size=args.max_latent_size)
-        params = PackingParams(args.expected_num_tokens, args.max_num_tokens, args.max_num_tokens_per_sample,
-                               args.prefer_buffer_before, args.max_buffer_size)
+            compute_token_stats(
+                registry,
+                config,
+                args.index,
+                stats_dir,
+                tokenizer_backend(args.tokenizer),
+                max_num_tokens_per_sample=args.max_num_tokens_per_sample,
+                max_latent_size=args.max_latent_size,
+            )
+        params = PackingParams(
+            args.expected_num_tokens,
+            args.max_num_tokens,
+            args.max_num_tokens_per_sample,
+            args.prefer_buffer_before,
+            args.max_buffer_size,
+        )
         dropout = CfgDropout(args.cfg_text_dropout, args.cfg_vit_dropout, args.cfg_vae_dropout)
-        report = simulate_packing(manifest, config, pl.read_parquet(stats_dir / STATS_FILE), params,
-                                  dropout=dropout)
+        report = simulate_packing(manifest, config, pl.read_parquet(stats_dir / STATS_FILE), params, dropout=dropout)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -138,16 +138,31 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]
     cols: dict[str, list] = defaultdict(list)
     for (group, rank, worker), units in sorted(manifest.assignments.items(), key=lambda kv: kv[0][1:] + (kv[0][0],)):
         for position, unit in enumerate(units):
-            for key, value in (("group", group), ("task", manifest.groups[group]["task"]), ("dataset", unit.dataset),
-                               ("rank", rank), ("worker", worker), ("position", position),
-                               ("source_file", unit.source_file), ("row_group", unit.row_group),
-                               ("line", unit.line)):
+            for key, value in (
+                ("group", group),
+                ("task", manifest.groups[group]["task"]),
+                ("dataset", unit.dataset),
+                ("rank", rank),
+                ("worker", worker),
+                ("position", position),
+                ("source_file", unit.source_file),
+                ("row_group", unit.row_group),
+                ("line", unit.line),
+            ):
                 cols[key].append(value)
-    schema = pa.schema([
-        ("group", pa.string()), ("task", pa.string()), ("dataset", pa.string()), ("rank", pa.int32()),
-        ("worker", pa.int32()), ("position", pa.int64()), ("source_file", pa.string()), ("row_group", pa.int32()),
-        ("line", pa.int64()),
-    ])
+    schema = pa.schema(
+        [
+            ("group", pa.string()),
+            ("task", pa.string()),
+            ("dataset", pa.string()),
+            ("rank", pa.int32()),
+            ("worker", pa.int32()),
+            ("position", pa.int64()),
+            ("source_file", pa.string()),
+            ("row_group", pa.int32()),
+            ("line", pa.int64()),
+        ]
+    )
     table = pa.table({name: cols.get(name, []) for name in schema.names}, schema=schema)
     pq.write_table(table, out / MANIFEST_FILE)
     meta = {
@@ -196,11 +211,14 @@ def read_manifest(
                 "rebuild it with `bagel data plan`"
             )
     if not (0 <= rank < meta["world_size"]) or not (0 <= worker < max(meta["num_workers"], 1)):
-        raise ConfigError(f"rank {rank} / worker {worker} outside the manifest's {meta['world_size']} x "
-                          f"{meta['num_workers']} layout")
-    frame = pl.read_parquet(Path(manifest_dir) / MANIFEST_FILE).filter(
-        (pl.col("rank") == rank) & (pl.col("worker") == worker)
-    ).sort(["group", "position"])
+        raise ConfigError(
+            f"rank {rank} / worker {worker} outside the manifest's {meta['world_size']} x {meta['num_workers']} layout"
+        )
+    frame = (
+        pl.read_parquet(Path(manifest_dir) / MANIFEST_FILE)
+        .filter((pl.col("rank") == rank) & (pl.col("worker") == worker))
+        .sort(["group", "position"])
+    )
     out: dict[str, list[DataUnit]] = {g: [] for g in meta["groups"]}
     for rec in frame.iter_rows(named=True):
         out[rec["group"]].append(
@@ -212,12 +230,17 @@ def read_manifest(
 def format_manifest_table(manifest: Manifest) -> str:
     """Per-group table for the CLI."""
     head = f"{'group':<14} {'task':<5} {'units':>7} {'per rank':>9} {'per worker':>11} {'dropped':>8}  notes"
-    lines = [f"world_size {manifest.world_size}  num_workers {manifest.num_workers}  seed {manifest.seed}",
-             head, "-" * len(head)]
+    lines = [
+        f"world_size {manifest.world_size}  num_workers {manifest.num_workers}  seed {manifest.seed}",
+        head,
+        "-" * len(head),
+    ]
     for name, g in manifest.groups.items():
         dropped = g["dropped_at_rank_level"] + g["dropped_at_worker_level"]
-        lines.append(f"{name:<14} {g['task']:<5} {g['units']:>7} {g['per_rank']:>9} {g['per_worker']:>11} "
-                     f"{dropped:>8}  {'; '.join(g['notes'])}")
+        lines.append(
+            f"{name:<14} {g['task']:<5} {g['units']:>7} {g['per_rank']:>9} {g['per_worker']:>11} "
+            f"{dropped:>8}  {'; '.join(g['notes'])}"
+        )
     for problem in manifest.problems:
         lines.append(f"ERROR: {problem}")
     return "\n".join(lines)
@@ -231,15 +254,28 @@ def _norm(path: str) -> str:
 def _samples_by_unit(stats: pl.DataFrame) -> dict[tuple[str, int, int], list[SimSample]]:
     """Counted samples keyed by unit: (file, -1, -1) for T2I, (file, rg, -1) edit, (file, -1, line) VLM."""
     out: dict[tuple[str, int, int], list[SimSample]] = defaultdict(list)
-    missing = sorted({"variant_prob", "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit",
-                      "variant_cfg_vae"} - set(stats.columns))
+    missing = sorted(
+        {"variant_prob", "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae"}
+        - set(stats.columns)
+    )
     if missing:
-        raise DataError(f"token_stats.parquet lacks {missing} (written by an older version); "
-                        "re-run `bagel data stats`")
+        raise DataError(f"token_stats.parquet lacks {missing} (written by an older version); re-run `bagel data stats`")
     ordered = stats.sort(["source_file", "row_group", "row_index"])
-    for rec in ordered.select(["dataset", "task", "source_file", "row_group", "row_index", "variant_prob",
-                               "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit",
-                               "variant_cfg_vae"]).iter_rows():
+    for rec in ordered.select(
+        [
+            "dataset",
+            "task",
+            "source_file",
+            "row_group",
+            "row_index",
+            "variant_prob",
+            "variant_est",
+            "variant_total",
+            "variant_cfg_text",
+            "variant_cfg_vit",
+            "variant_cfg_vae",
+        ]
+    ).iter_rows():
         dataset, task, source, rg, row, probs, ests, totals, c_text, c_vit, c_vae = rec
         running, cum = 0.0, []
         for p in probs:
@@ -324,21 +360,35 @@ def simulate_packing(
                 task = manifest.groups[name]["task"]
                 units = manifest.assignments[(name, rank, worker)]
                 samples.append([s for u in units for s in by_unit.get(_unit_key(task, u), [])])
-            sims.append(simulate_worker(params, names, weights, mandatory, samples,
-                                        manifest.seed if seed is None else seed, rank, worker, max_packs_per_worker,
-                                        dropout))
+            sims.append(
+                simulate_worker(
+                    params,
+                    names,
+                    weights,
+                    mandatory,
+                    samples,
+                    manifest.seed if seed is None else seed,
+                    rank,
+                    worker,
+                    max_packs_per_worker,
+                    dropout,
+                )
+            )
     report = _report(sims, manifest, dataset_config, params, dropout)
     if stats.height:
         cap = params.max_num_tokens_per_sample
-        report.samples_over_cap_sometimes = int(stats.select(
-            pl.col("variant_est").list.max().gt(cap).sum()).item())
-        report.samples_over_cap_always = int(stats.select(
-            pl.col("variant_est").list.min().gt(cap).sum()).item())
+        report.samples_over_cap_sometimes = int(stats.select(pl.col("variant_est").list.max().gt(cap).sum()).item())
+        report.samples_over_cap_always = int(stats.select(pl.col("variant_est").list.min().gt(cap).sum()).item())
     return report
 
 
-def _report(sims: list[WorkerSimulation], manifest: Manifest, dataset_config: DatasetConfig,
-            params: PackingParams, dropout: CfgDropout) -> PackingReport:
+def _report(
+    sims: list[WorkerSimulation],
+    manifest: Manifest,
+    dataset_config: DatasetConfig,
+    params: PackingParams,
+    dropout: CfgDropout,
+) -> PackingReport:
     lengths = [n for s in sims for n in s.pack_lengths]
     packs = len(lengths)
     steps = 0
@@ -358,68 +408,103 @@ def _report(sims: list[WorkerSimulation], manifest: Manifest, dataset_config: Da
     total_tokens = sum(tokens_by_group.values()) or 1
     total_weight = sum(g.weight for g in dataset_config.groups.values())
     group_share = [
-        {"group": name, "weight_share": g.weight / total_weight, "mandatory": g.is_mandatory,
-         "token_share": tokens_by_group.get(name, 0) / total_tokens, "tokens": tokens_by_group.get(name, 0),
-         "samples": samples_by_group.get(name, 0)}
+        {
+            "group": name,
+            "weight_share": g.weight / total_weight,
+            "mandatory": g.is_mandatory,
+            "token_share": tokens_by_group.get(name, 0) / total_tokens,
+            "tokens": tokens_by_group.get(name, 0),
+            "samples": samples_by_group.get(name, 0),
+        }
         for name, g in dataset_config.groups.items()
     ]
     group_of = {d: name for name, g in dataset_config.groups.items() for d in g.dataset_names}
     dataset_share = [
-        {"dataset": d, "group": group_of.get(d, "?"), "tokens": t, "token_share": t / total_tokens,
-         "group_weight_share": dataset_config.groups[group_of[d]].weight / total_weight if d in group_of else None}
+        {
+            "dataset": d,
+            "group": group_of.get(d, "?"),
+            "tokens": t,
+            "token_share": t / total_tokens,
+            "group_weight_share": dataset_config.groups[group_of[d]].weight / total_weight if d in group_of else None,
+        }
         for d, t in sorted(tokens_by_dataset.items())
     ]
     pads = [params.max_num_tokens - n for n in lengths]
     workers = [
-        {"rank": s.rank, "worker": s.worker, "packs": len(s.pack_lengths), "overflow_flushes": s.overflow_flushes,
-         "packed_samples": s.packed_samples, "skipped_over_cap": s.skipped_cap,
-         "discarded_on_overflow": s.discarded_overflow, "max_buffer": s.max_buffer,
-         "first_pass_pack": s.first_pass_pack, "truncated": s.truncated}
+        {
+            "rank": s.rank,
+            "worker": s.worker,
+            "packs": len(s.pack_lengths),
+            "overflow_flushes": s.overflow_flushes,
+            "packed_samples": s.packed_samples,
+            "skipped_over_cap": s.skipped_cap,
+            "discarded_on_overflow": s.discarded_overflow,
+            "max_buffer": s.max_buffer,
+            "first_pass_pack": s.first_pass_pack,
+            "truncated": s.truncated,
+        }
         for s in sims
     ]
     return PackingReport(
-        params=asdict(params), cfg_dropout=asdict(dropout), workers=workers, packs=packs, steps_per_epoch=steps,
+        params=asdict(params),
+        cfg_dropout=asdict(dropout),
+        workers=workers,
+        packs=packs,
+        steps_per_epoch=steps,
         mean_fill=(sum(lengths) / packs / params.expected_num_tokens) if packs else 0.0,
         mean_length=(sum(lengths) / packs) if packs else 0.0,
-        min_length=min(lengths) if lengths else 0, max_length=max(lengths) if lengths else 0,
+        min_length=min(lengths) if lengths else 0,
+        max_length=max(lengths) if lengths else 0,
         flex_padding_fraction=(sum(pads) / (packs * params.max_num_tokens)) if packs else 0.0,
         negative_padding_packs=sum(1 for p in pads if p < 0),
         overflow_flushes=sum(s.overflow_flushes for s in sims),
         skipped_over_cap=sum(s.skipped_cap for s in sims),
         skipped_over_cap_mandatory=sum(s.skipped_cap_mandatory for s in sims),
         discarded_on_overflow=sum(s.discarded_overflow for s in sims),
-        buffered=sum(s.buffered for s in sims), group_share=group_share, dataset_share=dataset_share,
-        truncated_workers=sum(1 for s in sims if s.truncated), pack_lengths=lengths,
+        buffered=sum(s.buffered for s in sims),
+        group_share=group_share,
+        dataset_share=dataset_share,
+        truncated_workers=sum(1 for s in sims if s.truncated),
+        pack_lengths=lengths,
     )
 
 
 def format_packing_table(report: PackingReport) -> str:
     """The simulation as the CLI prints it (same numbers as the Dagster metadata)."""
     p = report.params
+    lengths = f"{report.mean_length:>10.1f} / {report.min_length} / {report.max_length}"
     lines = [
-        (f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
-         f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
-         f"max_buffer_size {p['max_buffer_size']}; CFG dropout text/vit/vae "
-         f"{report.cfg_dropout['text']}/{report.cfg_dropout['vit']}/{report.cfg_dropout['vae']})"),
+        (
+            f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
+            f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
+            f"max_buffer_size {p['max_buffer_size']}; CFG dropout text/vit/vae "
+            f"{report.cfg_dropout['text']}/{report.cfg_dropout['vit']}/{report.cfg_dropout['vae']})"
+        ),
         f"  packs per epoch (all ranks/workers) {report.packs:>10}",
         f"  steps per epoch                     {report.steps_per_epoch:>10}",
         f"  mean fill vs expected_num_tokens    {report.mean_fill:>10.3f}",
-        f"  pack length mean / min / max        {report.mean_length:>10.1f} / {report.min_length} / {report.max_length}",
+        f"  pack length mean / min / max        {lengths}",
         f"  flex padding waste                  {report.flex_padding_fraction:>10.3%}",
         f"  packs over max_num_tokens           {report.negative_padding_packs:>10}",
         f"  overflow flushes                    {report.overflow_flushes:>10}",
-        (f"  samples skipped (over cap)          {report.skipped_over_cap:>10}  "
-         f"(mandatory fill: {report.skipped_over_cap_mandatory})"),
-        (f"  distinct samples over the cap       {report.samples_over_cap_sometimes:>10}  "
-         f"(in every variant: {report.samples_over_cap_always})"),
+        (
+            f"  samples skipped (over cap)          {report.skipped_over_cap:>10}  "
+            f"(mandatory fill: {report.skipped_over_cap_mandatory})"
+        ),
+        (
+            f"  distinct samples over the cap       {report.samples_over_cap_sometimes:>10}  "
+            f"(in every variant: {report.samples_over_cap_always})"
+        ),
         f"  samples discarded on overflow flush {report.discarded_on_overflow:>10}",
         f"  samples buffered                    {report.buffered:>10}",
         f"  {'group':<14} {'weight share':>12} {'token share':>12} {'tokens':>12} {'samples':>9}",
     ]
     for g in report.group_share:
         mark = " (mandatory)" if g["mandatory"] else ""
-        lines.append(f"  {g['group']:<14} {g['weight_share']:>12.3f} {g['token_share']:>12.3f} {g['tokens']:>12} "
-                     f"{g['samples']:>9}{mark}")
+        lines.append(
+            f"  {g['group']:<14} {g['weight_share']:>12.3f} {g['token_share']:>12.3f} {g['tokens']:>12} "
+            f"{g['samples']:>9}{mark}"
+        )
     for d in report.dataset_share:
         lines.append(f"    dataset {d['dataset']:<20} token share {d['token_share']:.3f}")
     if report.truncated_workers:

@@ -304,7 +304,13 @@ def simulate_worker(
     result = WorkerSimulation(rank, worker)
     buffer_size = 0
     for event in pack_events(
-        params, weights, mandatory, lambda g: streams[g].next(), lambda d: d.estimate, lambda d: d.real_tokens(rng, dropout), rng
+        params,
+        weights,
+        mandatory,
+        lambda g: streams[g].next(),
+        lambda d: d.estimate,
+        lambda d: d.real_tokens(rng, dropout),
+        rng,
     ):
         if isinstance(event, Packed):
             name = groups[event.group]

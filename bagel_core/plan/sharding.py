@@ -154,7 +154,7 @@ def shuffled_units(units: Sequence[DataUnit], seed: int = DEFAULT_DATA_SEED) -> 
 def rank_slice(shuffled: Sequence[DataUnit], world_size: int, rank: int) -> list[DataUnit]:
     """Rank ``rank``'s units; the last ``U % world_size`` units belong to nobody."""
     per_rank = len(shuffled) // world_size
-    return list(shuffled[rank * per_rank:(rank + 1) * per_rank])
+    return list(shuffled[rank * per_rank : (rank + 1) * per_rank])
 
 
 def worker_slice(rank_units: Sequence[DataUnit], num_workers: int, worker: int) -> list[DataUnit]:
@@ -162,7 +162,7 @@ def worker_slice(rank_units: Sequence[DataUnit], num_workers: int, worker: int) 
     if num_workers == 0:
         return list(rank_units)
     per_worker = len(rank_units) // num_workers
-    return list(rank_units[worker * per_worker:(worker + 1) * per_worker])[::-1]
+    return list(rank_units[worker * per_worker : (worker + 1) * per_worker])[::-1]
 
 
 def slots(world_size: int, num_workers: int) -> int:
@@ -195,7 +195,9 @@ def capacity_problem(group: str, task: str, num_units: int, world_size: int, num
     )
 
 
-def check_capacity(config: DatasetConfig, listings: dict[str, GroupUnits], world_size: int, num_workers: int) -> list[str]:
+def check_capacity(
+    config: DatasetConfig, listings: dict[str, GroupUnits], world_size: int, num_workers: int
+) -> list[str]:
     """Every group's problem message (empty when all groups satisfy units >= ranks x workers)."""
     if world_size < 1 or num_workers < 0:
         raise ConfigError(f"world_size must be >= 1 and num_workers >= 0, got {world_size}, {num_workers}")

@@ -17,9 +17,7 @@ def patchify(image: Tensor, patch_size: int) -> Tensor:
     """
     c, h, w = image.shape
     x = image.reshape(c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return x.permute(1, 3, 2, 4, 0).reshape(
-        (h // patch_size) * (w // patch_size), patch_size * patch_size * c
-    )
+    return x.permute(1, 3, 2, 4, 0).reshape((h // patch_size) * (w // patch_size), patch_size * patch_size * c)
 
 
 def grid_position_ids(rows: int, cols: int, side: int, device: torch.device | str | None = None) -> Tensor:
@@ -29,9 +27,7 @@ def grid_position_ids(rows: int, cols: int, side: int, device: torch.device | st
     return (r * side + c).reshape(-1)
 
 
-def interpolated_position_ids(
-    rows: int, cols: int, side: int, device: torch.device | str | None = None
-) -> Tensor:
+def interpolated_position_ids(rows: int, cols: int, side: int, device: torch.device | str | None = None) -> Tensor:
     """2-D ids for ``interpolate_pos``: buckets of the fractional coordinates among 1/M..(M-1)/M.
 
     Coordinates and boundaries are fp32 ``arange`` grids (step 1/n and 1/M), as upstream builds

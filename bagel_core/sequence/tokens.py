@@ -114,7 +114,11 @@ class PlanItem(NamedTuple):
         cls, size: tuple[int, int], stride: int, image_index: int, loss: bool = False, enable_cfg: bool = False
     ) -> PlanItem:
         return cls(
-            VAE_IMAGE, loss=loss, enable_cfg=enable_cfg, image_size=size, image_stride=stride,
+            VAE_IMAGE,
+            loss=loss,
+            enable_cfg=enable_cfg,
+            image_size=size,
+            image_stride=stride,
             image_index=image_index,
         )
 
@@ -203,9 +207,18 @@ def count_tokens(plan: SamplePlan, dropped: Iterable[int] = ()) -> TokenCount:
     for width, height, stride in plan.unplaced_images:
         estimate += width * height // (stride * stride)
     return TokenCount(
-        text_tokens=text, vit_tokens=vit, vae_tokens=vae, estimate=estimate, num_items=len(plan.items),
-        ce_tokens=ce, mse_tokens=mse, max_vit_side=max_vit_side, max_latent_side=max_latent_side,
-        cfg_text=tuple(cfg_text), cfg_vit=tuple(cfg_vit), cfg_vae=tuple(cfg_vae),
+        text_tokens=text,
+        vit_tokens=vit,
+        vae_tokens=vae,
+        estimate=estimate,
+        num_items=len(plan.items),
+        ce_tokens=ce,
+        mse_tokens=mse,
+        max_vit_side=max_vit_side,
+        max_latent_side=max_latent_side,
+        cfg_text=tuple(cfg_text),
+        cfg_vit=tuple(cfg_vit),
+        cfg_vae=tuple(cfg_vae),
     )
 
 
@@ -257,10 +270,12 @@ def t2i_caption_texts(captions: Any) -> list[str]:
 def build_t2i_plan(caption_ids: Sequence[int], image_size: tuple[int, int], vae_args: ImageTransformArgs) -> SamplePlan:
     """T2I: caption (cfg) then the target as a noised VAE image (loss)."""
     size = resized(vae_args, image_size[0], image_size[1])
-    return SamplePlan((
-        PlanItem.text(caption_ids, loss=False, enable_cfg=True),
-        PlanItem.vae(size, vae_args.image_stride, 0, loss=True, enable_cfg=False),
-    ))
+    return SamplePlan(
+        (
+            PlanItem.text(caption_ids, loss=False, enable_cfg=True),
+            PlanItem.vae(size, vae_args.image_stride, 0, loss=True, enable_cfg=False),
+        )
+    )
 
 
 def t2i_plan_variants(
@@ -319,7 +334,10 @@ def edit_span_distribution(num_images: int) -> tuple[tuple[Fraction, EditSpan], 
         for end in ends:
             if end - start > 1:
                 concat_end = end - 1 if end == num_images - 1 else end
-                for span, p in ((EditSpan(start, concat_end, True), p_end / 2), (EditSpan(start, end, False), p_end / 2)):
+                for span, p in (
+                    (EditSpan(start, concat_end, True), p_end / 2),
+                    (EditSpan(start, end, False), p_end / 2),
+                ):
                     spans[span] = spans.get(span, Fraction(0)) + p
             else:
                 span = EditSpan(start, end, False)
@@ -472,9 +490,7 @@ def vlm_image_names(record: dict[str, Any]) -> list[str]:
             raise SampleRejected("'image' must be a path string or a list of path strings")
         return list(names)
     if "video" in record:
-        raise SampleRejected(
-            "video record: the frame count is drawn at random and needs decoding; not counted"
-        )
+        raise SampleRejected("video record: the frame count is drawn at random and needs decoding; not counted")
     return []
 
 

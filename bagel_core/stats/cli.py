@@ -23,7 +23,6 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-latent-size", type=int, default=DEFAULT_MAX_LATENT_SIZE)
 
 
-
 def tokenizer_backend(path: str | None) -> Any:
     """The fast tokenizer (bundled Qwen2.5 unless ``path`` names a folder) the statistics use."""
     from bagel_core.data.tokenizer import load_tokenizer
@@ -53,22 +52,31 @@ def run_stats(args: argparse.Namespace) -> int:
     try:
         registry, config = Registry.load(args.registry), load_dataset_config(args.dataset_config)
         result = compute_token_stats(
-            registry, config, args.index, args.out, tokenizer_backend(args.tokenizer),
-            max_num_tokens_per_sample=args.max_num_tokens_per_sample, max_latent_size=args.max_latent_size,
+            registry,
+            config,
+            args.index,
+            args.out,
+            tokenizer_backend(args.tokenizer),
+            max_num_tokens_per_sample=args.max_num_tokens_per_sample,
+            max_latent_size=args.max_latent_size,
             batch_size=args.batch_size,
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary_table(result.summary))
-    print(f"\ncounted {result.num_counted} samples in {result.seconds:.1f}s "
-          f"({result.num_counted / max(result.seconds, 1e-9):.0f} samples/s); skipped {result.num_skipped} "
-          f"{result.skipped_reasons or ''}; quarantined in index {result.num_quarantined}; "
-          f"not in dataset config {result.num_not_configured}")
+    print(
+        f"\ncounted {result.num_counted} samples in {result.seconds:.1f}s "
+        f"({result.num_counted / max(result.seconds, 1e-9):.0f} samples/s); skipped {result.num_skipped} "
+        f"{result.skipped_reasons or ''}; quarantined in index {result.num_quarantined}; "
+        f"not in dataset config {result.num_not_configured}"
+    )
     if result.num_over_cap or result.num_latent_overflow or result.num_vit_overflow:
-        print(f"\n{result.num_over_cap} sample(s) over max_num_tokens_per_sample {args.max_num_tokens_per_sample}, "
-              f"{result.num_latent_overflow} over max_latent_size {args.max_latent_size}, "
-              f"{result.num_vit_overflow} over 70 ViT patches per side; first 20:")
+        print(
+            f"\n{result.num_over_cap} sample(s) over max_num_tokens_per_sample {args.max_num_tokens_per_sample}, "
+            f"{result.num_latent_overflow} over max_latent_size {args.max_latent_size}, "
+            f"{result.num_vit_overflow} over 70 ViT patches per side; first 20:"
+        )
         print(over_cap_rows(pl.read_parquet(result.stats_path), 20))
     print(f"\nwrote {result.stats_path}")
     return 0

@@ -70,7 +70,8 @@ COUNT_COLUMNS = ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens")
 
 # ---- index ---------------------------------------------------------------------------------------
 def index_files(index: str | Path) -> list[Path]:
-    """The index parquet file(s): a file, ``DIR/index.parquet``, or the per-dataset ``DIR/datasets/*/*/index.parquet``."""
+    """The index parquet file(s): a file, ``DIR/index.parquet``, or the per-dataset
+    ``DIR/datasets/*/*/index.parquet``."""
     path = Path(index)
     if path.is_file():
         return [path]
@@ -191,9 +192,15 @@ def iter_samples(ok_rows: pl.DataFrame) -> Iterator[SampleRef]:
         for rec in part.iter_rows(named=True):
             key = (rec["row_group"], rec["row_index"])
             yield SampleRef(
-                dataset=rec["dataset"], group=rec["group"], task=rec["task"], source_file=source_file,
-                row_group=rec["row_group"], row_index=rec["row_index"], file_row=rec["file_row"],
-                image_sizes=[(int(w), int(h)) for w, h in (rec["image_sizes"] or [])], payload=payloads[key],
+                dataset=rec["dataset"],
+                group=rec["group"],
+                task=rec["task"],
+                source_file=source_file,
+                row_group=rec["row_group"],
+                row_index=rec["row_index"],
+                file_row=rec["file_row"],
+                image_sizes=[(int(w), int(h)) for w, h in (rec["image_sizes"] or [])],
+                payload=payloads[key],
             )
 
 
@@ -249,12 +256,38 @@ class _Columns:
     """Column buffers of token_stats.parquet (appending to lists beats building per-row dicts)."""
 
     NAMES = (
-        "dataset", "group", "task", "source_file", "row_group", "row_index", "file_row",
-        "text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens",
-        "total_tokens_min", "total_tokens_mean", "est_tokens_min", "est_tokens_mean",
-        "ce_tokens", "mse_tokens", "num_items", "num_variants", "max_vit_side", "max_latent_side",
-        "over_cap", "over_cap_always", "latent_overflow", "vit_overflow",
-        "variant_prob", "variant_est", "variant_total", "variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae",
+        "dataset",
+        "group",
+        "task",
+        "source_file",
+        "row_group",
+        "row_index",
+        "file_row",
+        "text_tokens",
+        "vit_tokens",
+        "vae_tokens",
+        "total_tokens",
+        "est_tokens",
+        "total_tokens_min",
+        "total_tokens_mean",
+        "est_tokens_min",
+        "est_tokens_mean",
+        "ce_tokens",
+        "mse_tokens",
+        "num_items",
+        "num_variants",
+        "max_vit_side",
+        "max_latent_side",
+        "over_cap",
+        "over_cap_always",
+        "latent_overflow",
+        "vit_overflow",
+        "variant_prob",
+        "variant_est",
+        "variant_total",
+        "variant_cfg_text",
+        "variant_cfg_vit",
+        "variant_cfg_vae",
     )
 
     def __init__(self) -> None:
@@ -263,34 +296,67 @@ class _Columns:
     def add(self, s: SampleRef, cost: SampleCost, cap: int, max_latent: int) -> None:
         w = cost.worst
         values = (
-            s.dataset, s.group, s.task, s.source_file, s.row_group, s.row_index, s.file_row,
-            w.text_tokens, w.vit_tokens, w.vae_tokens, w.total, w.estimate,
-            cost.total_min, cost.total_mean, cost.estimate_min, cost.estimate_mean,
-            w.ce_tokens, w.mse_tokens, w.num_items, len(cost.counts),
-            max(c.max_vit_side for c in cost.counts), max(c.max_latent_side for c in cost.counts),
-            w.estimate > cap, cost.estimate_min > cap,
+            s.dataset,
+            s.group,
+            s.task,
+            s.source_file,
+            s.row_group,
+            s.row_index,
+            s.file_row,
+            w.text_tokens,
+            w.vit_tokens,
+            w.vae_tokens,
+            w.total,
+            w.estimate,
+            cost.total_min,
+            cost.total_mean,
+            cost.estimate_min,
+            cost.estimate_mean,
+            w.ce_tokens,
+            w.mse_tokens,
+            w.num_items,
+            len(cost.counts),
+            max(c.max_vit_side for c in cost.counts),
+            max(c.max_latent_side for c in cost.counts),
+            w.estimate > cap,
+            cost.estimate_min > cap,
             max(c.max_latent_side for c in cost.counts) > max_latent,
             max(c.max_vit_side for c in cost.counts) > VIT_MAX_PATCHES_PER_SIDE,
-            list(cost.probs), [c.estimate for c in cost.counts], [c.total for c in cost.counts],
-            [list(c.cfg_text) for c in cost.counts], [list(c.cfg_vit) for c in cost.counts],
+            list(cost.probs),
+            [c.estimate for c in cost.counts],
+            [c.total for c in cost.counts],
+            [list(c.cfg_text) for c in cost.counts],
+            [list(c.cfg_vit) for c in cost.counts],
             [list(c.cfg_vae) for c in cost.counts],
         )
         for name, value in zip(self.NAMES, values):
             self.data[name].append(value)
 
-    SCHEMA = pa.schema([
-        ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
-        ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()),
-        *[(n, pa.int64()) for n in ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens",
-                                    "total_tokens_min")],
-        ("total_tokens_mean", pa.float64()), ("est_tokens_min", pa.int64()), ("est_tokens_mean", pa.float64()),
-        *[(n, pa.int64()) for n in ("ce_tokens", "mse_tokens")],
-        *[(n, pa.int32()) for n in ("num_items", "num_variants", "max_vit_side", "max_latent_side")],
-        *[(n, pa.bool_()) for n in ("over_cap", "over_cap_always", "latent_overflow", "vit_overflow")],
-        ("variant_prob", pa.list_(pa.float64())), ("variant_est", pa.list_(pa.int64())),
-        ("variant_total", pa.list_(pa.int64())),
-        *[(n, pa.list_(pa.list_(pa.int64()))) for n in ("variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae")],
-    ])
+    SCHEMA = pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("group", pa.string()),
+            ("task", pa.string()),
+            ("source_file", pa.string()),
+            ("row_group", pa.int32()),
+            ("row_index", pa.int64()),
+            ("file_row", pa.int64()),
+            *[
+                (n, pa.int64())
+                for n in ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens", "total_tokens_min")
+            ],
+            ("total_tokens_mean", pa.float64()),
+            ("est_tokens_min", pa.int64()),
+            ("est_tokens_mean", pa.float64()),
+            *[(n, pa.int64()) for n in ("ce_tokens", "mse_tokens")],
+            *[(n, pa.int32()) for n in ("num_items", "num_variants", "max_vit_side", "max_latent_side")],
+            *[(n, pa.bool_()) for n in ("over_cap", "over_cap_always", "latent_overflow", "vit_overflow")],
+            ("variant_prob", pa.list_(pa.float64())),
+            ("variant_est", pa.list_(pa.int64())),
+            ("variant_total", pa.list_(pa.int64())),
+            *[(n, pa.list_(pa.list_(pa.int64()))) for n in ("variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae")],
+        ]
+    )
 
     def write_to(self, writer: pq.ParquetWriter) -> None:
         """Append the buffered rows to the parquet file and start a new buffer (bounded memory)."""
@@ -304,8 +370,9 @@ def _group_for(dataset_config: DatasetConfig) -> dict[tuple[str, str], GroupConf
     for group in dataset_config.groups.values():
         check_strides(
             group.image_transform_args if group.task in ("t2i", "edit") else None,
-            group.vit_image_transform_args if group.task == "edit" else (
-                group.image_transform_args if group.task == "vlm" else None),
+            group.vit_image_transform_args
+            if group.task == "edit"
+            else (group.image_transform_args if group.task == "vlm" else None),
             f"{dataset_config.source or '<dataset config>'}: {group.group}",
         )
         for name in group.dataset_names:
@@ -345,8 +412,9 @@ def compute_token_stats(
     tmp_stats = out / f".{STATS_FILE}.{os.getpid()}.tmp"
     writer = pq.ParquetWriter(tmp_stats, _Columns.SCHEMA)
     columns = _Columns()
-    skipped: dict[str, list] = {k: [] for k in ("dataset", "group", "task", "source_file", "row_group", "row_index",
-                                                "file_row", "reason")}
+    skipped: dict[str, list] = {
+        k: [] for k in ("dataset", "group", "task", "source_file", "row_group", "row_index", "file_row", "reason")
+    }
     texts = BatchedTextIds(tokenizer_backend)
     total = ok_rows.height
     done = 0
@@ -362,9 +430,16 @@ def compute_token_stats(
             try:
                 cost = summarise_variants(sample_variants(s, groups[(s.group, s.dataset)], texts.lookup))
             except SampleRejected as exc:
-                for key, value in (("dataset", s.dataset), ("group", s.group), ("task", s.task),
-                                   ("source_file", s.source_file), ("row_group", s.row_group),
-                                   ("row_index", s.row_index), ("file_row", s.file_row), ("reason", exc.reason)):
+                for key, value in (
+                    ("dataset", s.dataset),
+                    ("group", s.group),
+                    ("task", s.task),
+                    ("source_file", s.source_file),
+                    ("row_group", s.row_group),
+                    ("row_index", s.row_index),
+                    ("file_row", s.file_row),
+                    ("reason", exc.reason),
+                ):
                     skipped[key].append(value)
                 continue
             columns.add(s, cost, max_num_tokens_per_sample, max_latent_size)
@@ -389,10 +464,21 @@ def compute_token_stats(
     finally:
         writer.close()
     os.replace(tmp_stats, out / STATS_FILE)
-    skipped_table = pa.table(skipped, schema=pa.schema([
-        ("dataset", pa.string()), ("group", pa.string()), ("task", pa.string()), ("source_file", pa.string()),
-        ("row_group", pa.int32()), ("row_index", pa.int64()), ("file_row", pa.int64()), ("reason", pa.string()),
-    ]))
+    skipped_table = pa.table(
+        skipped,
+        schema=pa.schema(
+            [
+                ("dataset", pa.string()),
+                ("group", pa.string()),
+                ("task", pa.string()),
+                ("source_file", pa.string()),
+                ("row_group", pa.int32()),
+                ("row_index", pa.int64()),
+                ("file_row", pa.int64()),
+                ("reason", pa.string()),
+            ]
+        ),
+    )
     pq.write_table(skipped_table, out / SKIPPED_FILE)
     stats = pl.read_parquet(out / STATS_FILE)
     summary = summarise(stats, quarantined, pl.from_arrow(skipped_table))
@@ -401,14 +487,22 @@ def compute_token_stats(
     for reason in skipped["reason"]:
         reasons[reason] += 1
     result = TokenStatsResult(
-        out_dir=out, stats_path=out / STATS_FILE, skipped_path=out / SKIPPED_FILE, summary_path=out / SUMMARY_FILE,
-        summary=summary, num_counted=stats.height, num_skipped=skipped_table.num_rows,
-        num_quarantined=quarantined.height, num_not_configured=not_configured.height,
+        out_dir=out,
+        stats_path=out / STATS_FILE,
+        skipped_path=out / SKIPPED_FILE,
+        summary_path=out / SUMMARY_FILE,
+        summary=summary,
+        num_counted=stats.height,
+        num_skipped=skipped_table.num_rows,
+        num_quarantined=quarantined.height,
+        num_not_configured=not_configured.height,
         num_over_cap=int(stats["over_cap"].sum()) if stats.height else 0,
         num_latent_overflow=int(stats["latent_overflow"].sum()) if stats.height else 0,
         num_vit_overflow=int(stats["vit_overflow"].sum()) if stats.height else 0,
-        texts_encoded=texts.texts_encoded, seconds=time.perf_counter() - started,
-        max_num_tokens_per_sample=max_num_tokens_per_sample, max_latent_size=max_latent_size,
+        texts_encoded=texts.texts_encoded,
+        seconds=time.perf_counter() - started,
+        max_num_tokens_per_sample=max_num_tokens_per_sample,
+        max_latent_size=max_latent_size,
         skipped_reasons=dict(reasons),
     )
     (out / SUMMARY_JSON).write_text(json.dumps(result_to_json(result, stats), indent=2))
@@ -440,7 +534,8 @@ def summarise(stats: pl.DataFrame, quarantined: pl.DataFrame, skipped: pl.DataFr
     extra = []
     for name, frame in (("quarantined", quarantined), ("skipped", skipped)):
         counts = (
-            frame.group_by(["dataset", "task"]).agg(pl.len().alias(name)) if frame.height
+            frame.group_by(["dataset", "task"]).agg(pl.len().alias(name))
+            if frame.height
             else pl.DataFrame(schema={"dataset": pl.String, "task": pl.String, name: pl.UInt32})
         )
         extra.append(counts)
@@ -452,10 +547,28 @@ def summarise(stats: pl.DataFrame, quarantined: pl.DataFrame, skipped: pl.DataFr
 
 def over_cap_rows(stats: pl.DataFrame, limit: int | None = None) -> pl.DataFrame:
     """Samples whose worst-case estimate exceeds the per-sample cap (largest first)."""
-    rows = stats.filter(pl.col("over_cap") | pl.col("latent_overflow") | pl.col("vit_overflow")).select(
-        ["dataset", "task", "source_file", "row_group", "row_index", "est_tokens", "est_tokens_min", "total_tokens",
-         "max_latent_side", "max_vit_side", "over_cap", "over_cap_always", "latent_overflow", "vit_overflow"]
-    ).sort("est_tokens", descending=True)
+    rows = (
+        stats.filter(pl.col("over_cap") | pl.col("latent_overflow") | pl.col("vit_overflow"))
+        .select(
+            [
+                "dataset",
+                "task",
+                "source_file",
+                "row_group",
+                "row_index",
+                "est_tokens",
+                "est_tokens_min",
+                "total_tokens",
+                "max_latent_side",
+                "max_vit_side",
+                "over_cap",
+                "over_cap_always",
+                "latent_overflow",
+                "vit_overflow",
+            ]
+        )
+        .sort("est_tokens", descending=True)
+    )
     return rows.head(limit) if limit is not None else rows
 
 
@@ -473,7 +586,7 @@ def result_to_json(result: TokenStatsResult, stats: pl.DataFrame) -> dict[str, A
         "latent_overflow": result.num_latent_overflow,
         "vit_overflow": result.num_vit_overflow,
         "convention": "worst-case variant (largest packer estimate) per sample; min and expected also "
-                      "reported; no CFG dropout; see bagel_core.data.tokens",
+        "reported; no CFG dropout; see bagel_core.data.tokens",
         "per_dataset": result.summary.to_dicts(),
         "violations_first_100": over_cap_rows(stats, 100).to_dicts() if stats.height else [],
     }
@@ -481,8 +594,10 @@ def result_to_json(result: TokenStatsResult, stats: pl.DataFrame) -> dict[str, A
 
 def format_summary_table(summary: pl.DataFrame) -> str:
     """Plain-text table for the CLI: one line per (dataset, task, column)."""
-    head = f"{'dataset':<20} {'task':<5} {'column':<13} {'count':>7} {'sum':>12} {'mean':>9} " \
-           f"{'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}"
+    head = (
+        f"{'dataset':<20} {'task':<5} {'column':<13} {'count':>7} {'sum':>12} {'mean':>9} "
+        f"{'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}"
+    )
     lines = [head, "-" * len(head)]
     for row in summary.to_dicts():
         for col in COUNT_COLUMNS:

@@ -23,9 +23,11 @@ def cli(argv: list[str] | None = None) -> int:
             return 0
         world_size = world_size_from_env() or 1
         if world_size > 1:
-            raise ConfigError(f"WORLD_SIZE={world_size}: this trainer runs a single process so far (the "
-                              f"torchrun/FSDP trainer is not in place); launch with --nproc_per_node=1 "
-                              f"--nnodes=1, or add --dry_run to only validate the arguments")
+            raise ConfigError(
+                f"WORLD_SIZE={world_size}: this trainer runs a single process so far (the "
+                f"torchrun/FSDP trainer is not in place); launch with --nproc_per_node=1 "
+                f"--nnodes=1, or add --dry_run to only validate the arguments"
+            )
         from bagel_core.train.loop import main
 
         main(cfg)

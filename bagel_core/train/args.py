@@ -52,61 +52,85 @@ class ModelArguments:
     _argument_group_name: ClassVar[str] = "model arguments"
 
     model_path: str = _arg("hf/BAGEL-7B-MoT", "Path of the pretrained BAGEL model.")
-    llm_path: str = _arg("hf/Qwen2.5-0.5B-Instruct/",
-                         "Path or HuggingFace repo ID of the pretrained Qwen2-style language model.")
+    llm_path: str = _arg(
+        "hf/Qwen2.5-0.5B-Instruct/", "Path or HuggingFace repo ID of the pretrained Qwen2-style language model."
+    )
     llm_qk_norm: bool = _arg(True, "Enable QK LayerNorm (qk_norm) inside the attention blocks.")
     tie_word_embeddings: bool = _arg(False, "Share input and output word embeddings (tied embeddings).")
     layer_module: str = _arg("Qwen2MoTDecoderLayer", "Python class name of the decoder layer to instantiate.")
-    vae_path: str = _arg("flux/vae/ae.safetensors",
-                         "Path to the pretrained VAE checkpoint for latent-space image generation.")
-    vit_path: str = _arg("hf/siglip-so400m-14-980-flash-attn2-navit/",
-                         "Path or repo ID of the SigLIP Vision Transformer used for image understanding.")
-    max_latent_size: int = _arg(32, "Maximum latent grid size (patches per side) for the VAE latent tensor. "
-                                    "[bagel-pipeline: 64 for the BAGEL-7B-MoT release]")
+    vae_path: str = _arg(
+        "flux/vae/ae.safetensors", "Path to the pretrained VAE checkpoint for latent-space image generation."
+    )
+    vit_path: str = _arg(
+        "hf/siglip-so400m-14-980-flash-attn2-navit/",
+        "Path or repo ID of the SigLIP Vision Transformer used for image understanding.",
+    )
+    max_latent_size: int = _arg(
+        32,
+        "Maximum latent grid size (patches per side) for the VAE latent tensor. "
+        "[bagel-pipeline: 64 for the BAGEL-7B-MoT release]",
+    )
     latent_patch_size: int = _arg(2, "Spatial size (in VAE pixels) covered by each latent patch.")
     vit_patch_size: int = _arg(14, "Patch size (pixels) for the Vision Transformer encoder.")
     vit_max_num_patch_per_side: int = _arg(
-        70, "Maximum number of ViT patches along one image side after cropping / resize.")
+        70, "Maximum number of ViT patches along one image side after cropping / resize."
+    )
     connector_act: str = _arg("gelu_pytorch_tanh", "Activation function used in the latent-to-text connector MLP.")
     interpolate_pos: bool = _arg(
-        False, "Interpolate positional embeddings when image resolution differs from pre-training.")
+        False, "Interpolate positional embeddings when image resolution differs from pre-training."
+    )
     vit_select_layer: int = _arg(
-        -2, "Which hidden layer of the ViT to take as the visual feature (negative = from the end).")
+        -2, "Which hidden layer of the ViT to take as the visual feature (negative = from the end)."
+    )
     vit_rope: bool = _arg(False, "Replace ViT positional encodings with RoPE.")
     text_cond_dropout_prob: float = _arg(0.1, "Probability of dropping text embeddings during training.")
     vae_cond_dropout_prob: float = _arg(0.3, "Probability of dropping VAE latent inputs during training.")
     vit_cond_dropout_prob: float = _arg(0.3, "Probability of dropping ViT visual features during training.")
     # ---- ours
-    model_preset: str = _ours("tiny", "Model preset (tiny, small, 7b-mot) built with random weights when "
-                                      "--model_path is not a directory, for runs without a model download.")
+    model_preset: str = _ours(
+        "tiny",
+        "Model preset (tiny, small, 7b-mot) built with random weights when "
+        "--model_path is not a directory, for runs without a model download.",
+    )
     attn_backend: str | None = _ours(
-        None, "Attention kernel: sdpa (dense mask, runs on CPU), flex (FlexAttention block mask) or flash "
-              "(flash-attn varlen, CUDA). Default: flex with --use_flex True, else sdpa.")
+        None,
+        "Attention kernel: sdpa (dense mask, runs on CPU), flex (FlexAttention block mask) or flash "
+        "(flash-attn varlen, CUDA). Default: flex with --use_flex True, else sdpa.",
+    )
 
 
 @dataclass
 class DataArguments:
     _argument_group_name: ClassVar[str] = "data arguments"
 
-    dataset_config_file: str = _arg("data/configs/example.yaml",
-                                    "YAML file specifying dataset groups, weights, and preprocessing rules.")
+    dataset_config_file: str = _arg(
+        "data/configs/example.yaml", "YAML file specifying dataset groups, weights, and preprocessing rules."
+    )
     prefetch_factor: int = _arg(2, "How many batches each DataLoader worker pre-loads in advance.")
     num_workers: int = _arg(4, "Number of background workers for the PyTorch DataLoader.")
     max_num_tokens_per_sample: int = _arg(
-        16384, "Maximum tokens allowed in one raw sample; longer samples are skipped.")
+        16384, "Maximum tokens allowed in one raw sample; longer samples are skipped."
+    )
     max_num_tokens: int = _arg(
-        36864, "Hard limit on tokens in a packed batch; flush if adding a sample would exceed it.")
+        36864, "Hard limit on tokens in a packed batch; flush if adding a sample would exceed it."
+    )
     prefer_buffer_before: int = _arg(
-        16384, "While batch length is below this, pop from the overflow buffer before new sampling.")
+        16384, "While batch length is below this, pop from the overflow buffer before new sampling."
+    )
     max_buffer_size: int = _arg(50, "Maximum number of oversized samples kept in the overflow buffer.")
     data_seed: int = _arg(42, "Seed used when shuffling / sampling data shards to ensure reproducibility.")
     # ---- ours
     dataset_info: str = _ours(
-        "", "Dataset registry YAML (`bagel data registry` or the dataset_registry asset writes it); replaces "
-            "upstream's hand-edited data/dataset_info.py.", aliases=("--registry_file", "--registry-file"))
+        "",
+        "Dataset registry YAML (`bagel data registry` or the dataset_registry asset writes it); replaces "
+        "upstream's hand-edited data/dataset_info.py.",
+        aliases=("--registry_file", "--registry-file"),
+    )
     manifest: str = _ours(
-        "", "Sampling manifest directory (`bagel data plan`): which files/row groups each rank and worker "
-            "reads. Optional.", aliases=("--manifest_dir", "--manifest-dir"))
+        "",
+        "Sampling manifest directory (`bagel data plan`): which files/row groups each rank and worker reads. Optional.",
+        aliases=("--manifest_dir", "--manifest-dir"),
+    )
 
 
 @dataclass
@@ -128,12 +152,14 @@ class TrainingArguments:
     global_seed: int = _arg(4396, "Base random seed; actual seed is offset by rank for DDP.")
     auto_resume: bool = _arg(False, "Automatically pick up the latest checkpoint found in checkpoint_dir.")
     resume_from: str | None = _arg(
-        None, "Explicit checkpoint path to resume from (overrides auto_resume). [bagel-pipeline: used only "
-              "when auto_resume finds no checkpoint; 'None' means none]")
+        None,
+        "Explicit checkpoint path to resume from (overrides auto_resume). [bagel-pipeline: used only "
+        "when auto_resume finds no checkpoint; 'None' means none]",
+    )
     resume_model_only: bool = _arg(False, "Load only model weights, ignoring optimizer/scheduler states.")
     finetune_from_ema: bool = _arg(
-        False, "When resume_model_only=True, load the EMA (exponential moving average) weights instead of "
-               "raw weights.")
+        False, "When resume_model_only=True, load the EMA (exponential moving average) weights instead of raw weights."
+    )
     finetune_from_hf: bool = _arg(False, "Whether finetune from HugginFace model.")
     # --- reporting frequency
     log_every: int = _arg(10, "Print / log every N training steps.")
@@ -152,50 +178,64 @@ class TrainingArguments:
     timestep_shift: float = _arg(1.0, "Shift applied to diffusion timestep indices (for latent prediction).")
     mse_weight: float = _arg(1.0, "Scaling factor for the image-reconstruction MSE loss term.")
     ce_weight: float = _arg(1.0, "Scaling factor for the language cross-entropy loss term.")
-    ce_loss_reweighting: bool = _arg(
-        False, "Reweight CE loss by token importance (provided via ce_loss_weights).")
+    ce_loss_reweighting: bool = _arg(False, "Reweight CE loss by token importance (provided via ce_loss_weights).")
     expected_num_tokens: int = _arg(
-        32768, "Soft target token count; yield the batch once it reaches or exceeds this size.")
+        32768, "Soft target token count; yield the batch once it reaches or exceeds this size."
+    )
     gradient_accumulation_steps: int = _arg(
-        1, "Number of updates steps to accumulate before performing a backward/update pass.")
-    peak_device_tflops: float = _arg(
-        0.0, "Per-GPU peak BF16 TFLOPs used to compute MFU; leave at 0 to auto-detect.")
+        1, "Number of updates steps to accumulate before performing a backward/update pass."
+    )
+    peak_device_tflops: float = _arg(0.0, "Per-GPU peak BF16 TFLOPs used to compute MFU; leave at 0 to auto-detect.")
     # --- distributed training / FSDP
     num_replicate: int = _arg(
-        1, "Number of model replicas per GPU rank for tensor parallelism. [bagel-pipeline: actually the "
-           "replicate dimension of the HYBRID_SHARD mesh; num_replicate x num_shard = world size]")
+        1,
+        "Number of model replicas per GPU rank for tensor parallelism. [bagel-pipeline: actually the "
+        "replicate dimension of the HYBRID_SHARD mesh; num_replicate x num_shard = world size]",
+    )
     num_shard: int = _arg(
-        8, "Number of parameter shards when using FSDP HYBRID_SHARD. [bagel-pipeline: when not given it "
-           "is derived from the world size (LOCAL_WORLD_SIZE, i.e. GPUs per node, if that divides it)]")
+        8,
+        "Number of parameter shards when using FSDP HYBRID_SHARD. [bagel-pipeline: when not given it "
+        "is derived from the world size (LOCAL_WORLD_SIZE, i.e. GPUs per node, if that divides it)]",
+    )
     sharding_strategy: str = _arg(
-        "HYBRID_SHARD", "FSDP sharding strategy: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, etc. "
-                        "[bagel-pipeline: HYBRID_SHARD, FULL_SHARD or NO_SHARD]")
+        "HYBRID_SHARD",
+        "FSDP sharding strategy: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, etc. "
+        "[bagel-pipeline: HYBRID_SHARD, FULL_SHARD or NO_SHARD]",
+    )
     backward_prefetch: str = _arg("BACKWARD_PRE", "FSDP backward prefetch strategy (BACKWARD_PRE or NO_PREFETCH).")
     cpu_offload: bool = _arg(False, "Enable FSDP parameter offload to CPU.")
     # --- module freezing
     freeze_llm: bool = _arg(False, "Keep language-model weights fixed (no gradient updates).")
     freeze_vit: bool = _arg(False, "Keep ViT weights fixed during training.")
-    freeze_vae: bool = _arg(
-        True, "Keep VAE weights fixed; only predict latents, don’t fine-tune encoder/decoder.")
+    freeze_vae: bool = _arg(True, "Keep VAE weights fixed; only predict latents, don’t fine-tune encoder/decoder.")
     freeze_und: bool = _arg(
-        False, "Freeze the visual understanding connector layers. [bagel-pipeline: actually detaches the "
-               "understanding paths inside the LLM; lm_head still trains]")
+        False,
+        "Freeze the visual understanding connector layers. [bagel-pipeline: actually detaches the "
+        "understanding paths inside the LLM; lm_head still trains]",
+    )
     copy_init_moe: bool = _arg(True, "Duplicate initial MoE experts so each has identical initialisation.")
     use_flex: bool = _arg(False, "Enable FLEX (flash-ext friendly) packing algorithm for sequence data.")
     # ---- ours
     activation_checkpointing: bool = _ours(
-        True, "Recompute decoder layers, ViT layers and the connector in backward (upstream always does).")
+        True, "Recompute decoder layers, ViT layers and the connector in backward (upstream always does)."
+    )
     keep_last_k: int = _ours(0, "Keep only the newest k complete step directories (0 = keep all).")
     dry_run: bool = _ours(
-        False, "Parse and validate the arguments (values, world size), print the resolved configuration "
-               "as JSON and exit without training.")
+        False,
+        "Parse and validate the arguments (values, world size), print the resolved configuration "
+        "as JSON and exit without training.",
+    )
 
 
 _SECTIONS: tuple[tuple[str, type], ...] = (
-    ("model", ModelArguments), ("data", DataArguments), ("training", TrainingArguments))
+    ("model", ModelArguments),
+    ("data", DataArguments),
+    ("training", TrainingArguments),
+)
 # Fields that are ours, not upstream's (their prefixes never shadow an upstream name, see _expand_prefixes).
-OURS: frozenset[str] = frozenset({"model_preset", "attn_backend", "dataset_info", "manifest",
-                                  "activation_checkpointing", "keep_last_k", "dry_run"})
+OURS: frozenset[str] = frozenset(
+    {"model_preset", "attn_backend", "dataset_info", "manifest", "activation_checkpointing", "keep_last_k", "dry_run"}
+)
 
 
 @dataclass
@@ -219,11 +259,15 @@ class _Parser(HfArgumentParser):
 
 
 def build_parser() -> HfArgumentParser:
-    return _Parser((ModelArguments, DataArguments, TrainingArguments), prog=PROG, allow_abbrev=False,
-                   description="Train BAGEL. Takes the arguments of upstream's train/pretrain_unified_navit.py "
-                               "(same names, spellings, defaults) plus the [bagel-pipeline] ones.",
-                   epilog="The world size comes from WORLD_SIZE (default 1); HYBRID_SHARD needs "
-                          "num_replicate x num_shard = world size.")
+    return _Parser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        prog=PROG,
+        allow_abbrev=False,
+        description="Train BAGEL. Takes the arguments of upstream's train/pretrain_unified_navit.py "
+        "(same names, spellings, defaults) plus the [bagel-pipeline] ones.",
+        epilog="The world size comes from WORLD_SIZE (default 1); HYBRID_SHARD needs "
+        "num_replicate x num_shard = world size.",
+    )
 
 
 def _upstream_option_strings() -> set[str]:
@@ -313,8 +357,9 @@ def world_size_from_env(name: str = "WORLD_SIZE") -> int | None:
     return value
 
 
-def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
-               local_world_size: int | None = None) -> TrainConfig:
+def parse_args(
+    argv: Sequence[str] | None = None, world_size: int | None = None, local_world_size: int | None = None
+) -> TrainConfig:
     """Parse upstream-style arguments into a validated :class:`TrainConfig`.
 
     ``world_size`` defaults to ``WORLD_SIZE`` (else 1) and ``local_world_size`` to ``LOCAL_WORLD_SIZE``;
@@ -323,7 +368,8 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
     parser = build_parser()
     args, given = _expand_prefixes(parser, list(sys.argv[1:] if argv is None else argv))
     model, data, training, remaining = parser.parse_args_into_dataclasses(
-        args, return_remaining_strings=True, look_for_args_file=False)
+        args, return_remaining_strings=True, look_for_args_file=False
+    )
     if remaining:
         raise _unknown_error(parser, remaining)
     cfg = TrainConfig(model=model, data=data, training=training, given=frozenset(given))
@@ -371,9 +417,11 @@ def validate(cfg: TrainConfig) -> None:
     p: list[str] = []
     _choice(p, "lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     if t.sharding_strategy in _UPSTREAM_ONLY_STRATEGIES:
-        p.append(f"--sharding_strategy {t.sharding_strategy} is not supported: upstream accepts it but fails "
-                 f"with NotImplementedError at the first checkpoint save; use --sharding_strategy HYBRID_SHARD "
-                 f"or FULL_SHARD")
+        p.append(
+            f"--sharding_strategy {t.sharding_strategy} is not supported: upstream accepts it but fails "
+            f"with NotImplementedError at the first checkpoint save; use --sharding_strategy HYBRID_SHARD "
+            f"or FULL_SHARD"
+        )
     else:
         _choice(p, "sharding_strategy", t.sharding_strategy, SHARDING_STRATEGIES)
     _choice(p, "backward_prefetch", t.backward_prefetch, BACKWARD_PREFETCH)
@@ -385,8 +433,10 @@ def validate(cfg: TrainConfig) -> None:
     if m.attn_backend is not None:
         _choice(p, "attn_backend", m.attn_backend, ATTN_BACKENDS)
         if t.use_flex and m.attn_backend in ATTN_BACKENDS and m.attn_backend != "flex":
-            p.append(f"--use_flex True asks for FlexAttention but --attn_backend is {m.attn_backend}: "
-                     f"drop one of them (or pass --attn_backend flex)")
+            p.append(
+                f"--use_flex True asks for FlexAttention but --attn_backend is {m.attn_backend}: "
+                f"drop one of them (or pass --attn_backend flex)"
+            )
 
     def at_least(flag: str, value: float, low: float, what: str = "") -> None:
         if value < low:
@@ -397,8 +447,15 @@ def validate(cfg: TrainConfig) -> None:
             p.append(f"--{flag} {value} must be > 0")
 
     at_least("keep_last_k", t.keep_last_k, 0, " (0 keeps every checkpoint)")
-    for flag in ("save_every", "log_every", "total_steps", "lr", "max_grad_norm", "timestep_shift",
-                 "gradient_accumulation_steps"):
+    for flag in (
+        "save_every",
+        "log_every",
+        "total_steps",
+        "lr",
+        "max_grad_norm",
+        "timestep_shift",
+        "gradient_accumulation_steps",
+    ):
         positive(flag, getattr(t, flag))
     at_least("warmup_steps", t.warmup_steps, 0)
     at_least("min_lr", t.min_lr, 0)
@@ -417,12 +474,16 @@ def validate(cfg: TrainConfig) -> None:
         at_least(flag, getattr(m, flag), 1)
     positive("expected_num_tokens", t.expected_num_tokens)
     if t.expected_num_tokens > d.max_num_tokens:
-        p.append(f"--expected_num_tokens {t.expected_num_tokens} exceeds --max_num_tokens {d.max_num_tokens}: "
-                 f"a pack could never reach it; lower --expected_num_tokens or raise --max_num_tokens")
+        p.append(
+            f"--expected_num_tokens {t.expected_num_tokens} exceeds --max_num_tokens {d.max_num_tokens}: "
+            f"a pack could never reach it; lower --expected_num_tokens or raise --max_num_tokens"
+        )
     if d.max_num_tokens_per_sample > d.max_num_tokens:
-        p.append(f"--max_num_tokens_per_sample {d.max_num_tokens_per_sample} exceeds --max_num_tokens "
-                 f"{d.max_num_tokens}: samples in between pass the filter but fit no pack; lower "
-                 f"--max_num_tokens_per_sample or raise --max_num_tokens")
+        p.append(
+            f"--max_num_tokens_per_sample {d.max_num_tokens_per_sample} exceeds --max_num_tokens "
+            f"{d.max_num_tokens}: samples in between pass the filter but fit no pack; lower "
+            f"--max_num_tokens_per_sample or raise --max_num_tokens"
+        )
     if not (t.visual_gen or t.visual_und):
         p.append("--visual_gen False and --visual_und False leave nothing to train: keep at least one True")
     if p:
@@ -463,45 +524,81 @@ def check_world_size(cfg: TrainConfig, world_size: int, local_world_size: int | 
                 fix = f"pass {' or '.join(fixes)}, or " if fixes else ""
                 raise ConfigError(
                     f"--num_shard {t.num_shard} x --num_replicate {t.num_replicate} = {n} ranks, but the {src}; "
-                    f"HYBRID_SHARD needs num_replicate x num_shard = world size: {fix}launch {n} processes")
+                    f"HYBRID_SHARD needs num_replicate x num_shard = world size: {fix}launch {n} processes"
+                )
             return
         if has_rep:
             if w % t.num_replicate:
-                raise ConfigError(f"--num_replicate {t.num_replicate} does not divide the {src}; HYBRID_SHARD "
-                                  f"needs num_replicate x num_shard = world size: pass a divisor of {w}")
+                raise ConfigError(
+                    f"--num_replicate {t.num_replicate} does not divide the {src}; HYBRID_SHARD "
+                    f"needs num_replicate x num_shard = world size: pass a divisor of {w}"
+                )
             t.num_shard = w // t.num_replicate
             return
         shard = local_world_size if local_world_size and w % local_world_size == 0 else w
         t.num_replicate, t.num_shard = w // shard, shard
     elif strategy == "FULL_SHARD":
         if has_shard and t.num_shard != w:
-            raise ConfigError(f"--sharding_strategy FULL_SHARD shards over every rank, but --num_shard is "
-                              f"{t.num_shard} and the {src}: pass --num_shard {w} or drop --num_shard "
-                              f"(or use --sharding_strategy HYBRID_SHARD with num_replicate x num_shard = {w})")
+            raise ConfigError(
+                f"--sharding_strategy FULL_SHARD shards over every rank, but --num_shard is "
+                f"{t.num_shard} and the {src}: pass --num_shard {w} or drop --num_shard "
+                f"(or use --sharding_strategy HYBRID_SHARD with num_replicate x num_shard = {w})"
+            )
         if has_rep and t.num_replicate != 1:
-            raise ConfigError(f"--sharding_strategy FULL_SHARD has no replicate dimension, but --num_replicate "
-                              f"is {t.num_replicate}: drop it or use --sharding_strategy HYBRID_SHARD")
+            raise ConfigError(
+                f"--sharding_strategy FULL_SHARD has no replicate dimension, but --num_replicate "
+                f"is {t.num_replicate}: drop it or use --sharding_strategy HYBRID_SHARD"
+            )
         t.num_replicate, t.num_shard = 1, w
     elif strategy == "NO_SHARD":
         if has_shard and t.num_shard != 1:
-            raise ConfigError(f"--sharding_strategy NO_SHARD keeps full parameters on every rank, but "
-                              f"--num_shard is {t.num_shard}: drop --num_shard or use HYBRID_SHARD/FULL_SHARD")
+            raise ConfigError(
+                f"--sharding_strategy NO_SHARD keeps full parameters on every rank, but "
+                f"--num_shard is {t.num_shard}: drop --num_shard or use HYBRID_SHARD/FULL_SHARD"
+            )
         if has_rep and t.num_replicate != w:
-            raise ConfigError(f"--sharding_strategy NO_SHARD replicates over every rank, but --num_replicate "
-                              f"is {t.num_replicate} and the {src}: drop --num_replicate")
+            raise ConfigError(
+                f"--sharding_strategy NO_SHARD replicates over every rank, but --num_replicate "
+                f"is {t.num_replicate} and the {src}: drop --num_replicate"
+            )
         t.num_replicate, t.num_shard = w, 1
 
 
 # ---------------------------------------------------------------------------------------------- warnings
 # Upstream arguments the current single-process trainer (loop.py) accepts but does not act on yet.
-NOT_APPLIED: frozenset[str] = frozenset({
-    "llm_path", "llm_qk_norm", "tie_word_embeddings", "layer_module", "vae_path", "vit_path",
-    "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side", "connector_act", "vit_select_layer",
-    "vit_rope", "wandb_project", "wandb_name", "wandb_runid", "wandb_resume", "wandb_offline",
-    "gradient_accumulation_steps", "peak_device_tflops", "cpu_offload", "backward_prefetch",
-    "freeze_llm", "freeze_vit", "freeze_vae", "freeze_und", "copy_init_moe", "use_flex", "attn_backend",
-    "activation_checkpointing",
-})
+NOT_APPLIED: frozenset[str] = frozenset(
+    {
+        "llm_path",
+        "llm_qk_norm",
+        "tie_word_embeddings",
+        "layer_module",
+        "vae_path",
+        "vit_path",
+        "latent_patch_size",
+        "vit_patch_size",
+        "vit_max_num_patch_per_side",
+        "connector_act",
+        "vit_select_layer",
+        "vit_rope",
+        "wandb_project",
+        "wandb_name",
+        "wandb_runid",
+        "wandb_resume",
+        "wandb_offline",
+        "gradient_accumulation_steps",
+        "peak_device_tflops",
+        "cpu_offload",
+        "backward_prefetch",
+        "freeze_llm",
+        "freeze_vit",
+        "freeze_vae",
+        "freeze_und",
+        "copy_init_moe",
+        "use_flex",
+        "attn_backend",
+        "activation_checkpointing",
+    }
+)
 _APPLIED_DEFAULTS = {"attn_backend": "sdpa"}  # what the trainer does today when the argument is absent
 
 
@@ -515,8 +612,7 @@ def unapplied_arguments(cfg: TrainConfig) -> list[str]:
                 continue
             value = getattr(getattr(cfg, section), f.name)
             if value != _APPLIED_DEFAULTS.get(f.name, getattr(getattr(defaults, section), f.name)):
-                notes.append(f"--{f.name} {value} is accepted but not applied by "
-                             f"this trainer yet")
+                notes.append(f"--{f.name} {value} is accepted but not applied by this trainer yet")
     t = cfg.training
     if t.finetune_from_ema and not t.resume_model_only:
         notes.append("--finetune_from_ema True has no effect without --resume_model_only True (as upstream)")

@@ -64,8 +64,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,9 +82,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, data_state: dict[str, Any],
-                    keep_last_k: int = 0, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_state: dict[str, Any],
+    keep_last_k: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``step_<step>`` atomically (temp dir + marker + rename), then apply ``keep_last_k``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -116,9 +128,15 @@ def _load_weights(module: nn.Module, path: Path) -> None:
         raise ConfigError(f"{path}: missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any | None, model_only: bool = False, from_ema: bool = False
-                    ) -> tuple[int, dict[str, Any] | None]:
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    model_only: bool = False,
+    from_ema: bool = False,
+) -> tuple[int, dict[str, Any] | None]:
     """Restore from a complete step directory. Returns (next step, data state or None).
 
     ``model_only``: weights only (from ``ema.safetensors`` when ``from_ema``), step 0, no data state.

@@ -36,8 +36,9 @@ from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_n
 log = logging.getLogger(__name__)
 
 
-def reduce_loss(terms: BagelLossTerms, batch: dict[str, Any], ce_weight: float, mse_weight: float,
-                reweighting: bool) -> tuple[torch.Tensor, float, float]:
+def reduce_loss(
+    terms: BagelLossTerms, batch: dict[str, Any], ce_weight: float, mse_weight: float, reweighting: bool
+) -> tuple[torch.Tensor, float, float]:
     """training.md 4.2 at world size 1: per-token CE mean (or weighted), MSE mean over channels then
     tokens. Returns (loss, ce value, mse value); absent terms contribute 0."""
     loss: torch.Tensor | None = None
@@ -66,8 +67,14 @@ def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 class Trainer:
     """Everything one training process holds; ``run()`` trains until ``total_steps``."""
 
-    def __init__(self, cfg: TrainConfig, model: Bagel | None = None, vae: AutoEncoder | None = None,
-                 dataset: PackedDataset | None = None, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Bagel | None = None,
+        vae: AutoEncoder | None = None,
+        dataset: PackedDataset | None = None,
+        out: TextIO | None = None,
+    ) -> None:
         self.cfg = cfg
         t = cfg.training
         if not (t.visual_gen and t.visual_und):
@@ -105,15 +112,29 @@ class Trainer:
 
     def _build_dataset(self) -> PackedDataset:
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.training
-        params = PackingParams(expected_num_tokens=t.expected_num_tokens, max_num_tokens=d.max_num_tokens,
-                               max_num_tokens_per_sample=d.max_num_tokens_per_sample,
-                               prefer_buffer_before=d.prefer_buffer_before, max_buffer_size=d.max_buffer_size)
-        dropout = (CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
-                   if t.visual_gen else CfgDropout(0.0, 0.0, 0.0))
-        return PackedDataset(load_dataset_config(d.dataset_config_file), Registry.load(d.dataset_info),
-                             d.manifest, num_workers=d.num_workers, params=params, dropout=dropout,
-                             seed=d.data_seed, max_latent_size=self.model.cfg.max_latent_size,
-                             interpolate_pos=m.interpolate_pos)
+        params = PackingParams(
+            expected_num_tokens=t.expected_num_tokens,
+            max_num_tokens=d.max_num_tokens,
+            max_num_tokens_per_sample=d.max_num_tokens_per_sample,
+            prefer_buffer_before=d.prefer_buffer_before,
+            max_buffer_size=d.max_buffer_size,
+        )
+        dropout = (
+            CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
+            if t.visual_gen
+            else CfgDropout(0.0, 0.0, 0.0)
+        )
+        return PackedDataset(
+            load_dataset_config(d.dataset_config_file),
+            Registry.load(d.dataset_info),
+            d.manifest,
+            num_workers=d.num_workers,
+            params=params,
+            dropout=dropout,
+            seed=d.data_seed,
+            max_latent_size=self.model.cfg.max_latent_size,
+            interpolate_pos=m.interpolate_pos,
+        )
 
     def _resume(self) -> None:
         t = self.cfg.training
@@ -123,8 +144,15 @@ class Trainer:
             source, model_only = Path(t.resume_from), t.resume_model_only
         if source is None:
             return
-        step, data_state = load_checkpoint(source, self.model, self.ema, self.optimizer, self.scheduler,
-                                           model_only=model_only, from_ema=t.finetune_from_ema)
+        step, data_state = load_checkpoint(
+            source,
+            self.model,
+            self.ema,
+            self.optimizer,
+            self.scheduler,
+            model_only=model_only,
+            from_ema=t.finetune_from_ema,
+        )
         self.step = step
         if data_state is not None:
             self.dataset.load_state_dict(data_state)
@@ -135,8 +163,13 @@ class Trainer:
         d = self.cfg.data
         if d.num_workers == 0:
             return iter(self.dataset)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=d.num_workers,
-                            collate_fn=collate_packed, prefetch_factor=d.prefetch_factor)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=d.num_workers,
+            collate_fn=collate_packed,
+            prefetch_factor=d.prefetch_factor,
+        )
         return iter(loader)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -145,8 +178,9 @@ class Trainer:
         if "padded_images" in inputs:
             images = inputs.pop("padded_images")
             with torch.no_grad():
-                latent = self.vae.encode(images.to(self.vae.dtype),
-                                         generator=_step_generator(t.global_seed, self.step, 0))
+                latent = self.vae.encode(
+                    images.to(self.vae.dtype), generator=_step_generator(t.global_seed, self.step, 0)
+                )
             inputs["padded_latent"] = latent.to(self.model.dtype)
         terms = self.model(**inputs, noise_generator=_step_generator(t.global_seed, self.step, 1))
         loss, ce, mse = reduce_loss(terms, batch, t.ce_weight, t.mse_weight, t.ce_loss_reweighting)
@@ -159,14 +193,29 @@ class Trainer:
         self.scheduler.step()
         update_ema(self.ema, self.model, t.ema)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": float(self.step), "loss": float(loss.detach()), "ce": ce, "mse": mse, "lr": lr,
-                "grad_norm": float(grad_norm), "tokens": float(batch["sequence_length"])}
+        return {
+            "step": float(self.step),
+            "loss": float(loss.detach()),
+            "ce": ce,
+            "mse": mse,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": float(batch["sequence_length"]),
+        }
 
     def save(self) -> Path:
         t = self.cfg.training
-        return save_checkpoint(t.checkpoint_dir, self.step, self.model, self.ema, self.optimizer, self.scheduler,
-                               self.dataset.state_dict(), keep_last_k=t.keep_last_k,
-                               extra={"config": self.cfg.to_dict()})
+        return save_checkpoint(
+            t.checkpoint_dir,
+            self.step,
+            self.model,
+            self.ema,
+            self.optimizer,
+            self.scheduler,
+            self.dataset.state_dict(),
+            keep_last_k=t.keep_last_k,
+            extra={"config": self.cfg.to_dict()},
+        )
 
     def run(self) -> list[dict[str, float]]:
         t = self.cfg.training
@@ -183,10 +232,14 @@ class Trainer:
             self.history.append(stats)
             if self.step % t.log_every == 0 or self.step == 1:
                 dt = time.perf_counter() - t0
-                print(f"(step={int(stats['step']):07d}) train_loss_ce: {stats['ce']:.4f}, "
-                      f"train_loss_mse: {stats['mse']:.4f}, loss: {stats['loss']:.4f}, lr: {stats['lr']:.3e}, "
-                      f"grad_norm: {stats['grad_norm']:.4f}, tokens: {int(stats['tokens'])}, "
-                      f"step_time: {dt:.3f}s", file=self.out, flush=True)
+                print(
+                    f"(step={int(stats['step']):07d}) train_loss_ce: {stats['ce']:.4f}, "
+                    f"train_loss_mse: {stats['mse']:.4f}, loss: {stats['loss']:.4f}, lr: {stats['lr']:.3e}, "
+                    f"grad_norm: {stats['grad_norm']:.4f}, tokens: {int(stats['tokens'])}, "
+                    f"step_time: {dt:.3f}s",
+                    file=self.out,
+                    flush=True,
+                )
                 t0 = time.perf_counter()
             if self.step % t.save_every == 0:
                 self.save()

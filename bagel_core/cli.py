@@ -6,6 +6,7 @@
     bagel data check                   validate a registry before anything runs
     bagel data index | stats | plan    validate+index samples, token statistics, sampling manifest
     bagel infer                        text-to-image / understanding with a BAGEL checkpoint
+    bagel export                       a training step directory -> inference-ready released layout
 
 Each stage package owns its subcommand in a ``cli`` module with an ``add_parser`` function,
 registered here explicitly (a missing module is an import error, never a silent skip). Those
@@ -27,6 +28,7 @@ from bagel_core.index import cli as index_cli
 from bagel_core.inference import cli as inference_cli
 from bagel_core.plan import cli as plan_cli
 from bagel_core.stats import cli as stats_cli
+from bagel_core.train import cli as train_cli
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in (index_cli, stats_cli, plan_cli):
         stage.add_parser(data_sub)
     inference_cli.add_parser(top)
+    train_cli.add_parser(top)
     return parser
 
 

@@ -91,5 +91,5 @@ def test_cli_registers_every_subcommand() -> None:
     parser = build_parser()
     top = next(a for a in parser._actions if a.dest == "command")
     data = next(a for a in top.choices["data"]._actions if a.dest == "data_command")
-    assert {"example", "data", "infer"} <= set(top.choices)
+    assert {"example", "data", "infer", "export"} <= set(top.choices)
     assert set(data.choices) == {"download", "registry", "check", "index", "stats", "plan"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shlex
 from pathlib import Path
@@ -20,6 +19,7 @@ from bagel_core.train.args import (
     TrainingArguments,
     check_world_size,
     parse_args,
+    unapplied_arguments,
 )
 
 SEEDS = Path("/work/shared/seeds")
@@ -506,22 +506,18 @@ def test_help_lists_every_argument(capsys):
         assert name in out
 
 
-def test_dry_run_prints_config_and_warns_on_unapplied(capsys, monkeypatch):
+def test_without_a_registry_the_error_says_how_to_make_one(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert cli(["--freeze_llm", "True", "--lr", "2e-5", "--layer_module", "Qwen2MoTDecoderLayer", "--dry_run"]) == 0
-    captured = capsys.readouterr()
-    cfg = json.loads(captured.out)
-    assert cfg["training"]["lr"] == 2e-5 and cfg["training"]["freeze_llm"] is True
-    assert set(cfg) == {"model", "data", "training"}
-    assert (
-        "warning: --freeze_llm True is accepted but not applied" in captured.err and "layer_module" not in captured.err
-    )
+    monkeypatch.chdir(tmp_path)  # no ./data/dataset_info.py here either
+    assert cli(["--dry_run", "True"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset_info" in err and "bagel data registry" in err and "data/dataset_info.py" in err
 
 
-def test_training_refuses_several_ranks(capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli(["--num_shard", "2"]) == 2
-    assert "WORLD_SIZE=2" in capsys.readouterr().err
+def test_unapplied_arguments_are_named():
+    cfg = parse_args(["--vit_path", "somewhere/siglip", "--freeze_llm", "True"])
+    notes = unapplied_arguments(cfg)
+    assert any("--vit_path" in n for n in notes) and not any("freeze_llm" in n for n in notes)
 
 
 def test_to_dict_round_trip():

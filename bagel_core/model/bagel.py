@@ -36,6 +36,9 @@ class BagelLossTerms:
 
     ce: Tensor | None  # [N_ce] per-token cross-entropy
     mse: Tensor | None  # [N_mse, 64] per-element squared error
+    #: 0 * (outputs of the branches this pack did not use), when ``touch_unused``: add it to the loss
+    #: so every trainable parameter gets a gradient (zero for those branches) on every rank.
+    zero: Tensor | None = None
 
 
 class Bagel(nn.Module):
@@ -147,11 +150,15 @@ class Bagel(nn.Module):
         padded_images: Tensor | None = None,
         batch_data_indexes: list | None = None,
         noise_generator: torch.Generator | None = None,
+        touch_unused: bool = False,
     ) -> BagelLossTerms:
         """Packed training forward; returns unreduced CE [N_ce] and MSE [N_mse, 64] terms.
 
         ``ce_loss_weights`` and ``batch_data_indexes`` are accepted (they travel in the batch) but
-        used by the training loop, not here.
+        used by the training loop, not here. ``touch_unused`` (data-parallel training): branches
+        this pack does not use run on a one-token dummy *at the point where they would run*, so
+        sharded modules gather their parameters in the same order on every rank, and their
+        outputs enter ``zero`` (weighted 0), so every trainable parameter gets a gradient.
         """
         del ce_loss_weights, batch_data_indexes
         if padded_images is not None and padded_latent is None:
@@ -168,11 +175,15 @@ class Bagel(nn.Module):
         seq = torch.zeros(total, self.cfg.llm.hidden_size, dtype=self.dtype, device=device)
         text = self.embed_text(packed_text_ids)
         seq = seq.index_copy(0, packed_text_indexes, text.detach() if freeze_und else text)
+        unused: list[Tensor] = []
 
         if packed_vit_tokens is not None and packed_vit_tokens.numel():
             seqlens = [int(n) for n in vit_token_seqlens.tolist()]
             vit = self.embed_vit(packed_vit_tokens, packed_vit_position_ids, seqlens)
             seq = seq.index_copy(0, packed_vit_token_indexes, vit.detach() if freeze_und else vit)
+        elif touch_unused and self.cfg.visual_und:
+            patch = torch.zeros(1, self.cfg.vit.patch_size**2 * 3, dtype=self.dtype, device=device)
+            unused.append(self.embed_vit(patch, torch.zeros(1, dtype=torch.long, device=device), [1]))
 
         gen_idx = packed_vae_token_indexes if packed_vae_token_indexes is not None else None
         noise = x0 = t = None
@@ -190,6 +201,11 @@ class Bagel(nn.Module):
             route = Routing.from_gen_indexes(gen_idx, total, detach_und=freeze_und)
         else:
             route = Routing(None, None, total, detach_und=freeze_und)
+            if touch_unused and self.cfg.visual_gen:
+                ids = torch.zeros(1, dtype=torch.long, device=device)
+                latent = torch.zeros(1, self.cfg.patch_latent_dim, dtype=self.dtype, device=device)
+                unused.append(self.embed_latents(latent, torch.zeros(1, device=device), ids))
+        route.touch_absent = touch_unused
 
         position_ids = packed_position_ids
         if position_ids.numel() < total:  # flex pad document: ids beyond the real length
@@ -210,7 +226,13 @@ class Bagel(nn.Module):
             has_mse = t > 0
             target = (noise - x0)[has_mse]
             mse = (pred.float() - target.float()) ** 2
-        return BagelLossTerms(ce=ce, mse=mse)
+        if touch_unused:
+            if ce is None:
+                unused.append(self.language_model.lm_head(hidden[:1]))
+            if mse is None and self.cfg.visual_gen:
+                unused.append(self.llm2vae(hidden[:1]))
+        zero = sum((0.0 * u.float().sum() for u in unused), hidden.new_zeros((), dtype=torch.float32))
+        return BagelLossTerms(ce=ce, mse=mse, zero=zero if touch_unused else None)
 
     def _layout(self, sample_lens, split_lens, attn_modes, nested_masks, device) -> PackedLayout:
         if split_lens is not None and attn_modes is not None:

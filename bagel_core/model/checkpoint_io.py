@@ -30,6 +30,7 @@ from bagel_core.model.config import (
     vit_from_json,
     vit_to_json,
 )
+from bagel_core.model.embeddings import sincos_2d_table
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
@@ -70,10 +71,7 @@ def save_model_dir(
     """Write an inference-ready directory; ``state_dict`` overrides the model's (e.g. EMA weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
-    _write_json(out / LLM_CONFIG, llm_to_json(cfg.llm))
-    _write_json(out / VIT_CONFIG, vit_to_json(cfg.vit))
-    _write_json(out / EXTRA_CONFIG, extra_to_json(cfg))
+    save_model_configs(out, model.cfg)
     _save_tensors(out / weights_name, state_dict if state_dict is not None else model.state_dict(), dtype)
     if vae is not None:
         # The VAE stays fp32 (inference.md 2.1: it is used in the file's dtype).
@@ -187,6 +185,60 @@ def _load_cast(path: Path, device: torch.device | str, dtype: torch.dtype) -> di
             t = f.get_tensor(key)
             state[key] = t.to(dtype) if t.is_floating_point() else t
     return state
+
+
+#: Key prefixes of the branches a config can leave out (``visual_und`` / ``visual_gen`` False).
+BRANCH_PREFIXES = {
+    "visual_und": ("vit_model.", "connector.", "vit_pos_embed."),
+    "visual_gen": ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed."),
+}
+
+
+def weights_keys(path: str | Path, cfg: BagelConfig) -> list[str]:
+    """The keys of ``path`` a model built from ``cfg`` loads, after checking keys, shapes and table sizes
+    from the header only; keys of a branch the config leaves out (``visual_gen False`` fine-tuning from
+    the full release) are skipped."""
+    path = Path(path)
+    found = _header_shapes(path)
+    _check_tables(path, cfg, found)
+    skipped = tuple(p for flag, prefixes in BRANCH_PREFIXES.items() if not getattr(cfg, flag) for p in prefixes)
+    wanted = {k: v for k, v in found.items() if not k.startswith(skipped)} if skipped else found
+    check_keys(path, expected_shapes(build_model(cfg, "meta")), wanted, "BAGEL model")
+    return list(wanted)
+
+
+def read_weights(path: str | Path, cfg: BagelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The checked full state dict of ``path`` for a model built from ``cfg`` (CPU, cast to ``dtype``
+    one tensor at a time)."""
+    keys = weights_keys(path, cfg)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in keys:
+            t = f.get_tensor(key)
+            state[key] = t.to(dtype) if t.is_floating_point() else t
+    return state
+
+
+def fresh_position_tables(state: dict[str, torch.Tensor], cfg: BagelConfig) -> dict[str, torch.Tensor]:
+    """Replace both sin-cos tables by freshly computed fp32 ones, as upstream's training path does (the
+    stored bf16 tables differ by up to 2e-3, enough to move the first loss)."""
+    tables = {
+        "vit_pos_embed.pos_embed": (cfg.visual_und, cfg.vit_max_num_patch_per_side),
+        "latent_pos_embed.pos_embed": (cfg.visual_gen, cfg.max_latent_size),
+    }
+    for key, (present, side) in tables.items():
+        if present and key in state:
+            state[key] = torch.from_numpy(sincos_2d_table(side, cfg.llm.hidden_size)).float()
+    return state
+
+
+def save_model_configs(out_dir: str | Path, cfg: BagelConfig) -> None:
+    """Write ``llm_config.json``, ``vit_config.json`` and ``bagel_config.json`` for ``cfg``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / LLM_CONFIG, llm_to_json(cfg.llm))
+    _write_json(out / VIT_CONFIG, vit_to_json(cfg.vit))
+    _write_json(out / EXTRA_CONFIG, extra_to_json(cfg))
 
 
 def load_model_dir(

@@ -52,6 +52,10 @@ class Routing:
     #: per-head q/k RMSNorm, RoPE is applied in fp32, and only then are they cast back to the
     #: hidden dtype (MoT layers only). A no-op for fp32 models; it matters for bf16 weights.
     qk_fp32: bool = False
+    #: Training under FSDP: an expert with no tokens in this pack still runs on an empty slice, so
+    #: its parameters get (zero) gradients on every rank and the per-unit gradient reduction sees
+    #: the same parameters everywhere (a pack without VAE tokens on one rank only would hang it).
+    touch_absent: bool = False
 
     @classmethod
     def all_und(cls, length: int) -> Routing:
@@ -77,6 +81,8 @@ class Routing:
         """Run ``f_und`` on understanding rows and ``f_gen`` on generation rows of ``x`` [n, ...]."""
         if f_gen is None or self.gen is None:
             out = f_und(x)
+            if self.touch_absent and f_gen is not None:
+                out = out + f_gen(x[:0]).sum().to(out.dtype)
             if not self.detach_und:
                 return out
             if self.gen is None:
@@ -84,7 +90,8 @@ class Routing:
             # One shared module: keep gradients only on the generation rows.
             return out.detach().index_copy(0, self.gen, out.index_select(0, self.gen))
         if self.und is None:
-            return f_gen(x)
+            out = f_gen(x)
+            return out + f_und(x[:0]).sum().to(out.dtype) if self.touch_absent else out
         out_und = f_und(x.index_select(0, self.und))
         if self.detach_und:
             out_und = out_und.detach()

@@ -1,7 +1,9 @@
-"""``python -m bagel_core.train <upstream arguments> --dataset_info REGISTRY.yaml [--manifest DIR]``.
+"""``[torchrun ...] python -m bagel_core.train <upstream arguments> [--dataset_info REGISTRY.yaml]``.
 
-Takes the arguments of upstream's ``train/pretrain_unified_navit.py`` (see ``--help``). A ConfigError
-exits with status 2 and ``error: ...`` on stderr; ``--dry_run`` validates and prints the configuration.
+Takes the arguments of upstream's ``train/pretrain_unified_navit.py`` (see ``--help``). Every check
+runs before a process group exists; a ConfigError exits with status 2 and ``error: ...`` on
+stderr. ``--dry_run True`` prints the launch plan (mesh, data, where every weight, the EMA, the
+optimizer state and the data position come from) and the resolved arguments, then exits 0.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bagel_core.config.errors import ConfigError
+from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.train.args import parse_args, unapplied_arguments, world_size_from_env
 
 
@@ -18,20 +20,16 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         for note in unapplied_arguments(cfg):
             print(f"warning: {note}", file=sys.stderr)
-        if cfg.training.dry_run:
-            print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
-        world_size = world_size_from_env() or 1
-        if world_size > 1:
-            raise ConfigError(
-                f"WORLD_SIZE={world_size}: this trainer runs a single process so far (the "
-                f"torchrun/FSDP trainer is not in place); launch with --nproc_per_node=1 "
-                f"--nnodes=1, or add --dry_run to only validate the arguments"
-            )
-        from bagel_core.train.loop import main
+        from bagel_core.train.preflight import preflight  # torch and the data stack load after --help
 
-        main(cfg)
-    except ConfigError as e:
+        launch = preflight(cfg, world_size_from_env() or 1)
+        if cfg.training.dry_run:
+            print(json.dumps({"plan": launch.describe(cfg), "arguments": cfg.to_dict()}, indent=2, default=str))
+            return 0
+        from bagel_core.train.trainer import main
+
+        main(cfg, launch)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -565,7 +565,10 @@ def check_world_size(cfg: TrainConfig, world_size: int, local_world_size: int | 
 
 
 # ---------------------------------------------------------------------------------------------- warnings
-# Upstream arguments the current single-process trainer (loop.py) accepts but does not act on yet.
+# Upstream arguments the trainer accepts but does not act on: the model's shape comes from the model
+# directory's configs or the preset (upstream reads some of these flags, which must then agree with the
+# configs anyway), FSDP2 prefetches on its own, and pre-training from separate LLM / ViT / VAE weights
+# (llm_path, vit_path, vae_path) is not implemented yet.
 NOT_APPLIED: frozenset[str] = frozenset(
     {
         "llm_path",
@@ -580,26 +583,10 @@ NOT_APPLIED: frozenset[str] = frozenset(
         "connector_act",
         "vit_select_layer",
         "vit_rope",
-        "wandb_project",
-        "wandb_name",
-        "wandb_runid",
-        "wandb_resume",
-        "wandb_offline",
-        "gradient_accumulation_steps",
-        "peak_device_tflops",
-        "cpu_offload",
         "backward_prefetch",
-        "freeze_llm",
-        "freeze_vit",
-        "freeze_vae",
-        "freeze_und",
         "copy_init_moe",
-        "use_flex",
-        "attn_backend",
-        "activation_checkpointing",
     }
 )
-_APPLIED_DEFAULTS = {"attn_backend": "sdpa"}  # what the trainer does today when the argument is absent
 
 
 def unapplied_arguments(cfg: TrainConfig) -> list[str]:
@@ -611,7 +598,7 @@ def unapplied_arguments(cfg: TrainConfig) -> list[str]:
             if f.name not in cfg.given or f.name not in NOT_APPLIED:
                 continue
             value = getattr(getattr(cfg, section), f.name)
-            if value != _APPLIED_DEFAULTS.get(f.name, getattr(getattr(defaults, section), f.name)):
+            if value != getattr(getattr(defaults, section), f.name):
                 notes.append(f"--{f.name} {value} is accepted but not applied by this trainer yet")
     t = cfg.training
     if t.finetune_from_ema and not t.resume_model_only:

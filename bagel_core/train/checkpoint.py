@@ -1,13 +1,27 @@
-"""Training checkpoints: ``<checkpoint_dir>/step_<N>/`` holding the state after N optimizer steps.
+"""Training checkpoints: ``<checkpoint_dir>/step_<N>/`` holds the state after N optimizer steps.
 
-Layout (single process, world size 1): ``model.safetensors`` and ``ema.safetensors`` (fp32, with the
-HF-format config JSONs of :func:`save_model_dir`), ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``,
-``data_state.pt`` (``PackedDataset.state_dict()``), ``data_status.pt`` (upstream shape: a list indexed
-by rank of ``{group: {worker_id: cursor}}``), ``train_state.json`` and, written last, ``COMPLETE``.
-Everything is written into ``.step_<N>.tmp`` and renamed once the marker exists, so a crash never
-leaves a ``step_<N>`` directory that resume would pick up half-written; a ``step_<N>`` without the
-marker is ignored anyway. The ``.pt`` files hold only our own tensors and plain data and are loaded
-with ``weights_only=True``.
+Layout (any world size):
+
+* ``.metadata`` + ``__<rank>_<i>.distcp`` -- ``torch.distributed.checkpoint`` (DCP) of
+  ``{"model", "ema", "optimizer"}``; every rank writes its own shards, so saving never gathers a full
+  model on one rank (upstream's OOM at save, training.md 11). Model/EMA keys are the released ones.
+* ``scheduler.pt``; ``rng/rank_<r>.pt`` and ``data/rank_<r>.pt`` (per-rank RNG and
+  ``PackedDataset.state_dict()``); ``data_status.pt`` (upstream's shape: a list by rank of
+  ``{group: {worker_id: cursor}}``); ``train_state.json`` (step, world size, mesh, config).
+* ``llm_config.json``, ``vit_config.json``, ``bagel_config.json``, ``ae.safetensors`` and the tokenizer
+  files (``write_model_files``), so ``bagel export`` and inference need nothing else.
+* ``COMPLETE``, written last.
+
+Atomicity: all ranks write into ``.step_<N>.tmp``; after a barrier rank 0 writes the rest, fsyncs,
+writes the marker, and renames the directory into place (an existing ``step_<N>`` is moved aside and
+deleted only after its replacement is complete). ``auto_resume`` only ever considers directories
+with the marker, so a save killed at any point leaves the previous checkpoint as the latest.
+``keep_last_k`` deletes the oldest complete ones after a successful save.
+
+Loading reshards: DCP restores model, EMA and optimizer for any world size. RNG and data position
+are per rank, so they are restored only for the same world size; otherwise the data order restarts
+and the caller says so. An upstream checkpoint folder (``0001000/`` with ``model.safetensors`` /
+``ema.safetensors``) is accepted as a weights-only starting point.
 """
 
 from __future__ import annotations
@@ -17,28 +31,40 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bagel_core.config.errors import ConfigError
-from bagel_core.model.checkpoint_io import save_model_dir
+from bagel_core.train.distributed import Distributed, barrier, broadcast_object
 
 MARKER = "COMPLETE"
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"
+TRAIN_STATE = "train_state.json"
+DCP_METADATA = ".metadata"
+UPSTREAM_WEIGHTS = ("model.safetensors", "ema.safetensors")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
+# ---- finding checkpoints ---------------------------------------------------------------------------
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step}"
 
 
 def complete_steps(root: str | Path) -> list[int]:
-    """Steps with a complete directory (marker present), ascending; other entries are ignored."""
+    """Steps with a complete directory (marker present), ascending; everything else is ignored."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -55,20 +81,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return step_dir(root, steps[-1]) if steps else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def is_upstream_checkpoint(path: Path) -> bool:
+    """Upstream's step folder (``0001000/``): safetensors weights, no marker, no DCP metadata."""
+    return path.is_dir() and not (path / MARKER).exists() and any((path / n).is_file() for n in UPSTREAM_WEIGHTS)
 
 
+# ---- RNG ---------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+        "python": list(internal),
+        "python_version": version,
+        "python_gauss": gauss,
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,78 +107,191 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---- saving ------------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_local(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rank_file(kind: str, rank: int) -> str:
+    return f"{kind}/rank_{rank:05d}.pt"
+
+
+@dataclass
+class TrainingState:
+    """Everything a step directory restores; the modules are the live (possibly sharded) ones."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def _weights_state(state: TrainingState, with_optimizer: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": get_model_state_dict(state.model), "ema": get_model_state_dict(state.ema)}
+    if with_optimizer:
+        out["optimizer"] = get_optimizer_state_dict(state.model, state.optimizer)
+    return out
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    state: TrainingState,
     data_state: dict[str, Any],
+    dist_info: Distributed,
+    write_model_files: Callable[[Path], None],
     keep_last_k: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``step_<step>`` atomically (temp dir + marker + rename), then apply ``keep_last_k``."""
+    """Write ``step_<step>`` atomically on every rank (a collective: all ranks call it)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f".step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model_dir(tmp, model, weights_name=MODEL_FILE, dtype=torch.float32)
-    save_model_dir(tmp, model, weights_name=EMA_FILE, dtype=torch.float32, state_dict=ema.state_dict())
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    torch.save(data_state, tmp / "data_state.pt")
-    torch.save([data_state.get("data_status", {})], tmp / "data_status.pt")
-    (tmp / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2, sort_keys=True))
-    (tmp / MARKER).write_text(f"{step}\n")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last_k > 0:
-        for old in complete_steps(root)[:-keep_last_k]:
-            shutil.rmtree(step_dir(root, old))
+    final, tmp = step_dir(root, step), root / f".step_{step}.tmp"
+    if dist_info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(dist_info)
+    dcp.save(_weights_state(state, with_optimizer=True), checkpoint_id=str(tmp))
+    _save_local(rng_state(), tmp / _rank_file("rng", dist_info.rank))
+    _save_local(data_state, tmp / _rank_file("data", dist_info.rank))
+    barrier(dist_info)
+    if dist_info.is_main:
+        _save_local(state.scheduler.state_dict(), tmp / "scheduler.pt")
+        statuses = [
+            torch.load(tmp / _rank_file("data", r), weights_only=True).get("data_status", {})
+            for r in range(dist_info.world_size)
+        ]
+        _save_local(statuses, tmp / "data_status.pt")
+        write_model_files(tmp)
+        info = {"step": step, "world_size": dist_info.world_size, **(extra or {})}
+        (tmp / TRAIN_STATE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        for path in tmp.rglob("*"):
+            _fsync(path)
+        (tmp / MARKER).write_text(f"{step}\n")
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
+        old = root / f".step_{step}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+        if keep_last_k > 0:
+            for done in complete_steps(root)[:-keep_last_k]:
+                shutil.rmtree(step_dir(root, done), ignore_errors=True)
+    barrier(dist_info)
     return final
 
 
-def _load_weights(module: nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{path}: missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
+# ---- loading -----------------------------------------------------------------------------------------
+@dataclass
+class Restored:
+    """What a load restored: the next step, this rank's data state (None: start the data fresh), and
+    a sentence for the log."""
+
+    step: int
+    data_state: dict[str, Any] | None
+    note: str
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable {TRAIN_STATE} ({exc}); pick another checkpoint") from exc
 
 
 def load_checkpoint(
     path: str | Path,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
+    state: TrainingState,
+    dist_info: Distributed,
     model_only: bool = False,
     from_ema: bool = False,
-) -> tuple[int, dict[str, Any] | None]:
-    """Restore from a complete step directory. Returns (next step, data state or None).
+) -> Restored:
+    """Restore from a complete ``step_<N>`` (or an upstream folder, weights only).
 
-    ``model_only``: weights only (from ``ema.safetensors`` when ``from_ema``), step 0, no data state.
+    ``model_only``: weights only (the model from the EMA when ``from_ema``), step 0, fresh data.
     """
     path = Path(path)
-    if not (path / MARKER).is_file():
-        raise ConfigError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    ema_file = path / EMA_FILE if (path / EMA_FILE).is_file() else path / MODEL_FILE
-    _load_weights(model, ema_file if (model_only and from_ema) else path / MODEL_FILE)
-    _load_weights(ema, ema_file)
+    if is_upstream_checkpoint(path):
+        return _load_upstream(path, state, dist_info, from_ema)
+    if not (path / MARKER).is_file() or not (path / DCP_METADATA).is_file():
+        raise ConfigError(
+            f"{path}: not a complete checkpoint (no {MARKER} marker or no DCP {DCP_METADATA}); "
+            "use a step_<N> directory written by this trainer, or an upstream folder with model.safetensors"
+        )
+    saved = read_train_state(path)
+    weights = _weights_state(state, with_optimizer=not model_only)
+    dcp.load(weights, checkpoint_id=str(path))
+    set_model_state_dict(state.model, weights["ema" if (model_only and from_ema) else "model"])
+    set_model_state_dict(state.ema, weights["ema"])
     if model_only:
-        return 0, None
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    data_state = torch.load(path / "data_state.pt", weights_only=True)
-    step = json.loads((path / "train_state.json").read_text())["step"]
-    return int(step), data_state
+        source = "EMA" if from_ema else "model"
+        return Restored(0, None, f"weights from {path} ({source}); optimizer, schedule and data start fresh")
+    set_optimizer_state_dict(state.model, state.optimizer, weights["optimizer"])
+    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    step = int(saved["step"])
+    if int(saved.get("world_size", 1)) != dist_info.world_size:
+        return Restored(
+            step,
+            None,
+            f"resumed {path} at step {step}: model, EMA and optimizer resharded from world size "
+            f"{saved.get('world_size')} to {dist_info.world_size}; the data order restarts (each rank's "
+            "data position belongs to the old world size), so this is not an exact continuation",
+        )
+    set_rng_state(torch.load(path / _rank_file("rng", dist_info.rank), weights_only=True))
+    data_state = torch.load(path / _rank_file("data", dist_info.rank), weights_only=True)
+    return Restored(step, data_state, f"resumed {path} at step {step} (exact: same world size)")
+
+
+@torch.no_grad()
+def load_full_weights(model: nn.Module, full: dict[str, torch.Tensor] | None, dist_info: Distributed) -> None:
+    """Load a full (unsharded) state dict held by rank 0 into a possibly sharded model.
+
+    Tensor by tensor, rank 0 broadcasts the full tensor and every rank keeps its own shard, so host
+    memory holds one full copy (rank 0's), not one per rank (upstream's start-up OOM, training.md 11).
+    Keys must match exactly; the error names the differences.
+    """
+    targets = model.state_dict()
+    keys = broadcast_object(sorted(full) if dist_info.is_main and full is not None else None, dist_info)
+    missing, unexpected = sorted(set(targets) - set(keys)), sorted(set(keys) - set(targets))
+    if missing or unexpected:
+        raise ConfigError(f"weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, target in targets.items():
+        local = target.to_local() if isinstance(target, DTensor) else target
+        if dist_info.is_main:
+            value = full[key].to(device=dist_info.device, dtype=target.dtype)
+        else:
+            value = torch.empty(target.shape, dtype=target.dtype, device=dist_info.device)
+        if dist_info.world_size > 1:
+            torch.distributed.broadcast(value, src=0)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        local.copy_(value)
+
+
+def _load_upstream(path: Path, state: TrainingState, dist_info: Distributed, from_ema: bool) -> Restored:
+    model_file = path / "model.safetensors"
+    ema_file = path / "ema.safetensors" if (path / "ema.safetensors").is_file() else model_file
+    first = ema_file if (from_ema or not model_file.is_file()) else model_file
+    for module, file in ((state.model, first), (state.ema, ema_file)):
+        load_full_weights(module, load_file(str(file)) if dist_info.is_main else None, dist_info)
+    note = broadcast_object(
+        f"weights from upstream checkpoint {path} (model from {first.name}, EMA from {ema_file.name}); upstream's "
+        "FSDP1 optimizer shards cannot be read, so optimizer, schedule and data start fresh at step 0",
+        dist_info,
+    )
+    return Restored(0, None, str(note))

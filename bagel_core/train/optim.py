@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bagel_core.train.args import TrainingArguments
 
@@ -36,7 +37,9 @@ def build_scheduler(opt: torch.optim.Optimizer, t: TrainingArguments) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global L2 gradient norm; returns the norm before clipping."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global L2 gradient norm (over all shards: FSDP2 gradients are DTensors, whose norm is
+    reduced across the mesh); returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)

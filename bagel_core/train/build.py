@@ -1,0 +1,237 @@
+"""What a training run builds and where every weight comes from, decided before anything is built.
+
+:func:`plan_weights` resolves upstream's resume flags (training.md 3 and 9.2) into one
+:class:`WeightsPlan`, which ``--dry_run`` prints and the trainer follows:
+
+1. ``--auto_resume True`` and a complete ``step_<N>`` in ``checkpoint_dir``: full resume from it.
+2. else ``--resume_from D``: our step directory (honouring ``--resume_model_only`` and
+   ``--finetune_from_ema``), an upstream step folder (weights only), or a released model directory
+   (weights only, as the fine-tune recipe uses it).
+3. else ``--model_path D`` when it is a model directory: its weights. Upstream's
+   ``--finetune_from_hf True`` without a resume source silently starts the LLM and ViT from random
+   weights; we load ``model_path`` instead and say so.
+4. else a random model of ``--model_preset`` ("training from scratch").
+
+Configs, the VAE and the tokenizer come from the resumed step directory, else from ``model_path``,
+else the preset (random VAE, bundled tokenizer). Models that will receive loaded weights are built
+on the ``meta`` device and materialised after sharding, so no rank ever holds a full random copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bagel_core.config.errors import ConfigError
+from bagel_core.model.autoencoder import AutoEncoder
+from bagel_core.model.bagel import Bagel, build_model
+from bagel_core.model.checkpoint_io import (
+    LLM_CONFIG,
+    VAE_WEIGHTS,
+    fresh_position_tables,
+    load_vae,
+    read_config,
+    read_weights,
+    save_model_configs,
+    weights_file,
+    weights_keys,
+)
+from bagel_core.model.config import BagelConfig, preset
+from bagel_core.model.parallelize import apply_activation_checkpointing, apply_fsdp, mixed_precision
+from bagel_core.train.args import TrainConfig
+from bagel_core.train.checkpoint import MARKER, is_upstream_checkpoint, latest_checkpoint, load_full_weights
+from bagel_core.train.distributed import Distributed
+
+RANDOM, RESUME, CHECKPOINT, UPSTREAM, MODEL_DIR = "random", "resume", "checkpoint", "upstream", "model_dir"
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """Where the run's configs, weights, EMA, optimizer state and data position come from."""
+
+    kind: str  # RANDOM | RESUME | CHECKPOINT | UPSTREAM | MODEL_DIR
+    source: Path | None  # the checkpoint / folder / model directory the weights come from
+    config_dir: Path | None  # configs, VAE and tokenizer (None: the preset, a random VAE, bundled tokenizer)
+    model_only: bool = False
+    from_ema: bool = False
+    note: str = ""
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.kind != RANDOM
+
+    def describe(self, preset_name: str) -> dict[str, str]:
+        """One line per piece of state, for ``--dry_run`` and the start-up log."""
+        configs = f"{self.config_dir}" if self.config_dir else f"preset {preset_name!r}"
+        full = self.kind == RESUME or (self.kind == CHECKPOINT and not self.model_only)
+        weights = {
+            RANDOM: f"random initialisation of preset {preset_name!r} (training from scratch)",
+            RESUME: f"{self.source} (model)",
+            CHECKPOINT: f"{self.source} ({'EMA' if self.model_only and self.from_ema else 'model'})",
+            UPSTREAM: f"upstream folder {self.source}",
+            MODEL_DIR: f"{self.source}",
+        }[self.kind]
+        return {
+            "configs": configs,
+            "model weights": weights,
+            "EMA": f"{self.source} (EMA)" if full else "a copy of the model weights",
+            "optimizer + schedule": f"{self.source}" if full else "fresh (step 0)",
+            "data position": f"{self.source} (same world size) or restart" if full else "start of the data",
+            "VAE": str(Path(self.config_dir) / VAE_WEIGHTS)
+            if self.config_dir and (Path(self.config_dir) / VAE_WEIGHTS).is_file()
+            else "random FLUX-shaped VAE (no ae.safetensors)",
+            "tokenizer": str(self.config_dir)
+            if self.config_dir and _has_tokenizer(Path(self.config_dir))
+            else "bundled Qwen2.5",
+            "note": self.note,
+        }
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file()
+
+
+def _is_model_dir(d: Path) -> bool:
+    return d.is_dir() and (d / LLM_CONFIG).is_file()
+
+
+def plan_weights(cfg: TrainConfig) -> WeightsPlan:
+    """Resolve the resume flags (module docstring); raises ConfigError naming a missing path."""
+    m, t = cfg.model, cfg.training
+    model_dir = Path(m.model_path)
+    if "model_path" in cfg.given and not _is_model_dir(model_dir):
+        raise ConfigError(
+            f"--model_path {model_dir}: not a BAGEL model directory (no {LLM_CONFIG}); pass the released "
+            "BAGEL-7B-MoT folder, or drop --model_path and use --model_preset for a random model"
+        )
+    configs = model_dir if _is_model_dir(model_dir) else None
+    latest = latest_checkpoint(t.checkpoint_dir) if t.auto_resume else None
+    if latest is not None:
+        return WeightsPlan(RESUME, latest, latest, note="auto_resume: full resume from the newest complete step")
+    if t.resume_from:
+        src = Path(t.resume_from)
+        if (src / MARKER).is_file():
+            return WeightsPlan(CHECKPOINT, src, src, t.resume_model_only, t.resume_model_only and t.finetune_from_ema)
+        if _is_model_dir(src):
+            return WeightsPlan(MODEL_DIR, src, src, True, True, note=f"--resume_from {src} is a model directory")
+        if is_upstream_checkpoint(src):
+            return WeightsPlan(UPSTREAM, src, configs, True, t.finetune_from_ema)
+        raise ConfigError(
+            f"--resume_from {src}: neither a complete step directory (no {MARKER}), a BAGEL model directory, "
+            "nor an upstream checkpoint folder (model.safetensors / ema.safetensors); check the path"
+        )
+    if configs is not None:
+        note = (
+            "--finetune_from_hf True without --resume_from: upstream would start the LLM and ViT from random "
+            f"weights; loading them from {configs} instead"
+            if t.finetune_from_hf
+            else ""
+        )
+        return WeightsPlan(MODEL_DIR, configs, configs, True, True, note=note)
+    return WeightsPlan(RANDOM, None, None)
+
+
+def model_config(cfg: TrainConfig, plan: WeightsPlan) -> BagelConfig:
+    """The model's configuration: the config directory's JSON (or the preset) with the run's flags."""
+    m, t = cfg.model, cfg.training
+    base = read_config(plan.config_dir) if plan.config_dir else preset(m.model_preset)
+    llm = dataclasses.replace(base.llm, freeze_und=t.freeze_und)
+    max_latent = m.max_latent_size if "max_latent_size" in cfg.given else None  # else the checkpoint's/preset's
+    return dataclasses.replace(
+        base,
+        llm=llm,
+        visual_gen=t.visual_gen,
+        visual_und=t.visual_und,
+        timestep_shift=t.timestep_shift,
+        interpolate_pos=m.interpolate_pos,
+        max_latent_size=max_latent if max_latent is not None else base.max_latent_size,
+    )
+
+
+def check_weights(plan: WeightsPlan, bcfg: BagelConfig) -> None:
+    """Header-only checks of the weights file the plan loads (keys, shapes, table sizes), before launch."""
+    if plan.kind == MODEL_DIR:
+        weights_keys(weights_file(plan.source, "ema" if plan.from_ema else None), bcfg)
+
+
+def freeze(model: Bagel, cfg: TrainConfig) -> None:
+    """``freeze_llm`` / ``freeze_vit`` (training.md 7); ``freeze_und`` lives in the model config."""
+    t = cfg.training
+    if t.freeze_llm:
+        model.language_model.requires_grad_(False)
+    if t.freeze_vit and model.cfg.visual_und:
+        model.vit_model.requires_grad_(False)
+
+
+def build_models(
+    cfg: TrainConfig, plan: WeightsPlan, bcfg: BagelConfig, dist_info: Distributed
+) -> tuple[Bagel, Bagel, str]:
+    """(model, EMA, a log line): built, frozen, checkpointed, sharded and materialised.
+
+    A model that receives weights is built on ``meta``; a random one on the CPU with the global seed
+    (identical on every rank before sharding).
+    """
+    m, t = cfg.model, cfg.training
+    device = "meta" if plan.loads_weights else "cpu"
+    model = build_model(bcfg, device, attn_backend=m.attn_backend)
+    freeze(model, cfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(
+        model,
+        dist_info.mesh,
+        mixed_precision(dist_info.device),
+        cpu_offload=t.cpu_offload,
+        reshard_after_forward=t.sharding_strategy != "NO_SHARD",
+    )
+    apply_fsdp(ema, dist_info.mesh, cpu_offload=t.cpu_offload)
+    target = torch.device("cpu") if t.cpu_offload else dist_info.device
+    if plan.loads_weights:
+        model.to_empty(device=target)
+        ema.to_empty(device=target)
+    message = f"Model parameter count: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B (sharded view)"
+    if plan.kind == MODEL_DIR:
+        path = weights_file(plan.source, "ema" if plan.from_ema else None)
+        full = fresh_position_tables(read_weights(path, bcfg), bcfg) if dist_info.is_main else None
+        load_full_weights(model, full, dist_info)
+        load_full_weights(ema, full, dist_info)
+        del full
+        message += f"; weights from {path} (sin-cos tables recomputed in fp32)"
+    return model, ema, message
+
+
+def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device) -> AutoEncoder:
+    """The frozen FLUX VAE: ``ae.safetensors`` of the config directory, else random (tests, presets)."""
+    if plan.config_dir is not None and (Path(plan.config_dir) / VAE_WEIGHTS).is_file():
+        vae = load_vae(plan.config_dir, bcfg, device=device)
+    else:
+        vae = AutoEncoder(bcfg.vae).to(device)
+    if device.type == "cuda":
+        vae = vae.to(torch.bfloat16)
+    return vae.eval().requires_grad_(False)
+
+
+def model_files_writer(bcfg: BagelConfig, vae: AutoEncoder, plan: WeightsPlan, tokenizer):
+    """A function writing configs, ``ae.safetensors`` and tokenizer files into a step directory."""
+    source_vae = Path(plan.config_dir) / VAE_WEIGHTS if plan.config_dir else None
+
+    def write(out: Path) -> None:
+        save_model_configs(out, bcfg)
+        target = out / VAE_WEIGHTS
+        if source_vae is not None and source_vae.is_file():
+            try:
+                target.hardlink_to(source_vae)
+            except OSError:
+                shutil.copyfile(source_vae, target)
+        else:
+            save_file({k: v.float().contiguous().cpu() for k, v in vae.state_dict().items()}, str(target))
+        tokenizer.save_pretrained(str(out))
+
+    return write

@@ -1,0 +1,488 @@
+"""Export a training checkpoint as an inference-ready directory in the released BAGEL layout.
+
+    export_checkpoint(checkpoint_dir / "step_1000", Path("exports/bagel-step1000"))
+
+reads a complete training step directory (``torch.distributed.checkpoint`` files of
+``{"model": ..., "ema": ..., "optimizer": ...}``, the config JSONs, ``ae.safetensors``, tokenizer
+files when the run had a tokenizer directory, ``train_state.json`` and the ``COMPLETE`` marker) and
+writes ``out/`` with ``llm_config.json``, ``vit_config.json``, ``bagel_config.json`` (when the source
+has it), ``ema.safetensors`` (bf16 by default), ``ae.safetensors`` and the tokenizer files: what
+:func:`bagel_core.inference.setup_models` and upstream's inference load.
+
+How it avoids the upstream OOM (a full fp32 gather of 2 x 58 GB for 7B): BAGEL is built on the
+``meta`` device from the configs, which gives every key, shape and dtype without allocating; the
+DCP metadata is checked against exactly that key set (missing / unexpected keys and wrong shapes
+are named before any tensor is read); then the tensors are read single-process (no process group)
+in chunks of about ``chunk_bytes`` of stored (fp32) data, DCP reading only the keys of the chunk,
+and each chunk is cast to ``dtype`` before the next is read. Peak host memory is the output (29 GB
+in bf16 for 7B) plus one chunk.
+
+The output file is always named ``ema.safetensors`` (the release has only that file, and loaders
+look for it first), whichever weights were exported; its safetensors metadata records
+``{"format": "pt", "source": <checkpoint>, "weights": "ema"|"model", "step": "<N>"}``.
+Everything is written into ``out.parent/.<name>.tmp`` and renamed to ``out`` at the end, so a
+half-written export is never mistaken for a model.
+
+Upstream checkpoints: a folder written by upstream's training script (``0001000/`` with fp32
+``model.safetensors`` and/or ``ema.safetensors``, no marker, no configs, VAE or tokenizer) exports
+with ``config_from=<a model directory>`` (e.g. the released BAGEL-7B-MoT download) that supplies
+the configs, ``ae.safetensors`` and tokenizer files; the weights are read one tensor at a time and
+cast. ``config_from`` may also be given for a DCP step directory, to take configs, VAE and tokenizer
+from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from bagel_core.config.errors import ConfigError
+from bagel_core.model.autoencoder import AutoEncoder
+from bagel_core.model.bagel import build_model
+from bagel_core.model.checkpoint_io import (
+    EMA_WEIGHTS,
+    EXTRA_CONFIG,
+    LLM_CONFIG,
+    MODEL_WEIGHTS,
+    VAE_WEIGHTS,
+    VIT_CONFIG,
+    expected_shapes,
+    read_config,
+)
+from bagel_core.model.config import BagelConfig
+from bagel_core.train.checkpoint import DCP_METADATA, MARKER, TRAIN_STATE, latest_checkpoint
+
+Weights = Literal["ema", "model"]
+
+#: Tokenizer files copied when the source directory has a tokenizer (tokenizer.json or vocab.json).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DEFAULT_CHUNK_BYTES = 2 << 30
+_SHOW = 5
+_STEP_NAME = re.compile(r"^(?:step_)?(\d+)$")
+# dcp.load warns on every single-process load; that is exactly what we mean to do.
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+Progress = Callable[[int, int], None]
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    weights: Weights = "ema",
+    dtype: torch.dtype = torch.bfloat16,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    config_from: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``out`` (released layout) from a training checkpoint; returns ``out``.
+
+    ``checkpoint``: a complete DCP step directory (``COMPLETE`` marker, ``.metadata``, configs,
+    ``ae.safetensors``), or, with ``config_from``, an upstream folder of fp32 safetensors.
+    ``weights``: the ``"ema"`` (default, what the release ships) or the raw ``"model"`` weights.
+    ``dtype``: of the floating-point tensors written (bf16 = the release; fp32 keeps full precision).
+    ``chunk_bytes``: stored bytes read per DCP load (memory peak = output + one chunk).
+    ``config_from``: directory with ``llm_config.json``, ``vit_config.json`` (+ ``bagel_config.json``),
+    ``ae.safetensors`` and optional tokenizer files, used instead of the checkpoint's own.
+    ``overwrite``: replace an existing non-empty ``out`` (otherwise a ConfigError).
+    ``progress``: called as ``progress(bytes_done, bytes_total)`` after each chunk.
+    Errors are :class:`ConfigError` naming the path and the fix.
+    """
+    checkpoint = Path(checkpoint)
+    out = Path(out)
+    if weights not in ("ema", "model"):
+        raise ConfigError(f"weights must be 'ema' or 'model', not {weights!r}")
+    if chunk_bytes <= 0:
+        raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if not checkpoint.is_dir():
+        raise ConfigError(f"checkpoint {checkpoint} is not a directory (expected checkpoint_dir/step_<N>/)")
+    source_dir = Path(config_from) if config_from is not None else checkpoint
+    is_dcp = (checkpoint / DCP_METADATA).is_file()
+    if config_from is None:
+        _check_training_layout(checkpoint)
+    elif is_dcp:
+        _require_marker(checkpoint)
+    _check_out(out, checkpoint, source_dir, overwrite)
+
+    cfg = _read_source_config(source_dir)
+    expected = _expected(cfg)
+    _check_vae(source_dir, cfg)
+    step = _step_of(checkpoint)
+    if is_dcp:
+        read = _DcpWeights(checkpoint, weights, expected)
+    else:
+        read = _SafetensorsWeights(checkpoint, weights, expected)
+
+    tmp = out.parent / f".{out.name}.tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a crashed earlier export
+    tmp.mkdir()
+    try:
+        tensors = read.load(dtype, chunk_bytes, progress)
+        metadata = {"format": "pt", "source": str(checkpoint.resolve()), "weights": weights}
+        if step is not None:
+            metadata["step"] = str(step)
+        _save(tmp / EMA_WEIGHTS, tensors, metadata)
+        del tensors
+        _check_written(tmp / EMA_WEIGHTS, expected)
+        for name in (LLM_CONFIG, VIT_CONFIG, EXTRA_CONFIG):
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
+        _link_or_copy(source_dir / VAE_WEIGHTS, tmp / VAE_WEIGHTS)
+        _write_tokenizer(source_dir, tmp)
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _require_marker(checkpoint: Path) -> None:
+    latest = latest_checkpoint(checkpoint)
+    if not (checkpoint / MARKER).is_file() and latest is not None:
+        raise ConfigError(
+            f"{checkpoint} is a checkpoint root, not a step directory: pass one of its complete step "
+            f"directories, e.g. the latest, {latest}"
+        )
+    if not (checkpoint / MARKER).is_file():
+        raise ConfigError(
+            f"{checkpoint} is not a complete checkpoint (no {MARKER} marker; the save was interrupted or is "
+            f"still running): export a step directory that has {checkpoint / MARKER}, e.g. the latest complete "
+            f"one in {checkpoint.parent}"
+        )
+
+
+def _check_training_layout(checkpoint: Path) -> None:
+    has_upstream_weights = any((checkpoint / n).is_file() for n in (EMA_WEIGHTS, MODEL_WEIGHTS))
+    if not (checkpoint / MARKER).is_file() and not (checkpoint / DCP_METADATA).is_file() and has_upstream_weights:
+        raise ConfigError(
+            f"{checkpoint} looks like an upstream checkpoint folder (safetensors weights, no {MARKER} marker, "
+            f"no DCP {DCP_METADATA}): pass config_from / --config-from MODEL_DIR, a directory with "
+            f"{LLM_CONFIG}, {VIT_CONFIG}, {VAE_WEIGHTS} and the tokenizer (e.g. the released BAGEL-7B-MoT)"
+        )
+    _require_marker(checkpoint)
+    if not (checkpoint / DCP_METADATA).is_file():
+        raise ConfigError(
+            f"{checkpoint / DCP_METADATA} not found: {checkpoint} is not a torch.distributed.checkpoint step "
+            f"directory. For a folder of safetensors weights (upstream layout) pass config_from / "
+            f"--config-from MODEL_DIR with the configs, {VAE_WEIGHTS} and tokenizer"
+        )
+    missing = [n for n in (LLM_CONFIG, VIT_CONFIG, VAE_WEIGHTS) if not (checkpoint / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{checkpoint} lacks {', '.join(missing)} (a complete training checkpoint holds the configs and "
+            f"the VAE): pass config_from / --config-from MODEL_DIR with the run's configs and {VAE_WEIGHTS} "
+            f"(e.g. the model directory training started from)"
+        )
+
+
+def _check_out(out: Path, checkpoint: Path, source_dir: Path, overwrite: bool) -> None:
+    resolved = out.resolve()
+    if resolved in (checkpoint.resolve(), source_dir.resolve()):
+        raise ConfigError(f"--out {out} is the checkpoint / config directory itself: choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory: choose a new directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty: choose a new directory or pass --overwrite")
+
+
+def _read_source_config(source_dir: Path) -> BagelConfig:
+    if not source_dir.is_dir():
+        raise ConfigError(f"config directory {source_dir} does not exist (give a model directory with the configs)")
+    if not (source_dir / VAE_WEIGHTS).is_file():
+        raise ConfigError(
+            f"{source_dir / VAE_WEIGHTS} not found: the export needs the FLUX VAE the model was trained with "
+            "(copy ae.safetensors from the released BAGEL directory, or pass --config-from MODEL_DIR)"
+        )
+    return read_config(source_dir)
+
+
+def _expected(cfg: BagelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes of ``Bagel.state_dict()`` for ``cfg`` (built on meta: nothing allocated)."""
+    model = build_model(cfg, "meta")
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(sorted(keys)[:_SHOW])
+    return shown + (f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def _compare(
+    where: str, config_dir: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
+) -> None:
+    """Strict key/shape comparison; the error names missing, unexpected and mismatched keys."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        shown = "; ".join(f"{k} checkpoint {found[k]} vs model {tuple(expected[k])}" for k in wrong[:_SHOW])
+        parts.append(f"{len(wrong)} keys with a different shape: {shown}")
+    hint = ""
+    if "latent_pos_embed.pos_embed" in wrong:
+        hint = (
+            " latent_pos_embed rows = max_latent_size**2: set max_latent_size in "
+            f"{config_dir / EXTRA_CONFIG} to the value the run trained with."
+        )
+    raise ConfigError(
+        f"{where} does not match the BAGEL model built from the configs in {config_dir}: "
+        + "; ".join(parts)
+        + ". Check that the configs belong to this checkpoint (same preset / layer_module / visual_gen, "
+        "visual_und) or pass --config-from with the run's configs." + hint
+    )
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _check_vae(source_dir: Path, cfg: BagelConfig) -> None:
+    path = source_dir / VAE_WEIGHTS
+    with torch.device("meta"):
+        vae = AutoEncoder(cfg.vae)
+    expected = expected_shapes(vae)
+    found = _header_shapes(path)
+    if set(found) != set(expected) or any(found[k] != expected[k] for k in expected):
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        raise ConfigError(
+            f"{path} is not the FLUX autoencoder of the configs in {source_dir} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, or different shapes; e.g. {_listing(missing or unexpected)}): "
+            "copy ae.safetensors from the released BAGEL directory"
+        )
+
+
+def _check_written(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    _compare(str(path), path.parent, {k: s for k, (s, _) in expected.items()}, _header_shapes(path))
+
+
+def _step_of(checkpoint: Path) -> int | None:
+    """``train_state.json``'s step, else the folder name (``step_1000`` / upstream ``0001000``)."""
+    state = checkpoint / TRAIN_STATE
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text(encoding="utf-8"))["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{state}: unreadable training state ({exc}); it must hold {{'step': N}}") from exc
+    m = _STEP_NAME.match(checkpoint.resolve().name)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------------- readers
+
+
+def _chunks(sizes: list[tuple[str, int]], chunk_bytes: int) -> list[list[str]]:
+    """Consecutive groups of keys of at most ``chunk_bytes`` each (a larger tensor is a chunk alone)."""
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for key, nbytes in sizes:
+        if current and total + nbytes > chunk_bytes:
+            chunks.append(current)
+            current, total = [], 0
+        current.append(key)
+        total += nbytes
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
+
+
+class _DcpWeights:
+    """One sub-state (``"ema"`` or ``"model"``) of a DCP checkpoint, read single-process in chunks."""
+
+    def __init__(self, path: Path, weights: Weights, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        self.weights = weights
+        try:
+            metadata = FileSystemReader(str(path)).read_metadata()
+        except Exception as exc:  # a truncated / foreign .metadata: pickle or attribute errors
+            raise ConfigError(
+                f"{path / DCP_METADATA}: unreadable torch.distributed.checkpoint metadata ({exc}); "
+                "export another complete step"
+            ) from exc
+        prefix = weights + "."
+        entries = {k[len(prefix) :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+        if not entries:
+            tops = sorted({k.split(".", 1)[0] for k in metadata.state_dict_metadata})
+            raise ConfigError(
+                f"{path}: the DCP checkpoint holds no {weights!r} state (top-level entries: {', '.join(tops)}); "
+                f"use --weights {'model' if weights == 'ema' else 'ema'} or export a checkpoint saved with it"
+            )
+        not_tensors = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
+        if not_tensors:
+            raise ConfigError(f"{path}: {weights!r} entries that are not tensors: {_listing(not_tensors)}")
+        found = {k: tuple(v.size) for k, v in entries.items()}
+        _compare(f"{path} ({weights!r} weights)", path, {k: s for k, (s, _) in expected.items()}, found)
+        self.stored = {k: entries[k].properties.dtype for k in expected}
+        self.expected = expected
+
+    def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        sizes = [(k, _numel(shape) * self.stored[k].itemsize) for k, (shape, _) in self.expected.items()]
+        total = sum(n for _, n in sizes)
+        nbytes = dict(sizes)
+        done = 0
+        result: dict[str, torch.Tensor] = {}
+        for keys in _chunks(sizes, chunk_bytes):
+            chunk = {k: torch.empty(self.expected[k][0], dtype=self.stored[k]) for k in keys}
+            state = {self.weights: chunk}
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+                    dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+            except (CheckpointException, Exception) as exc:  # a BaseException wrapping per-rank errors
+                raise ConfigError(
+                    f"{self.path}: reading the {self.weights!r} tensors failed ({_short(exc)}); the checkpoint "
+                    "is damaged or incomplete (are all __<rank>_<i>.distcp files present?): export another step"
+                ) from exc
+            for k in keys:
+                result[k] = _cast(state[self.weights][k], dtype)
+            del state, chunk
+            done += sum(nbytes[k] for k in keys)
+            if progress is not None:
+                progress(done, total)
+        return result
+
+
+class _SafetensorsWeights:
+    """``model.safetensors`` / ``ema.safetensors`` of an upstream folder, read one tensor at a time."""
+
+    def __init__(self, path: Path, weights: Weights, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.file = path / (EMA_WEIGHTS if weights == "ema" else MODEL_WEIGHTS)
+        if not self.file.is_file():
+            present = [n for n in (EMA_WEIGHTS, MODEL_WEIGHTS) if (path / n).is_file()]
+            other = "model" if weights == "ema" else "ema"
+            fix = f"use --weights {other}" if present else "give a checkpoint folder with safetensors weights"
+            raise ConfigError(
+                f"{self.file} not found (present: {', '.join(present) or 'no weights, no DCP .metadata'}): {fix}"
+            )
+        self.expected = expected
+        _compare(str(self.file), path, {k: s for k, (s, _) in expected.items()}, _header_shapes(self.file))
+
+    def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        result: dict[str, torch.Tensor] = {}
+        total = self.file.stat().st_size
+        done = 0
+        with safe_open(str(self.file), framework="pt") as f:
+            for key in self.expected:
+                t = f.get_tensor(key)
+                done += t.numel() * t.element_size()
+                result[key] = _cast(t, dtype)
+                del t
+                if progress is not None and (done >= total or len(result) % 64 == 0):
+                    progress(min(done, total), total)
+        if progress is not None:
+            progress(total, total)
+        return result
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _short(exc: BaseException) -> str:
+    """One line: DCP's CheckpointException carries ``{rank: (exception, traceback)}``; show the exceptions."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        text = "; ".join(f"{type(e).__name__}: {e}" for e in inner)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no extra space; the export survives deleting the checkpoint), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
+def _write_tokenizer(source_dir: Path, out: Path) -> None:
+    """Copy the source's tokenizer files, else save the bundled Qwen2.5 tokenizer (self-contained output)."""
+    if _has_tokenizer(source_dir):
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, out / name)
+        return
+    from bagel_core.data.tokenizer import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(None)
+    tokenizer.save_pretrained(str(out))
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:  # appeared while we were exporting
+            raise ConfigError(f"--out {out} exists and is not empty: choose a new directory or pass --overwrite")
+        old = out.parent / f".{out.name}.old.{os.getpid()}.{int(time.time())}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()
+    os.replace(tmp, out)

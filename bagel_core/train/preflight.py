@@ -1,0 +1,163 @@
+"""Everything a launch can get wrong, checked before any process group starts (and printed by
+``--dry_run``): the registry and dataset YAML, the branches the data needs, the sampling manifest
+for this world size, the model files and table sizes, where every weight comes from, the device.
+
+Each problem is a :class:`ConfigError` naming both sides of the contradiction and the fix; a plain
+``torchrun`` needs no Dagster step first (without ``--manifest`` the plan is built here, exactly as
+the trainer will build it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bagel_core.config.dataset_config import DatasetConfig, load_dataset_config
+from bagel_core.config.errors import ConfigError
+from bagel_core.config.registry import Registry, import_upstream_dataset_info
+from bagel_core.config.validate import require_valid
+from bagel_core.plan.manifest import Manifest, build_manifest, read_manifest_meta
+from bagel_core.sequence.tokens import VAE_DOWNSAMPLE
+from bagel_core.train.args import TrainConfig
+from bagel_core.train.build import WeightsPlan, check_weights, model_config, plan_weights
+
+#: Upstream's script imports this module when no registry is given (``data/dataset_info.py``).
+UPSTREAM_DATASET_INFO = Path("data/dataset_info.py")
+
+
+@dataclass
+class LaunchPlan:
+    """The resolved launch: printed by ``--dry_run``, used by the trainer."""
+
+    registry: Registry
+    dataset_config: DatasetConfig
+    weights: WeightsPlan
+    world_size: int
+    manifest: Manifest | None  # built here when --manifest was not given
+
+    def describe(self, cfg: TrainConfig) -> dict[str, Any]:
+        t, d = cfg.training, cfg.data
+        bcfg = model_config(cfg, self.weights)
+        return {
+            "world_size": self.world_size,
+            "mesh": {"strategy": t.sharding_strategy, "num_replicate": t.num_replicate, "num_shard": t.num_shard},
+            "registry": str(self.registry.source),
+            "dataset_config": str(self.dataset_config.source),
+            "groups": {name: g.task for name, g in self.dataset_config.groups.items()},
+            "manifest": d.manifest or f"built at start-up for world {self.world_size} x {d.num_workers} workers",
+            "model": {
+                "layers": bcfg.llm.num_hidden_layers,
+                "hidden": bcfg.llm.hidden_size,
+                "visual_gen": bcfg.visual_gen,
+                "visual_und": bcfg.visual_und,
+                "max_latent_size": bcfg.max_latent_size,
+                "attn_backend": cfg.model.attn_backend,
+            },
+            "state": self.weights.describe(cfg.model.model_preset),
+        }
+
+
+def load_registry(cfg: TrainConfig) -> Registry:
+    """``--dataset_info`` (our YAML registry), else upstream's ``./data/dataset_info.py`` read without
+    executing it; placeholders and missing paths are errors naming the key."""
+    given = cfg.data.dataset_info
+    if given:
+        registry = Registry.load(given)
+    elif UPSTREAM_DATASET_INFO.is_file():
+        registry = import_upstream_dataset_info(UPSTREAM_DATASET_INFO)
+    else:
+        raise ConfigError(
+            "no dataset registry: pass --dataset_info REGISTRY.yaml (make one with `bagel data registry --root "
+            "DATA --out REGISTRY.yaml`, or materialise the dataset_registry asset), or run from a folder with "
+            f"upstream's {UPSTREAM_DATASET_INFO}"
+        )
+    require_valid(registry)
+    return registry
+
+
+def check_branches(cfg: TrainConfig, config: DatasetConfig) -> None:
+    """The model must have the branch each dataset group trains (upstream asserts mid-step, #264)."""
+    t = cfg.training
+    tasks = {name: g.task for name, g in config.groups.items()}
+    if not t.visual_und:
+        vlm = [n for n, task in tasks.items() if task == "vlm"]
+        if vlm:
+            raise ConfigError(
+                f"--visual_und False builds no ViT, but {config.source} has understanding group(s) {vlm}: "
+                "remove them from the dataset YAML or drop --visual_und False"
+            )
+    if not t.visual_gen:
+        gen = [n for n, task in tasks.items() if task in ("t2i", "edit")]
+        if gen:
+            raise ConfigError(
+                f"--visual_gen False builds no generation branch, but {config.source} has group(s) {gen} "
+                "that train it: remove them from the dataset YAML or drop --visual_gen False"
+            )
+
+
+def check_latent_table(cfg: TrainConfig, config: DatasetConfig, max_latent_size: int) -> None:
+    """The largest VAE image the dataset YAML allows must fit the latent position table (else the
+    forward indexes past it: upstream's IndexError, TRAIN.md / #131)."""
+    for name, group in config.groups.items():
+        if group.task not in ("t2i", "edit"):
+            continue
+        args = group.image_transform_args
+        side = -(-args.max_image_size // VAE_DOWNSAMPLE)
+        if side > max_latent_size:
+            raise ConfigError(
+                f"{config.source}: group {name} allows images up to {args.max_image_size} px, i.e. {side} latent "
+                f"tokens per side, but the model's latent table has max_latent_size {max_latent_size}: pass "
+                f"--max_latent_size {side} (64 for the BAGEL-7B-MoT release) or lower max_image_size"
+            )
+
+
+def check_manifest(cfg: TrainConfig, world_size: int) -> None:
+    """A given manifest must have been planned for this world size and ``num_workers``."""
+    d = cfg.data
+    meta = read_manifest_meta(d.manifest)
+    for key, mine in (("world_size", world_size), ("num_workers", d.num_workers)):
+        if meta.get(key) != mine:
+            raise ConfigError(
+                f"--manifest {d.manifest} was planned for {key}={meta.get(key)}, this launch has {key}={mine}: "
+                f"rebuild it (`bagel data plan --world-size {world_size} --num-workers {d.num_workers} ...`) or "
+                "drop --manifest and the trainer plans the data itself"
+            )
+    if meta.get("problems"):
+        raise ConfigError(f"--manifest {d.manifest}: some workers get no data:\n  " + "\n  ".join(meta["problems"]))
+
+
+def check_device(cfg: TrainConfig) -> None:
+    backend = cfg.model.attn_backend
+    if backend in ("flex", "flash") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--attn_backend {backend} (or --use_flex True) needs a GPU: FlexAttention has no CPU backward and "
+            "flash-attn is CUDA only; use --attn_backend sdpa on CPU"
+        )
+    if backend == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--attn_backend flash needs flash-attn: pip install '.[gpu]'") from exc
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
+    """Run every check; returns the launch plan (raises ConfigError on the first contradiction)."""
+    registry = load_registry(cfg)
+    config = load_dataset_config(cfg.data.dataset_config_file)
+    config.check_against(registry)
+    check_branches(cfg, config)
+    check_device(cfg)
+    manifest = None
+    if cfg.data.manifest:
+        check_manifest(cfg, world_size)
+    else:
+        manifest = build_manifest(config, registry, world_size, cfg.data.num_workers, seed=cfg.data.data_seed)
+    weights = plan_weights(cfg)
+    bcfg = model_config(cfg, weights)
+    check_weights(weights, bcfg)
+    if bcfg.visual_gen:
+        check_latent_table(cfg, config, bcfg.max_latent_size)
+    return LaunchPlan(registry, config, weights, world_size, manifest)

@@ -1,0 +1,309 @@
+"""The BAGEL training loop under torchrun + FSDP2, readable top to bottom (training.md 3-10).
+
+Per optimizer step: fetch ``gradient_accumulation_steps`` packed batches from this rank's
+``PackedDataset``; all-reduce their loss-bearing token counts once; for each micro-batch encode the
+images with the frozen VAE (no grad), forward, take its share of the step loss (``loss.py``) and
+backward; clip; optimizer and schedule step; EMA update on the local shards; record the batches'
+data state; log; save. Nothing per step is kept in memory.
+
+Step convention: ``step`` counts completed optimizer steps; ``step_<N>/`` holds the state after N
+steps and resuming from it trains step N next. Per-step randomness (VAE posterior sample, flow
+noise) comes from generators seeded by (global_seed, step, slot) with slot = rank * G + micro-step,
+so a resumed run draws exactly what a straight run draws, and one process with G = 2 draws what
+two processes with G = 1 draw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch.utils.data import DataLoader
+
+from bagel_core.data.tokenizer import load_tokenizer
+from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
+from bagel_core.plan.manifest import write_manifest
+from bagel_core.plan.packing import CfgDropout, PackingParams
+from bagel_core.train.args import TrainConfig
+from bagel_core.train.build import build_models, build_vae, model_config, model_files_writer
+from bagel_core.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint, step_dir
+from bagel_core.train.distributed import (
+    Distributed,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown,
+)
+from bagel_core.train.ema import update_ema
+from bagel_core.train.export import export_checkpoint
+from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss
+from bagel_core.train.metrics import MetricsLogger, MetricsWindow, WandbSettings, peak_memory_mib, resolve_peak_tflops
+from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from bagel_core.train.preflight import LaunchPlan
+
+
+def step_generator(seed: int, step: int, slot: int, stream: int, device: torch.device) -> torch.Generator:
+    """The generator of one (step, slot, stream): 0 = VAE posterior sample, 1 = flow noise."""
+    gen = torch.Generator(device=device)
+    return gen.manual_seed((seed * 1_000_003 + step * 4099 + slot * 8 + stream) % (2**63))
+
+
+def seed_process(global_seed: int, dist_info: Distributed) -> None:
+    """Upstream's process seed: global_seed * world_size + rank."""
+    seed = global_seed * dist_info.world_size + dist_info.rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    """Everything one training process holds; ``run()`` trains until ``total_steps``."""
+
+    def __init__(self, cfg: TrainConfig, launch: LaunchPlan, dist_info: Distributed, out: TextIO | None = None) -> None:
+        self.cfg, self.launch, self.dist = cfg, launch, dist_info
+        t = cfg.training
+        self.out = out if out is not None else sys.stdout
+        seed_process(t.global_seed, dist_info)
+        self.plan = launch.weights
+        self.model_cfg = model_config(cfg, self.plan)
+        self.model, self.ema, built = build_models(cfg, self.plan, self.model_cfg, dist_info)
+        self.model.train()
+        self.vae = build_vae(self.plan, self.model_cfg, dist_info.device)
+        self.tokenizer, _ = load_tokenizer(str(self.plan.config_dir) if self._has_tokenizer() else None)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.state = TrainingState(self.model, self.ema, self.optimizer, self.scheduler)
+        self.write_model_files = model_files_writer(self.model_cfg, self.vae, self.plan, self.tokenizer)
+        self.dataset = self._build_dataset()
+        self.step = 0
+        self.metrics = MetricsLogger(
+            dist_info.rank,
+            t.results_dir,
+            llm_cfg=self.model_cfg.llm,
+            world_size=dist_info.world_size,
+            peak_tflops=resolve_peak_tflops(t.peak_device_tflops, dist_info.device),
+            wandb=WandbSettings.from_args(t),
+            config=cfg.to_dict(),
+            out=self.out,
+            progress_total=t.total_steps,
+        )
+        self.metrics.info(built)
+        for what, where in self.plan.describe(cfg.model.model_preset).items():
+            if where:
+                self.metrics.info(f"{what}: {where}")
+        self._resume()
+
+    def _has_tokenizer(self) -> bool:
+        d = self.plan.config_dir
+        return d is not None and ((Path(d) / "tokenizer.json").is_file() or (Path(d) / "vocab.json").is_file())
+
+    # ---- data --------------------------------------------------------------------------------------
+    def _manifest_dir(self) -> Path:
+        """``--manifest``, or one built here for this world size, ``num_workers`` and ``data_seed``."""
+        d, t = self.cfg.data, self.cfg.training
+        if self.launch.manifest is None:
+            return Path(d.manifest)
+        out = Path(t.results_dir) / f"manifest_w{self.dist.world_size}_n{d.num_workers}_s{d.data_seed}"
+        if self.dist.is_main:
+            write_manifest(self.launch.manifest, out)
+        barrier(self.dist)
+        return out
+
+    def _build_dataset(self) -> PackedDataset:
+        d, m, t = self.cfg.data, self.cfg.model, self.cfg.training
+        params = PackingParams(
+            expected_num_tokens=t.expected_num_tokens,
+            max_num_tokens=d.max_num_tokens,
+            max_num_tokens_per_sample=d.max_num_tokens_per_sample,
+            prefer_buffer_before=d.prefer_buffer_before,
+            max_buffer_size=d.max_buffer_size,
+        )
+        dropout = (
+            CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
+            if t.visual_gen
+            else CfgDropout(0.0, 0.0, 0.0)
+        )
+        return PackedDataset(
+            self.launch.dataset_config,
+            self.launch.registry,
+            self._manifest_dir(),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=d.num_workers,
+            params=params,
+            dropout=dropout,
+            seed=d.data_seed,
+            tokenizer=self.tokenizer,
+            max_latent_size=self.model_cfg.max_latent_size,
+            interpolate_pos=m.interpolate_pos,
+            flex_padding=m.attn_backend == "flex",
+        )
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        if d.num_workers == 0:
+            return iter(self.dataset)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=d.num_workers,
+            collate_fn=collate_packed,
+            prefetch_factor=d.prefetch_factor,
+        )
+        return iter(loader)
+
+    # ---- resume and save ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        plan = self.plan
+        if plan.kind not in ("resume", "checkpoint", "upstream"):
+            return
+        restored = load_checkpoint(plan.source, self.state, self.dist, plan.model_only, plan.from_ema)
+        self.step = restored.step
+        if restored.data_state is not None:
+            self.dataset.load_state_dict(restored.data_state)
+        self.metrics.info(restored.note)
+
+    def save(self) -> Path:
+        t = self.cfg.training
+        self.metrics.info(f"Saving checkpoint to {Path(t.checkpoint_dir) / f'step_{self.step}'}.")
+        return save_checkpoint(
+            t.checkpoint_dir,
+            self.step,
+            self.state,
+            self.dataset.state_dict(),
+            self.dist,
+            self.write_model_files,
+            keep_last_k=t.keep_last_k,
+            extra={
+                "config": self.cfg.to_dict(),
+                "mesh": [t.num_replicate, t.num_shard],
+                "sharding_strategy": t.sharding_strategy,
+            },
+        )
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def _encode(self, inputs: dict[str, Any], slot: int) -> None:
+        """Replace ``padded_images`` by VAE latents (frozen VAE, no grad, seeded posterior sample)."""
+        if "padded_images" not in inputs:
+            return
+        images = inputs.pop("padded_images").to(self.dist.device, self.vae.dtype)
+        gen = step_generator(self.cfg.training.global_seed, self.step, slot, 0, self.dist.device)
+        with torch.no_grad():
+            inputs["padded_latent"] = self.vae.encode(images, generator=gen).float()
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over ``batches`` (this rank's micro-batches); returns global figures."""
+        t = self.cfg.training
+        counts = [local_token_counts(b, t.ce_loss_reweighting) for b in batches]
+        ce_n, mse_n = all_reduce_sum([sum(c for c, _ in counts), sum(m for _, m in counts)], self.dist)
+        tokens = StepTokens(ce=ce_n, mse=int(mse_n))
+        ce_sum = mse_sum = 0.0
+        for micro, batch in enumerate(batches):
+            slot = self.dist.rank * len(batches) + micro
+            inputs = {k: _to(v, self.dist.device) for k, v in model_inputs(batch).items()}
+            self._encode(inputs, slot)
+            noise = step_generator(t.global_seed, self.step, slot, 1, self.dist.device)
+            terms = self.model(**inputs, noise_generator=noise, touch_unused=True)
+            loss, ce, mse = micro_loss(
+                terms, batch, tokens, self.dist.world_size, t.ce_weight, t.mse_weight, t.ce_loss_reweighting
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step} (micro-batch {micro})")
+            loss.backward()
+            ce_sum, mse_sum = ce_sum + ce, mse_sum + mse
+        grad_norm = clip_grad_norm(self.model, t.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        update_ema(self.ema, self.model, t.ema)
+        self.optimizer.zero_grad(set_to_none=True)
+        ce_total, mse_total, samples = all_reduce_sum(
+            [ce_sum, mse_sum, sum(len(b["sample_lens"]) for b in batches)], self.dist
+        )
+        ce_mean = ce_total / ce_n if ce_n else 0.0
+        mse_mean = mse_total / mse_n if mse_n else 0.0
+        return {
+            "loss": t.ce_weight * ce_mean + t.mse_weight * mse_mean,
+            "ce": ce_mean,
+            "mse": mse_mean,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "total_ce_tokens": ce_n,
+            "total_mse_tokens": mse_n,
+            "total_samples": samples,
+        }
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train until ``total_steps``; returns the last step. Saves every ``save_every`` steps and at the end."""
+        t = self.cfg.training
+        self.metrics.info(f"Training for {t.total_steps} steps, starting at {self.step}...")
+        try:
+            self._loop()
+        finally:
+            self.metrics.close()
+        return self.step
+
+    def _loop(self) -> None:
+        t = self.cfg.training
+        batches = self._batches()
+        self.metrics.start(self.step)
+        window = MetricsWindow()
+        capacity = self.cfg.data.max_num_tokens
+        saved_at = self.step
+        while self.step < t.total_steps:
+            waited = time.perf_counter()
+            micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+            wait = time.perf_counter() - waited
+            for batch in micro:
+                window.add(int(batch["sequence_length"]), batch["sample_lens"], capacity_tokens=capacity)
+            window.loader_wait_s += wait
+            stats = self.train_step(micro)
+            for batch in micro:
+                self.dataset.record(batch)
+            self.step += 1
+            if self.step % t.log_every == 0 or self.step == 1:
+                window.all_reduce(self.dist.device)
+                stats["peak_mem_mib"] = all_reduce_max(peak_memory_mib(self.dist.device).allocated_mib, self.dist)
+                self.metrics.log(self.step, stats, window)
+            if self.step % t.save_every == 0:
+                self.save()
+                saved_at = self.step
+        self.metrics.info(f"Reached total_steps={t.total_steps}, stopping training.")
+        last = self.save() if saved_at != self.step else step_dir(t.checkpoint_dir, self.step)
+        self.export_final(last)
+
+    def export_final(self, last: Path) -> None:
+        """``step_final/``: the EMA of the last step in the released inference layout (bf16), written by
+        rank 0 from the step directory in memory-bounded chunks."""
+        final = Path(self.cfg.training.checkpoint_dir) / "step_final"
+        if self.dist.is_main:
+            export_checkpoint(last, final, weights="ema", overwrite=True)
+            self.metrics.info(
+                f"Final checkpoint saved at step {self.step}: {final} (inference-ready, from {last.name})"
+            )
+        barrier(self.dist)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def main(cfg: TrainConfig, launch: LaunchPlan, out: TextIO | None = None) -> int:
+    """Train with the process group torchrun set up (or a one-process group); returns the last step.
+    ``launch`` comes from :func:`bagel_core.train.preflight.preflight`, run before any group exists."""
+    t = cfg.training
+    dist_info = init_distributed(t.sharding_strategy, t.num_replicate, t.num_shard)
+    try:
+        if dist_info.is_main:
+            Path(t.results_dir).mkdir(parents=True, exist_ok=True)
+            (Path(t.results_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        return Trainer(cfg, launch, dist_info, out).run()
+    finally:
+        shutdown(dist_info)

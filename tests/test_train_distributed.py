@@ -24,7 +24,8 @@ from bagel_core.train.checkpoint import complete_steps
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return small_fixture(tmp_path_factory.mktemp("dist") / "data")
+    # world size 2 x 2 DataLoader workers: every reader needs units, and usable VLM lines among them
+    return small_fixture(tmp_path_factory.mktemp("dist") / "data", t2i_files=4, vlm_copies=3)
 
 
 def _check(result: subprocess.CompletedProcess[str]) -> None:
@@ -59,8 +60,12 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(fx, tmp_path):
     assert one[-1]["loss"] != one[0]["loss"]
     other = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert other.keys() == weights.keys()
-    for key, value in weights.items():
-        torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # The ViT's key biases get no gradient in exact arithmetic (softmax ignores a shift shared by every
+    # key of a query); AdamW with eps 1e-15 turns their rounding noise into full-size steps, which
+    # therefore differ with the summation order. Every other weight must agree.
+    noise_driven = {k for k in weights if k.startswith("vit_model.") and k.endswith("k_proj.bias")}
+    differ = [k for k in weights if k not in noise_driven and not torch.allclose(other[k], weights[k], 1e-4, 1e-5)]
+    assert not differ, differ
 
 
 def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:

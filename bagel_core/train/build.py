@@ -179,7 +179,9 @@ def build_models(
     """
     m, t = cfg.model, cfg.training
     device = "meta" if plan.loads_weights else "cpu"
-    model = build_model(bcfg, device, attn_backend=m.attn_backend)
+    with torch.random.fork_rng(devices=[]):  # the same random init on every rank and for every world size
+        torch.manual_seed(t.global_seed)
+        model = build_model(bcfg, device, attn_backend=m.attn_backend)
     freeze(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     if t.activation_checkpointing:
@@ -207,12 +209,15 @@ def build_models(
     return model, ema, message
 
 
-def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device) -> AutoEncoder:
-    """The frozen FLUX VAE: ``ae.safetensors`` of the config directory, else random (tests, presets)."""
+def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device, seed: int) -> AutoEncoder:
+    """The frozen FLUX VAE: ``ae.safetensors`` of the config directory, else random with ``seed`` (tests,
+    presets; identical on every rank)."""
     if plan.config_dir is not None and (Path(plan.config_dir) / VAE_WEIGHTS).is_file():
         vae = load_vae(plan.config_dir, bcfg, device=device)
     else:
-        vae = AutoEncoder(bcfg.vae).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoEncoder(bcfg.vae).to(device)
     if device.type == "cuda":
         vae = vae.to(torch.bfloat16)
     return vae.eval().requires_grad_(False)

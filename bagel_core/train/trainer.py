@@ -74,7 +74,7 @@ class Trainer:
         self.model_cfg = model_config(cfg, self.plan)
         self.model, self.ema, built = build_models(cfg, self.plan, self.model_cfg, dist_info)
         self.model.train()
-        self.vae = build_vae(self.plan, self.model_cfg, dist_info.device)
+        self.vae = build_vae(self.plan, self.model_cfg, dist_info.device, t.global_seed)
         self.tokenizer, _ = load_tokenizer(str(self.plan.config_dir) if self._has_tokenizer() else None)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)

@@ -248,3 +248,113 @@ def test_resume_from_an_unknown_folder_is_an_error(fx, tmp_path):
         from bagel_core.train.build import plan_weights
 
         plan_weights(parse_args(train_args(fx, tmp_path, resume_from=tmp_path)))
+
+
+def merge_packs(a: dict, b: dict) -> dict:
+    """One pack holding the samples of ``a`` then ``b`` (understanding-only packs: text and ViT)."""
+    shift = a["sequence_length"]
+    out = {"sequence_length": shift + b["sequence_length"]}
+    for key in ("sample_lens", "split_lens", "attn_modes", "batch_data_indexes"):
+        out[key] = list(a[key]) + list(b[key])
+    for key in (
+        "packed_text_ids",
+        "packed_position_ids",
+        "packed_vit_tokens",
+        "packed_vit_position_ids",
+        "vit_token_seqlens",
+        "packed_label_ids",
+        "ce_loss_weights",
+    ):
+        out[key] = torch.cat([a[key], b[key]])
+    for key in ("packed_text_indexes", "packed_vit_token_indexes", "ce_loss_indexes"):
+        out[key] = torch.cat([a[key], b[key] + shift])
+    assert set(out) == set(a) - {"data_state"}, set(a) ^ set(out)
+    return out
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            out[name.replace("_checkpoint_wrapped_module.", "")] = grad.detach().clone()
+    return out
+
+
+def test_gradient_accumulation_of_two_halves_equals_one_full_batch(fx, tmp_path, monkeypatch):
+    """CE-only packs (no noise, no VAE sample): the step's gradient (after clipping, before the
+    optimizer step) of two micro-batches equals that of one pack holding both."""
+    from train_equivalence import streams
+
+    vlm_only = _groups_only(fx, tmp_path, {"vlm_sft"})
+    manifest = make_manifest(fx, tmp_path / "m2", world_size=2)
+    argv = train_args(fx, tmp_path, dataset_config_file=vlm_only, visual_gen=False, lr=3e-3)
+    from bagel_core.train import trainer as trainer_module
+
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    real_clip = trainer_module.clip_grad_norm
+
+    def clip_and_record(model, max_norm):
+        norm = real_clip(model, max_norm)
+        grads[mode] = _gradients(model)
+        return norm
+
+    monkeypatch.setattr(trainer_module, "clip_grad_norm", clip_and_record)
+    results = {}
+    for mode in ("halves", "full"):
+        with trainer_session(argv) as tr:
+            p0, p1 = (next(it) for it in streams(tr, [0, 1], str(vlm_only), str(fx.registry), str(manifest)))
+            stats = tr.train_step([p0, p1] if mode == "halves" else [merge_packs(p0, p1)])
+            results[mode] = stats
+    half, full, g_half, g_full = results["halves"], results["full"], grads["halves"], grads["full"]
+    assert half["total_ce_tokens"] == full["total_ce_tokens"] and half["ce"] == pytest.approx(full["ce"], rel=1e-5)
+    assert half["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    assert g_half.keys() == g_full.keys() and len(g_half) > 50
+    differ = [k for k in g_half if not torch.allclose(g_half[k], g_full[k], rtol=1e-4, atol=1e-7)]
+    assert not differ, differ
+
+
+def _upstream_layout(fx, root) -> None:
+    """What a user of the seed guides has: ``./data/dataset_info.py`` (a Python literal),
+    ``./data/configs/example.yaml`` and ``models/BAGEL-7B-MoT`` (here a tiny model, max_latent_size 64)."""
+    from bagel_core.config.registry import Registry
+
+    (root / "data" / "configs").mkdir(parents=True)
+    info = Registry.load(fx.registry).to_dict()
+    (root / "data" / "dataset_info.py").write_text(f"DATASET_INFO = {json.dumps(info, default=str)!s}\n")
+    (root / "data" / "configs" / "example.yaml").write_text(fx.groups.read_text())
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.max_latent_size = 64
+    save_model_dir(root / "models" / "BAGEL-7B-MoT", build_model(cfg), vae=AutoEncoder(cfg.vae), dtype=torch.float32)
+
+
+def test_seed_guide_commands_dry_run_verbatim(fx, tmp_path, monkeypatch, capsys):
+    from test_train_args import FINETUNE_41, FINETUNE_42, PRETRAIN, _command
+
+    _upstream_layout(fx, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # 4.1 (one GPU): passes; fine-tunes from the model directory instead of upstream's random LLM/ViT
+    world, _, argv = _command(FINETUNE_41)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert cli([*argv, "--dry_run", "True"]) == 0, capsys.readouterr().err
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["registry"] == "data/dataset_info.py" and plan["model"]["max_latent_size"] == 64
+    assert plan["state"]["model weights"] == "models/BAGEL-7B-MoT"
+    assert "finetune_from_hf True without --resume_from" in plan["state"]["note"]
+    assert plan["mesh"] == {"strategy": "HYBRID_SHARD", "num_replicate": 1, "num_shard": 1}
+    # 4.2 asks for --num_shard 8 on 4 processes: refused, naming both numbers and the fix
+    world, _, argv = _command(FINETUNE_42)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert cli([*argv, "--dry_run", "True"]) == 2
+    err = capsys.readouterr().err
+    assert "--num_shard 8" in err and "world size 4" in err and "--num_shard 4" in err
+    # pre-training (8 GPUs, flex attention, separate LLM/ViT/VAE weights): refused on this CPU machine
+    world, _, argv = _command(PRETRAIN, num_nodes="1")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert cli([*argv, "--dry_run", "True"]) == 2
+    err = capsys.readouterr().err
+    assert "--llm_path" in err and "not applied" in err  # pre-training from separate weights: named
+    assert "error: --attn_backend flex (or --use_flex True) needs a GPU" in err

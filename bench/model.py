@@ -20,45 +20,14 @@ import torch
 from bagel_core.model import build_model, preset
 from bagel_core.model.config import BagelConfig
 from bagel_core.model.synthetic import make_packed_batch, mixed_samples
-
-PEAK_TFLOPS = [
-    ("MI300X", 1336.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40", 181.05),
-    ("L20", 119.5),
-    ("H20", 148.0),
-    ("910B", 354.0),
-    ("RTX 3070 TI", 21.75),
-]
-
-
-def peak_tflops(device: torch.device) -> float:
-    """bf16 dense peak of the first matching GPU name (training.md 10); 0 when unknown or CPU."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device).upper()
-    return next((v for k, v in PEAK_TFLOPS if k in name), 0.0)
-
-
-def dense_params(cfg: BagelConfig) -> int:
-    """dense_N of training.md 10 (one expert per token, embeddings and head counted)."""
-    c = cfg.llm
-    hd = c.head_dim
-    attn = c.hidden_size * (2 * c.num_attention_heads * hd + 2 * c.num_key_value_heads * hd)
-    return c.num_hidden_layers * (3 * c.hidden_size * c.intermediate_size + attn) + 2 * c.vocab_size * c.hidden_size
+from bagel_core.train.metrics import compute_mfu, detect_peak_tflops, llm_flops
 
 
 def make_config(name: str, layers: int) -> BagelConfig:
+    cfg = preset(name)
     if name == "7b-layers":
-        cfg = preset("7b-mot")
         cfg.llm.num_hidden_layers = layers
-        cfg.vit.num_hidden_layers = 2
-        return cfg
-    return preset(name)
+    return cfg
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -99,17 +68,15 @@ def bench_one(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = (time.perf_counter() - start) / steps
-    c = cfg.llm
-    flops = 6 * dense_params(cfg) * n_tokens + 12 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sq
-    peak = peak_tflops(device)
-    tflops = flops / elapsed / 1e12
+    peak = detect_peak_tflops(device)
+    tflops, mfu = compute_mfu(llm_flops(cfg.llm, n_tokens, sq), elapsed, peak, 1)
     return {
         "tokens": n_tokens,
         "samples": len(batch["sample_lens"]),
         "sec_per_step": elapsed,
         "tokens_per_s": n_tokens / elapsed,
         "tflops": tflops,
-        "mfu": tflops / peak if peak else None,
+        "mfu": mfu if peak else None,
     }
 
 

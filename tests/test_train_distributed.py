@@ -93,6 +93,8 @@ def test_sigkill_then_auto_resume_reproduces_the_straight_run_and_wandb_offline(
     monkeypatch.setenv("WANDB_MODE", "disabled")
     straight = records(tmp_path / "straight" / "results")
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    ce = [straight[s]["ce"] for s in range(1, 7)]
+    assert ce[4] + ce[5] < ce[0] + ce[1], ce  # the loss falls under 2-process FSDP2 training
     runs = list((tmp_path / "straight" / "results" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(b"tokens_per_sec" in p.read_bytes() for p in runs[0].glob("*.wandb"))
     for path in tmp_path.rglob("*"):

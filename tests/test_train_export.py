@@ -191,7 +191,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, nets):
     assert str(step) in msg and "'ema'" in msg
     assert "1 missing keys: llm2vae.bias" in msg
     assert "1 unexpected keys: extra.weight" in msg
-    assert "1 keys with a different shape: vae2llm.weight checkpoint (3, 3)" in msg
+    assert "1 keys with a different shape: vae2llm.weight file (3, 3)" in msg
     # the model weights of the same checkpoint are fine
     export_checkpoint(step, tmp_path / "out", weights="model")
     _no_tmp(tmp_path)

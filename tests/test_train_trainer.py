@@ -358,3 +358,25 @@ def test_seed_guide_commands_dry_run_verbatim(fx, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "--llm_path" in err and "not applied" in err  # pre-training from separate weights: named
     assert "error: --attn_backend flex (or --use_flex True) needs a GPU" in err
+
+
+def test_7b_shards_on_meta_with_the_same_code_path():
+    """The released 7B configuration goes through the same activation checkpointing and fully_shard
+    calls (on ``meta``: nothing is allocated), with the released state-dict keys afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from bagel_core.model.parallelize import apply_activation_checkpointing, apply_fsdp, mixed_precision
+    from bagel_core.train.distributed import init_distributed, shutdown
+
+    dist_info = init_distributed("FULL_SHARD")
+    try:
+        model = build_model(preset("7b-mot"), "meta")
+        keys = set(model.state_dict())
+        apply_fsdp(apply_activation_checkpointing(model), dist_info.mesh, mixed_precision(torch.device("cuda")))
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == 28 + 26 + 3 + 2 + 1  # decoder layers, ViT layers, ViT/connector/table, gen units, root
+        assert all(isinstance(p, DTensor) and p.device.type == "meta" for p in model.parameters())
+        assert set(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) > 14e9
+    finally:
+        shutdown(dist_info)

@@ -118,19 +118,28 @@ def weights_file(model_dir: str | Path, which: str | None = None) -> Path:
     raise ConfigError(f"{d}: no {' or '.join(names)} found; put the trained weights (safetensors) next to the configs")
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
-def _listing(keys: list[str]) -> str:
+def key_listing(keys: list[str]) -> str:
+    """The first few keys, sorted, and how many more."""
     shown = ", ".join(sorted(keys)[:_SHOW])
     more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
     return f"{shown}{more}"
 
 
-def check_keys(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
-    """Strict key and shape comparison; the error names missing/unexpected/mismatched keys."""
+def check_keys(
+    path: str | Path,
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    what: str,
+    config_dir: Path | None = None,
+    fix: str = "Check that the configs belong to these weights (same preset / layer_module / visual_gen, "
+    "visual_und) and that the file was saved by BAGEL.",
+) -> None:
+    """Strict key and shape comparison; the error names missing/unexpected/mismatched keys and ``fix``."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
@@ -138,17 +147,15 @@ def check_keys(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str
         return
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        parts.append(f"{len(missing)} missing keys: {key_listing(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected keys: {key_listing(unexpected)}")
     if wrong:
         shown = "; ".join(f"{k} file {found[k]} vs model {tuple(expected[k])}" for k in wrong[:_SHOW])
         parts.append(f"{len(wrong)} keys with a different shape: {shown}")
+    where = Path(path).parent if config_dir is None else config_dir
     raise ConfigError(
-        f"{path} does not match the {what} built from the configs in {path.parent}: "
-        + "; ".join(parts)
-        + ". Check that the configs belong to these weights (same preset / layer_module / visual_gen, "
-        "visual_und) and that the file was saved by BAGEL."
+        f"{path} does not match the {what} built from the configs in {where}: " + "; ".join(parts) + ". " + fix
     )
 
 
@@ -199,7 +206,7 @@ def weights_keys(path: str | Path, cfg: BagelConfig) -> list[str]:
     from the header only; keys of a branch the config leaves out (``visual_gen False`` fine-tuning from
     the full release) are skipped."""
     path = Path(path)
-    found = _header_shapes(path)
+    found = header_shapes(path)
     _check_tables(path, cfg, found)
     skipped = tuple(p for flag, prefixes in BRANCH_PREFIXES.items() if not getattr(cfg, flag) for p in prefixes)
     wanted = {k: v for k, v in found.items() if not k.startswith(skipped)} if skipped else found
@@ -252,7 +259,7 @@ def load_model_dir(
     """Build BAGEL from a directory's configs on meta, check the weights' headers, then load them."""
     cfg = read_config(model_dir, max_latent_size)
     path = weights_file(model_dir, which)
-    found = _header_shapes(path)
+    found = header_shapes(path)
     _check_tables(path, cfg, found)
     model = build_model(cfg, "meta", attn_backend=attn_backend)
     check_keys(path, expected_shapes(model), found, "BAGEL model")
@@ -272,7 +279,7 @@ def load_vae(model_dir: str | Path, cfg: BagelConfig | None = None, device: torc
         raise ConfigError(f"{path} not found: copy FLUX's ae.safetensors from the released BAGEL directory")
     with torch.device("meta"):
         vae = AutoEncoder(cfg.vae)
-    check_keys(path, expected_shapes(vae), _header_shapes(path), "FLUX autoencoder")
+    check_keys(path, expected_shapes(vae), header_shapes(path), "FLUX autoencoder")
     state = load_file(str(path), device=str(device))
     vae.load_state_dict(state, strict=True, assign=True)
     vae.requires_grad_(False)

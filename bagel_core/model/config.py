@@ -179,11 +179,20 @@ def _preset_small() -> BagelConfig:
     )
 
 
-PRESETS = {"7b-mot": _preset_7b_mot, "tiny": _preset_tiny, "small": _preset_small}
+def _preset_7b_layers() -> BagelConfig:
+    """BAGEL-7B-MoT's real per-layer shapes with 4 decoder and 2 ViT layers: one GPU holds it, so
+    throughput and memory per layer can be measured (bench/)."""
+    cfg = BagelConfig()
+    cfg.llm.num_hidden_layers = 4
+    cfg.vit.num_hidden_layers = 2
+    return cfg
+
+
+PRESETS = {"7b-mot": _preset_7b_mot, "7b-layers": _preset_7b_layers, "tiny": _preset_tiny, "small": _preset_small}
 
 
 def preset(name: str) -> BagelConfig:
-    """Return a fresh configuration for a named preset (``7b-mot``, ``tiny``, ``small``)."""
+    """Return a fresh configuration for a named preset (``7b-mot``, ``7b-layers``, ``tiny``, ``small``)."""
     try:
         return PRESETS[name]()
     except KeyError:

@@ -55,7 +55,10 @@ from bagel_core.model.checkpoint_io import (
     MODEL_WEIGHTS,
     VAE_WEIGHTS,
     VIT_CONFIG,
+    check_keys,
     expected_shapes,
+    header_shapes,
+    key_listing,
     read_config,
 )
 from bagel_core.model.config import BagelConfig
@@ -75,7 +78,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 DEFAULT_CHUNK_BYTES = 2 << 30
-_SHOW = 5
 _STEP_NAME = re.compile(r"^(?:step_)?(\d+)$")
 # dcp.load warns on every single-process load; that is exactly what we mean to do.
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -226,67 +228,35 @@ def _expected(cfg: BagelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(sorted(keys)[:_SHOW])
-    return shown + (f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
-
-
 def _compare(
     where: str, config_dir: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
 ) -> None:
-    """Strict key/shape comparison; the error names missing, unexpected and mismatched keys."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-    if wrong:
-        shown = "; ".join(f"{k} checkpoint {found[k]} vs model {tuple(expected[k])}" for k in wrong[:_SHOW])
-        parts.append(f"{len(wrong)} keys with a different shape: {shown}")
+    """Strict key/shape comparison (``check_keys``) with the export's fix and the table-size hint."""
     hint = ""
-    if "latent_pos_embed.pos_embed" in wrong:
+    if "latent_pos_embed.pos_embed" in found and found["latent_pos_embed.pos_embed"] != expected.get(
+        "latent_pos_embed.pos_embed"
+    ):
         hint = (
             " latent_pos_embed rows = max_latent_size**2: set max_latent_size in "
             f"{config_dir / EXTRA_CONFIG} to the value the run trained with."
         )
-    raise ConfigError(
-        f"{where} does not match the BAGEL model built from the configs in {config_dir}: "
-        + "; ".join(parts)
-        + ". Check that the configs belong to this checkpoint (same preset / layer_module / visual_gen, "
+    fix = (
+        "Check that the configs belong to this checkpoint (same preset / layer_module / visual_gen, "
         "visual_und) or pass --config-from with the run's configs." + hint
     )
-
-
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    check_keys(where, expected, found, "BAGEL model", config_dir, fix)
 
 
 def _check_vae(source_dir: Path, cfg: BagelConfig) -> None:
-    path = source_dir / VAE_WEIGHTS
     with torch.device("meta"):
         vae = AutoEncoder(cfg.vae)
-    expected = expected_shapes(vae)
-    found = _header_shapes(path)
-    if set(found) != set(expected) or any(found[k] != expected[k] for k in expected):
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        raise ConfigError(
-            f"{path} is not the FLUX autoencoder of the configs in {source_dir} ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected keys, or different shapes; e.g. {_listing(missing or unexpected)}): "
-            "copy ae.safetensors from the released BAGEL directory"
-        )
+    path = source_dir / VAE_WEIGHTS
+    fix = "Copy ae.safetensors from the released BAGEL directory."
+    check_keys(path, expected_shapes(vae), header_shapes(path), "FLUX autoencoder", source_dir, fix)
 
 
 def _check_written(path: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    _compare(str(path), path.parent, {k: s for k, (s, _) in expected.items()}, _header_shapes(path))
+    _compare(str(path), path.parent, {k: s for k, (s, _) in expected.items()}, header_shapes(path))
 
 
 def _step_of(checkpoint: Path) -> int | None:
@@ -350,7 +320,7 @@ class _DcpWeights:
             )
         not_tensors = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
         if not_tensors:
-            raise ConfigError(f"{path}: {weights!r} entries that are not tensors: {_listing(not_tensors)}")
+            raise ConfigError(f"{path}: {weights!r} entries that are not tensors: {key_listing(not_tensors)}")
         found = {k: tuple(v.size) for k, v in entries.items()}
         _compare(f"{path} ({weights!r} weights)", path, {k: s for k, (s, _) in expected.items()}, found)
         self.stored = {k: entries[k].properties.dtype for k in expected}
@@ -400,7 +370,7 @@ class _SafetensorsWeights:
                 f"{self.file} not found (present: {', '.join(present) or 'no weights, no DCP .metadata'}): {fix}"
             )
         self.expected = expected
-        _compare(str(self.file), path, {k: s for k, (s, _) in expected.items()}, _header_shapes(self.file))
+        _compare(str(self.file), path, {k: s for k, (s, _) in expected.items()}, header_shapes(self.file))
 
     def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
         from safetensors import safe_open

@@ -1,0 +1,115 @@
+"""End-to-end training throughput: ``torchrun -m bagel_core.train`` on the built-in example data.
+
+    python bench/train.py                                   # CPU: tiny and small, 1 and 2 processes
+    python bench/train.py --device cuda --presets 7b-layers --nprocs 1 \\
+        --budgets 10240,11520,10240                          # a GPU: the seed guides' fine-tune budgets
+
+For every (preset, processes) pair it launches a real run (data loading, VAE encode, FSDP2, optimizer,
+EMA, logging; checkpoints only at the end) and reads ``metrics.jsonl``: median seconds per step,
+global tokens/s, tokens/s per process, MFU (GPU with a known peak) and peak memory per process.
+The first ``--skip`` steps (start-up, first DataLoader fill) are left out. Figures are for
+comparison within one run on one machine, never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_example(root: Path, t2i_files: int) -> tuple[Path, Path]:
+    """The built-in example written once under ``root``: (registry YAML, dataset-group YAML)."""
+    from bagel_core.config.discover import default_dataset_config, discover_registry
+    from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
+
+    registry_path, groups_path = root / "registry" / "dataset_info.yaml", root / "registry" / "example.yaml"
+    if not registry_path.is_file():
+        data = write_example_dataset(root / "data", ExampleConfig(t2i_files=t2i_files))
+        registry = discover_registry(data, parquet_info_dir=root / "registry" / "parquet_info")
+        registry.source = registry_path
+        registry.save(registry_path)
+        default_dataset_config(registry).save(groups_path)
+    return registry_path, groups_path
+
+
+def run_one(preset: str, nproc: int, args: argparse.Namespace, registry: Path, groups: Path, out: Path) -> dict:
+    expected, maximum, per_sample = args.budgets
+    argv = [
+        "--dataset_info", registry, "--dataset_config_file", groups, "--model_preset", preset,
+        "--num_workers", args.num_workers, "--total_steps", args.steps, "--log_every", 1,
+        "--save_every", 10**9, "--checkpoint_dir", out / "ckpt", "--results_dir", out / "results",
+        "--expected_num_tokens", expected, "--max_num_tokens", maximum, "--max_num_tokens_per_sample", per_sample,
+        "--sharding_strategy", "FULL_SHARD", "--warmup_steps", 0, "--max_latent_size", 64,
+    ]  # fmt: skip
+    if args.device == "cuda":
+        argv += ["--attn_backend", args.attn_backend]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "bagel_core.train", *map(str, argv)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), WANDB_MODE="disabled")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    records = [json.loads(line) for line in (out / "results" / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r["step"] > args.skip] or records
+    sec = statistics.median(1.0 / r["steps_per_sec"] for r in steady)
+    tokens = statistics.median(r["tokens_per_sec"] for r in steady)
+    mfu = [r["mfu"] for r in steady if r.get("mfu")]
+    return {
+        "sec_per_step": sec,
+        "tokens_per_s": tokens,
+        "tokens_per_s_per_proc": tokens / nproc,
+        "mfu": statistics.median(mfu) if mfu else None,
+        "peak_mem_mib": max(r.get("peak_mem_mib") or 0 for r in records),
+        "tokens_per_step": statistics.median(r["tokens_per_step"] for r in steady),
+        "wall_s": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,small", help="comma list: tiny, small, 7b-layers, 7b-mot")
+    p.add_argument("--nprocs", default="1,2", help="comma list of processes per run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--attn-backend", default="flex", help="GPU only: sdpa, flex or flash")
+    p.add_argument("--budgets", default="4096,6144,6000", help="expected,max,max_per_sample tokens per pack")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip", type=int, default=2, help="leading steps left out of the medians")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--t2i-files", type=int, default=10)
+    p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    args = p.parse_args(argv)
+    args.budgets = [int(x) for x in args.budgets.split(",")]
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bagel-bench-train-"))
+    registry, groups = prepare_example(work / "example", args.t2i_files)
+    print(f"device={args.device} budgets={args.budgets} steps={args.steps} (median over steps > {args.skip})")
+    header = f"{'preset':<10} {'procs':>5} {'s/step':>8} {'tokens/s':>10} {'tok/s/proc':>10} {'MFU':>6} {'peak MiB':>9}"
+    print(header)
+    for preset in args.presets.split(","):
+        for nproc in (int(n) for n in args.nprocs.split(",")):
+            r = run_one(preset, nproc, args, registry, groups, work / f"{preset}-{nproc}")
+            if "error" in r:
+                print(f"{preset:<10} {nproc:>5} failed: {r['error']}")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+            print(
+                f"{preset:<10} {nproc:>5} {r['sec_per_step']:>8.3f} {r['tokens_per_s']:>10.0f} "
+                f"{r['tokens_per_s_per_proc']:>10.0f} {mfu:>6} {r['peak_mem_mib']:>9.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ losses and weights; a run killed with SIGKILL resumes to the very losses of an u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,17 +69,36 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(fx, tmp_path):
     assert not differ, differ
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in a session of its own, so killing
+    torchrun's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:
-    """Start a torchrun job, SIGKILL its whole process group once ``step_<step>`` is complete."""
-    proc = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    """Start a torchrun job and SIGKILL it with every rank and DataLoader worker once ``step_<step>``
+    is complete (the ranks are mid-way through the next step then)."""
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if step in complete_steps(ckpt):
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     return proc.wait(timeout=60)
 
 
@@ -117,3 +137,11 @@ def test_sigkill_then_auto_resume_reproduces_the_straight_run_and_wandb_offline(
     a = load_file(str(tmp_path / "straight" / "ckpt" / "step_final" / "ema.safetensors"))
     b = load_file(str(run / "ckpt" / "step_final" / "ema.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same checkpoint resumed by one process: model, EMA and optimizer resharded, data order restarts
+    argv_one = train_args(fx, run, save_every=3, auto_resume=True, num_workers=2, total_steps=6)
+    with trainer_session(argv_one) as trainer:
+        assert trainer.step == 6
+        ema = full_state(trainer.ema)
+    log = (run / "results" / "log.txt").read_text()
+    assert "resharded from world size 2 to 1; the data order restarts" in log
+    assert all(torch.equal(ema[k].bfloat16(), b[k]) for k in b)

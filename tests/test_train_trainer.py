@@ -356,7 +356,6 @@ def test_seed_guide_commands_dry_run_verbatim(fx, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     assert cli([*argv, "--dry_run", "True"]) == 2
     err = capsys.readouterr().err
-    assert "--llm_path" in err and "not applied" in err  # pre-training from separate weights: named
     assert "error: --attn_backend flex (or --use_flex True) needs a GPU" in err
 
 
@@ -380,3 +379,21 @@ def test_7b_shards_on_meta_with_the_same_code_path():
         assert set(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) > 14e9
     finally:
         shutdown(dist_info)
+
+
+def test_upstream_checkpoint_folder_is_a_weights_only_start(fx, tmp_path):
+    """Upstream's ``0001000/`` (fp32 model.safetensors + ema.safetensors, no marker) starts a run."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    model, ema = build_model(preset("tiny")), build_model(preset("tiny"))
+    folder = tmp_path / "upstream" / "0001000"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / "ema.safetensors"))
+    with trainer_session(train_args(fx, tmp_path / "run", resume_from=folder)) as tr:
+        assert tr.step == 0
+        got_model, got_ema = full_state(tr.model), full_state(tr.ema)
+    assert all(torch.equal(got_model[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(got_ema[k], v) for k, v in ema.state_dict().items())
+    assert "upstream checkpoint" in (tmp_path / "run" / "results" / "log.txt").read_text()

@@ -272,13 +272,16 @@ def load_model_dir(
 
 
 def load_vae(model_dir: str | Path, cfg: BagelConfig | None = None, device: torch.device | str = "cpu") -> AutoEncoder:
-    """FLUX VAE from ``ae.safetensors`` (kept in the file's dtype, frozen, eval mode)."""
-    cfg = cfg or read_config(model_dir)
-    path = Path(model_dir) / VAE_WEIGHTS
+    """FLUX VAE from ``model_dir/ae.safetensors`` or a ``.safetensors`` file (pre-training's
+    ``--vae_path``); kept in the file's dtype, frozen, eval mode."""
+    path = Path(model_dir)
+    if path.suffix != ".safetensors":
+        cfg = cfg or read_config(path)
+        path = path / VAE_WEIGHTS
     if not path.is_file():
         raise ConfigError(f"{path} not found: copy FLUX's ae.safetensors from the released BAGEL directory")
     with torch.device("meta"):
-        vae = AutoEncoder(cfg.vae)
+        vae = AutoEncoder((cfg or BagelConfig()).vae)
     check_keys(path, expected_shapes(vae), header_shapes(path), "FLUX autoencoder")
     state = load_file(str(path), device=str(device))
     vae.load_state_dict(state, strict=True, assign=True)

@@ -565,28 +565,9 @@ def check_world_size(cfg: TrainConfig, world_size: int, local_world_size: int | 
 
 
 # ---------------------------------------------------------------------------------------------- warnings
-# Upstream arguments the trainer accepts but does not act on: the model's shape comes from the model
-# directory's configs or the preset (upstream reads some of these flags, which must then agree with the
-# configs anyway), FSDP2 prefetches on its own, and pre-training from separate LLM / ViT / VAE weights
-# (llm_path, vit_path, vae_path) is not implemented yet.
-NOT_APPLIED: frozenset[str] = frozenset(
-    {
-        "llm_path",
-        "llm_qk_norm",
-        "tie_word_embeddings",
-        "layer_module",
-        "vae_path",
-        "vit_path",
-        "latent_patch_size",
-        "vit_patch_size",
-        "vit_max_num_patch_per_side",
-        "connector_act",
-        "vit_select_layer",
-        "vit_rope",
-        "backward_prefetch",
-        "copy_init_moe",
-    }
-)
+# Upstream arguments the trainer accepts but does not act on: FSDP2 prefetches on its own, and the
+# ViT's 2-D RoPE variant is not built (the release uses the learned table).
+NOT_APPLIED: frozenset[str] = frozenset({"backward_prefetch", "vit_rope"})
 
 
 def unapplied_arguments(cfg: TrainConfig) -> list[str]:

@@ -10,10 +10,13 @@
 3. else ``--model_path D`` when it is a model directory: its weights. Upstream's
    ``--finetune_from_hf True`` without a resume source silently starts the LLM and ViT from random
    weights; we load ``model_path`` instead and say so.
-4. else a random model of ``--model_preset`` ("training from scratch").
+4. else pre-training from components when ``--llm_path`` is a directory: the Qwen2 LLM, the SigLIP
+   ViT (``--vit_path``) and the FLUX VAE (``--vae_path``), with the generation expert copied from
+   the understanding one (``--copy_init_moe``) and fresh adapters (``bagel_core.model.components``).
+5. else a random model of ``--model_preset`` ("training from scratch").
 
 Configs, the VAE and the tokenizer come from the resumed step directory, else from ``model_path``,
-else the preset (random VAE, bundled tokenizer). Models that will receive loaded weights are built
+else the components, else the preset (random VAE, bundled tokenizer). Models that will receive loaded weights are built
 on the ``meta`` device and materialised after sharding, so no rank ever holds a full random copy.
 """
 
@@ -42,29 +45,56 @@ from bagel_core.model.checkpoint_io import (
     weights_file,
     weights_keys,
 )
-from bagel_core.model.config import BagelConfig, preset
+from bagel_core.model.components import llm_config_from_hf, vit_config_from_hf, weights_from_components
+from bagel_core.model.config import BagelConfig, ViTConfig, preset
 from bagel_core.model.parallelize import apply_activation_checkpointing, apply_fsdp, mixed_precision
 from bagel_core.train.args import TrainConfig
 from bagel_core.train.checkpoint import MARKER, is_upstream_checkpoint, latest_checkpoint, load_full_weights
 from bagel_core.train.distributed import Distributed
 
-RANDOM, RESUME, CHECKPOINT, UPSTREAM, MODEL_DIR = "random", "resume", "checkpoint", "upstream", "model_dir"
+RANDOM, RESUME, CHECKPOINT, UPSTREAM, MODEL_DIR, COMPONENTS = (
+    "random",
+    "resume",
+    "checkpoint",
+    "upstream",
+    "model_dir",
+    "components",
+)
 
 
 @dataclass(frozen=True)
 class WeightsPlan:
     """Where the run's configs, weights, EMA, optimizer state and data position come from."""
 
-    kind: str  # RANDOM | RESUME | CHECKPOINT | UPSTREAM | MODEL_DIR
+    kind: str  # RANDOM | RESUME | CHECKPOINT | UPSTREAM | MODEL_DIR | COMPONENTS
     source: Path | None  # the checkpoint / folder / model directory the weights come from
     config_dir: Path | None  # configs, VAE and tokenizer (None: the preset, a random VAE, bundled tokenizer)
     model_only: bool = False
     from_ema: bool = False
     note: str = ""
+    vit_path: Path | None = None  # COMPONENTS: the SigLIP directory (source is the Qwen2 directory)
+    vae_path: Path | None = None  # COMPONENTS: FLUX's ae.safetensors
 
     @property
     def loads_weights(self) -> bool:
         return self.kind != RANDOM
+
+    @property
+    def vae_file(self) -> Path | None:
+        """FLUX's ``ae.safetensors`` for this run, None for a random VAE."""
+        if self.vae_path is not None:
+            return self.vae_path
+        if self.config_dir is not None and (Path(self.config_dir) / VAE_WEIGHTS).is_file():
+            return Path(self.config_dir) / VAE_WEIGHTS
+        return None
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The folder whose tokenizer files the run uses, None for the bundled Qwen2.5 tokenizer."""
+        for folder in (self.config_dir, self.source if self.kind == COMPONENTS else None):
+            if folder is not None and _has_tokenizer(Path(folder)):
+                return Path(folder)
+        return None
 
     def describe(self, preset_name: str) -> dict[str, str]:
         """One line per piece of state, for ``--dry_run`` and the start-up log."""
@@ -76,6 +106,8 @@ class WeightsPlan:
             CHECKPOINT: f"{self.source} ({'EMA' if self.model_only and self.from_ema else 'model'})",
             UPSTREAM: f"upstream folder {self.source}",
             MODEL_DIR: f"{self.source}",
+            COMPONENTS: f"LLM {self.source}, ViT {self.vit_path}; connector, timestep embedder, vae2llm, "
+            "llm2vae and sin-cos tables fresh",
         }[self.kind]
         return {
             "configs": configs,
@@ -83,12 +115,8 @@ class WeightsPlan:
             "EMA": f"{self.source} (EMA)" if full else "a copy of the model weights",
             "optimizer + schedule": f"{self.source}" if full else "fresh (step 0)",
             "data position": f"{self.source} (same world size) or restart" if full else "start of the data",
-            "VAE": str(Path(self.config_dir) / VAE_WEIGHTS)
-            if self.config_dir and (Path(self.config_dir) / VAE_WEIGHTS).is_file()
-            else "random FLUX-shaped VAE (no ae.safetensors)",
-            "tokenizer": str(self.config_dir)
-            if self.config_dir and _has_tokenizer(Path(self.config_dir))
-            else "bundled Qwen2.5",
+            "VAE": str(self.vae_file or "random FLUX-shaped VAE (no ae.safetensors)"),
+            "tokenizer": str(self.tokenizer_dir or "bundled Qwen2.5"),
             "note": self.note,
         }
 
@@ -134,13 +162,51 @@ def plan_weights(cfg: TrainConfig) -> WeightsPlan:
             else ""
         )
         return WeightsPlan(MODEL_DIR, configs, configs, True, True, note=note)
+    llm = Path(m.llm_path)
+    if llm.is_dir() or "llm_path" in cfg.given:
+        return _components_plan(cfg, llm)
     return WeightsPlan(RANDOM, None, None)
+
+
+def _components_plan(cfg: TrainConfig, llm: Path) -> WeightsPlan:
+    """Pre-training from separate Qwen2 / SigLIP / FLUX checkpoints; every path must exist."""
+    m, t = cfg.model, cfg.training
+    vit, vae = Path(m.vit_path), Path(m.vae_path)
+    needed = [("llm_path", llm, llm.is_dir())]
+    if t.visual_und:
+        needed.append(("vit_path", vit, vit.is_dir()))
+    if t.visual_gen:
+        needed.append(("vae_path", vae, vae.is_file()))
+    for flag, path, ok in needed:
+        if not ok:
+            raise ConfigError(
+                f"--{flag} {path} does not exist: pre-training from components needs the Qwen2 directory "
+                "(--llm_path), the SigLIP directory (--vit_path) and FLUX's ae.safetensors (--vae_path); "
+                "or fine-tune a BAGEL model directory with --model_path"
+            )
+    note = (
+        "copy_init_moe: the generation expert starts as a copy of the understanding expert" if t.copy_init_moe else ""
+    )
+    return WeightsPlan(
+        COMPONENTS, llm, None, True, False, note=note,
+        vit_path=vit if t.visual_und else None, vae_path=vae if t.visual_gen else None,
+    )  # fmt: skip
 
 
 def model_config(cfg: TrainConfig, plan: WeightsPlan) -> BagelConfig:
     """The model's configuration: the config directory's JSON (or the preset) with the run's flags."""
     m, t = cfg.model, cfg.training
-    base = read_config(plan.config_dir) if plan.config_dir else preset(m.model_preset)
+    if plan.kind == COMPONENTS:
+        base = BagelConfig(
+            llm=llm_config_from_hf(plan.source, m.layer_module, m.llm_qk_norm, m.tie_word_embeddings),
+            vit=vit_config_from_hf(plan.vit_path, m.vit_select_layer) if plan.vit_path else ViTConfig(),
+            latent_patch_size=m.latent_patch_size,
+            max_latent_size=m.max_latent_size,
+            vit_max_num_patch_per_side=m.vit_max_num_patch_per_side,
+            connector_act=m.connector_act,
+        )
+    else:
+        base = read_config(plan.config_dir) if plan.config_dir else preset(m.model_preset)
     llm = dataclasses.replace(base.llm, freeze_und=t.freeze_und)
     max_latent = m.max_latent_size if "max_latent_size" in cfg.given else None  # else the checkpoint's/preset's
     return dataclasses.replace(
@@ -206,14 +272,24 @@ def build_models(
         load_full_weights(ema, full, dist_info)
         del full
         message += f"; weights from {path} (sin-cos tables recomputed in fp32)"
+    elif plan.kind == COMPONENTS:
+        full = None
+        if dist_info.is_main:
+            with torch.random.fork_rng(devices=[]):  # the fresh adapters: the same for every world size
+                torch.manual_seed(t.global_seed)
+                full = weights_from_components(bcfg, plan.source, plan.vit_path, t.copy_init_moe)
+        load_full_weights(model, full, dist_info)
+        load_full_weights(ema, full, dist_info)
+        del full
+        message += f"; LLM from {plan.source}, ViT from {plan.vit_path}, adapters fresh"
     return model, ema, message
 
 
 def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device, seed: int) -> AutoEncoder:
-    """The frozen FLUX VAE: ``ae.safetensors`` of the config directory, else random with ``seed`` (tests,
-    presets; identical on every rank)."""
-    if plan.config_dir is not None and (Path(plan.config_dir) / VAE_WEIGHTS).is_file():
-        vae = load_vae(plan.config_dir, bcfg, device=device)
+    """The frozen FLUX VAE: the plan's ``ae.safetensors``, else random with ``seed`` (tests, presets;
+    identical on every rank)."""
+    if plan.vae_file is not None:
+        vae = load_vae(plan.vae_file, bcfg, device=device)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -225,7 +301,7 @@ def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device, seed: 
 
 def model_files_writer(bcfg: BagelConfig, vae: AutoEncoder, plan: WeightsPlan, tokenizer):
     """A function writing configs, ``ae.safetensors`` and tokenizer files into a step directory."""
-    source_vae = Path(plan.config_dir) / VAE_WEIGHTS if plan.config_dir else None
+    source_vae = plan.vae_file
 
     def write(out: Path) -> None:
         save_model_configs(out, bcfg)

@@ -32,7 +32,7 @@ from bagel_core.plan.manifest import write_manifest
 from bagel_core.plan.packing import CfgDropout, PackingParams
 from bagel_core.train.args import TrainConfig
 from bagel_core.train.build import build_models, build_vae, model_config, model_files_writer
-from bagel_core.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint, step_dir
+from bagel_core.train.checkpoint import MARKER, TrainingState, load_checkpoint, save_checkpoint, step_dir
 from bagel_core.train.distributed import (
     Distributed,
     all_reduce_max,
@@ -75,7 +75,8 @@ class Trainer:
         self.model, self.ema, built = build_models(cfg, self.plan, self.model_cfg, dist_info)
         self.model.train()
         self.vae = build_vae(self.plan, self.model_cfg, dist_info.device, t.global_seed)
-        self.tokenizer, _ = load_tokenizer(str(self.plan.config_dir) if self._has_tokenizer() else None)
+        tokenizer_dir = self.plan.tokenizer_dir
+        self.tokenizer, _ = load_tokenizer(str(tokenizer_dir) if tokenizer_dir else None)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.state = TrainingState(self.model, self.ema, self.optimizer, self.scheduler)
@@ -98,10 +99,6 @@ class Trainer:
             if where:
                 self.metrics.info(f"{what}: {where}")
         self._resume()
-
-    def _has_tokenizer(self) -> bool:
-        d = self.plan.config_dir
-        return d is not None and ((Path(d) / "tokenizer.json").is_file() or (Path(d) / "vocab.json").is_file())
 
     # ---- data --------------------------------------------------------------------------------------
     def _manifest_dir(self) -> Path:
@@ -252,12 +249,33 @@ class Trainer:
 
     def _loop(self) -> None:
         t = self.cfg.training
+        if self.step < t.total_steps:
+            self._train_until(t.total_steps)
+        self.metrics.info(f"Reached total_steps={t.total_steps}, stopping training.")
+        last = step_dir(t.checkpoint_dir, self.step)
+        if not (last / MARKER).is_file():
+            last = self.save()
+        self.export_final(last)
+
+    def _train_until(self, total_steps: int) -> None:
+        """Steps until ``total_steps``; the DataLoader's workers are shut down before returning, so no
+        worker outlives the loop (they would otherwise keep prefetching during the final save)."""
+        t = self.cfg.training
         batches = self._batches()
+        try:
+            self._steps(batches, total_steps)
+        finally:
+            shutdown_workers = getattr(batches, "_shutdown_workers", None)
+            if shutdown_workers is not None:
+                shutdown_workers()
+            del batches
+
+    def _steps(self, batches: Iterator[dict[str, Any]], total_steps: int) -> None:
+        t = self.cfg.training
         self.metrics.start(self.step)
         window = MetricsWindow()
         capacity = self.cfg.data.max_num_tokens
-        saved_at = self.step
-        while self.step < t.total_steps:
+        while self.step < total_steps:
             waited = time.perf_counter()
             micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
             wait = time.perf_counter() - waited
@@ -274,10 +292,6 @@ class Trainer:
                 self.metrics.log(self.step, stats, window)
             if self.step % t.save_every == 0:
                 self.save()
-                saved_at = self.step
-        self.metrics.info(f"Reached total_steps={t.total_steps}, stopping training.")
-        last = self.save() if saved_at != self.step else step_dir(t.checkpoint_dir, self.step)
-        self.export_final(last)
 
     def export_final(self, last: Path) -> None:
         """``step_final/``: the EMA of the last step in the released inference layout (bf16), written by

@@ -260,7 +260,6 @@ class Trainer:
     def _train_until(self, total_steps: int) -> None:
         """Steps until ``total_steps``; the DataLoader's workers are shut down before returning, so no
         worker outlives the loop (they would otherwise keep prefetching during the final save)."""
-        t = self.cfg.training
         batches = self._batches()
         try:
             self._steps(batches, total_steps)

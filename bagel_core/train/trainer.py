@@ -102,7 +102,8 @@ class Trainer:
 
     # ---- data --------------------------------------------------------------------------------------
     def _manifest_dir(self) -> Path:
-        """``--manifest``, or one built here for this world size, ``num_workers`` and ``data_seed``."""
+        """``--manifest``, or the plan preflight built for this world size, ``num_workers`` and ``data_seed``,
+        written by rank 0 under ``results_dir`` (every rank waits for it)."""
         d, t = self.cfg.data, self.cfg.training
         if self.launch.manifest is None:
             return Path(d.manifest)

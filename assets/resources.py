@@ -50,3 +50,31 @@ class PipelineWorkspace(dg.ConfigurableResource):
     @property
     def runs_dir(self) -> Path:
         return self.path("runs")
+
+
+class TrainingLaunch(dg.ConfigurableResource):
+    """The one launch layout the sampling manifest is planned for and the training run uses, so the
+    manifest always matches the run that consumes it. Defaults: the built-in example on 2 CPU processes."""
+
+    nnodes: int = 1
+    nproc_per_node: int = 2
+    num_workers: int = 1
+    data_seed: int = 42
+    expected_num_tokens: int = 4096
+    max_num_tokens: int = 6144
+    max_num_tokens_per_sample: int = 6000
+    prefer_buffer_before: int = 16384
+    max_buffer_size: int = 50
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def train_args(self) -> list[str]:
+        """The trainer arguments this layout fixes (upstream names)."""
+        return [
+            "--num_workers", str(self.num_workers), "--data_seed", str(self.data_seed),
+            "--expected_num_tokens", str(self.expected_num_tokens), "--max_num_tokens", str(self.max_num_tokens),
+            "--max_num_tokens_per_sample", str(self.max_num_tokens_per_sample),
+            "--prefer_buffer_before", str(self.prefer_buffer_before), "--max_buffer_size", str(self.max_buffer_size),
+        ]  # fmt: skip

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from assets import presentation
-from assets.resources import PipelineWorkspace
+from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.token_stats import token_stats
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
@@ -26,25 +26,29 @@ from bagel_core.plan.manifest import (
 from bagel_core.plan.packing import CfgDropout, PackingParams
 from bagel_core.stats.token_stats import STATS_FILE
 
-_DEFAULTS = PackingParams()
 _DROPOUT = CfgDropout()
 
 
 class SamplingManifestConfig(dg.Config):
-    """Launch layout and packer parameters (use the training run's values)."""
+    """What only the plan needs; the launch layout (world size, workers, seed, token budgets) comes from
+    the ``launch`` resource the training run uses too."""
 
-    world_size: int = 1
-    num_workers: int = 1
-    seed: int = 42
-    expected_num_tokens: int = _DEFAULTS.expected_num_tokens
-    max_num_tokens: int = _DEFAULTS.max_num_tokens
-    max_num_tokens_per_sample: int = _DEFAULTS.max_num_tokens_per_sample
-    prefer_buffer_before: int = _DEFAULTS.prefer_buffer_before
-    max_buffer_size: int = _DEFAULTS.max_buffer_size
     simulate: bool = True
     cfg_text_dropout: float = _DROPOUT.text
     cfg_vit_dropout: float = _DROPOUT.vit
     cfg_vae_dropout: float = _DROPOUT.vae
+
+
+def manifest_mismatches(workspace: PipelineWorkspace, launch: TrainingLaunch) -> list[str]:
+    """How the manifest on disk differs from the launch layout (empty: it matches)."""
+    meta = read_manifest_meta(workspace.manifest_dir)
+    wanted = {"world_size": launch.world_size, "num_workers": launch.num_workers, "seed": launch.data_seed}
+    return [
+        f"manifest has {key}={meta.get(key)}, the launch configuration {key}={value}: re-materialise "
+        "sampling_manifest with the launch resource the training run uses"
+        for key, value in wanted.items()
+        if meta.get(key) != value
+    ]
 
 
 @dg.asset(
@@ -55,20 +59,23 @@ class SamplingManifestConfig(dg.Config):
     "simulation over the token statistics.",
 )
 def sampling_manifest(
-    context: dg.AssetExecutionContext, config: SamplingManifestConfig, workspace: PipelineWorkspace
+    context: dg.AssetExecutionContext,
+    config: SamplingManifestConfig,
+    workspace: PipelineWorkspace,
+    launch: TrainingLaunch,
 ) -> dg.MaterializeResult:
     registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
     manifest = build_manifest(
-        dataset_config, registry, config.world_size, config.num_workers, config.seed, strict=False
+        dataset_config, registry, launch.world_size, launch.num_workers, launch.data_seed, strict=False
     )
     parquet_path, _ = write_manifest(manifest, workspace.manifest_dir)
     context.log.info("\n" + format_manifest_table(manifest))
     metadata: dict[str, object] = {
         "path": dg.MetadataValue.path(str(parquet_path)),
-        "world_size": config.world_size,
-        "num_workers": config.num_workers,
-        "seed": config.seed,
+        "world_size": launch.world_size,
+        "num_workers": launch.num_workers,
+        "seed": launch.data_seed,
         "ok": not manifest.problems,
         "problems": dg.MetadataValue.json(manifest.problems),
         "groups": dg.MetadataValue.json(manifest.groups),
@@ -76,11 +83,11 @@ def sampling_manifest(
     }
     if config.simulate and not manifest.problems:
         params = PackingParams(
-            config.expected_num_tokens,
-            config.max_num_tokens,
-            config.max_num_tokens_per_sample,
-            config.prefer_buffer_before,
-            config.max_buffer_size,
+            launch.expected_num_tokens,
+            launch.max_num_tokens,
+            launch.max_num_tokens_per_sample,
+            launch.prefer_buffer_before,
+            launch.max_buffer_size,
         )
         dropout = CfgDropout(config.cfg_text_dropout, config.cfg_vit_dropout, config.cfg_vae_dropout)
         report = simulate_packing(
@@ -143,3 +150,18 @@ def _draw_simulation(report: PackingReport):
         b.legend(fontsize=7)
 
     return draw
+
+
+@dg.asset_check(
+    asset=sampling_manifest,
+    blocking=True,
+    description="The manifest was planned for the launch configuration the training run uses (world size, "
+    "DataLoader workers, data seed); otherwise ranks would read another plan's units.",
+)
+def manifest_matches_launch(workspace: PipelineWorkspace, launch: TrainingLaunch) -> dg.AssetCheckResult:
+    problems = manifest_mismatches(workspace, launch)
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"problems": dg.MetadataValue.json(problems), "world_size": launch.world_size},
+    )

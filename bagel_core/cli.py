@@ -89,7 +89,8 @@ def dagster_home_for(workspace: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+        # training_run sits in the "gpu" pool: one training at a time on this machine
+        config.write_text("telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n")
     return home
 
 

@@ -11,16 +11,21 @@ import os
 import dagster as dg
 
 import assets as asset_package
-from assets.resources import PipelineWorkspace
+from assets.launcher import LocalTorchrunLauncher
+from assets.resources import PipelineWorkspace, TrainingLaunch
+from assets.training import checkpoint
 from pipelines.automation import registered_data_changed, weekly_refresh
 
-all_assets = dg.load_assets_from_package_module(asset_package)
+# AssetSpecs (assets materialised by another asset's step, such as the checkpoint partitions) are
+# not picked up by the package loader: list them here.
+all_assets = [*dg.load_assets_from_package_module(asset_package), checkpoint]
 all_checks = dg.load_asset_checks_from_package_module(asset_package)
 
 bagel_example_job = dg.define_asset_job(
     name="bagel_example_job",
     selection=dg.AssetSelection.all(),
-    description="The whole pipeline on the built-in example: fetch, extract, register, validate, ...",
+    description="The whole pipeline on the built-in example: fetch, extract, register, validate, index, "
+    "statistics, manifest, then train (torchrun), record checkpoints, export and a smoke inference.",
 )
 
 defs = dg.Definitions(
@@ -29,5 +34,9 @@ defs = dg.Definitions(
     jobs=[bagel_example_job],
     sensors=[registered_data_changed],
     schedules=[weekly_refresh],
-    resources={"workspace": PipelineWorkspace(root=os.environ.get("BAGEL_WORKSPACE", "data/pipeline"))},
+    resources={
+        "workspace": PipelineWorkspace(root=os.environ.get("BAGEL_WORKSPACE", "data/pipeline")),
+        "launch": TrainingLaunch(),
+        "launcher": LocalTorchrunLauncher(),
+    },
 )

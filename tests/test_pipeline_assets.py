@@ -14,6 +14,8 @@ from pipelines import defs
 SMALL_RUN_CONFIG = {
     "ops": {"example_zip": {"config": {"t2i_files": 2, "t2i_rows_per_file": 3, "edit_files": 2, "vlm_lines": 6}}}
 }
+# the whole job: the same small example, and a 2-step training run
+JOB_RUN_CONFIG = {"ops": {**SMALL_RUN_CONFIG["ops"], "training_run": {"config": {"total_steps": 2, "save_every": 1}}}}
 
 
 def test_definitions_load_and_job_exists():
@@ -80,7 +82,7 @@ def test_job_execute_cli_runs_the_main_job(tmp_path):
     config = tmp_path / "run.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(SMALL_RUN_CONFIG))
+    config.write_text(yaml.safe_dump(JOB_RUN_CONFIG))
     dagster = Path(sys.executable).parent / "dagster"
     proc = subprocess.run(
         [str(dagster), "job", "execute", "-m", "pipelines", "-j", "bagel_example_job", "-c", str(config)],
@@ -93,6 +95,10 @@ def test_job_execute_cli_runs_the_main_job(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
     assert (tmp_path / "ws" / "registry" / "dataset_info.yaml").is_file()
+    # it trained (torchrun, 2 processes), recorded checkpoints, exported and ran the smoke inference
+    [run] = [p for p in (tmp_path / "ws" / "runs").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2", "step_final"]
+    assert "inference_smoke" in proc.stdout + proc.stderr
 
 
 def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):

@@ -8,8 +8,8 @@ import dagster as dg
 import polars as pl
 from stats_fixtures import write_fixture
 
-from assets.resources import PipelineWorkspace
-from assets.sampling_manifest import num_used_data_capacity, sampling_manifest
+from assets.resources import PipelineWorkspace, TrainingLaunch
+from assets.sampling_manifest import manifest_matches_launch, num_used_data_capacity, sampling_manifest
 from assets.token_stats import position_table_fits, token_cap_violations, token_stats
 
 
@@ -24,7 +24,7 @@ def _workspace(tmp_path) -> PipelineWorkspace:
     return ws
 
 
-def _run(ws, run_config=None):
+def _run(ws, run_config=None, launch: TrainingLaunch | None = None):
     with dg.instance_for_test() as instance:
         return dg.materialize(
             [
@@ -33,9 +33,10 @@ def _run(ws, run_config=None):
                 token_cap_violations,
                 position_table_fits,
                 num_used_data_capacity,
+                manifest_matches_launch,
             ],
             instance=instance,
-            resources={"workspace": ws},
+            resources={"workspace": ws, "launch": launch or TrainingLaunch(nproc_per_node=1)},
             run_config=run_config,
             raise_on_error=False,
         )
@@ -43,23 +44,14 @@ def _run(ws, run_config=None):
 
 def test_assets_materialise_with_checks(tmp_path):
     ws = _workspace(tmp_path)
-    res = _run(
-        ws,
-        {
-            "ops": {
-                "token_stats": {"config": {"max_num_tokens_per_sample": 9000}},
-                "sampling_manifest": {
-                    "config": {
-                        "world_size": 1,
-                        "num_workers": 2,
-                        "expected_num_tokens": 10240,
-                        "max_num_tokens": 11520,
-                        "max_num_tokens_per_sample": 10240,
-                    }
-                },
-            }
-        },
+    launch = TrainingLaunch(
+        nproc_per_node=1,
+        num_workers=2,
+        expected_num_tokens=10240,
+        max_num_tokens=11520,
+        max_num_tokens_per_sample=10240,
     )
+    res = _run(ws, {"ops": {"token_stats": {"config": {"max_num_tokens_per_sample": 9000}}}}, launch)
     assert res.success
     stats_meta = res.asset_materializations_for_node("token_stats")[0].metadata
     assert stats_meta["counted"].value == pl.read_parquet(ws.stats_dir / "token_stats.parquet").height
@@ -71,11 +63,12 @@ def test_assets_materialise_with_checks(tmp_path):
     assert checks["token_cap_violations"].passed is False
     assert checks["token_cap_violations"].severity == dg.AssetCheckSeverity.WARN
     assert checks["position_table_fits"].passed and checks["num_used_data_capacity"].passed
+    assert checks["manifest_matches_launch"].passed
 
 
 def test_capacity_check_blocks(tmp_path):
     ws = _workspace(tmp_path)
-    res = _run(ws, {"ops": {"sampling_manifest": {"config": {"world_size": 2, "num_workers": 2}}}})
+    res = _run(ws, launch=TrainingLaunch(nproc_per_node=2, num_workers=2))
     checks = {e.check_name: e for e in res.get_asset_check_evaluations()}
     assert checks["num_used_data_capacity"].passed is False
     assert not res.success  # blocking ERROR check fails the run before anything downstream

@@ -1,0 +1,140 @@
+"""Dagster training assets: training_run launches torchrun (2 CPU processes), records each saved step as a
+checkpoint partition, model_export and inference_smoke follow; a failing rank's message fails the asset; a
+manifest planned for another world size stops training; stopping the launcher leaves no process behind."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import dagster as dg
+import pytest
+from packed_fixtures import SMALL_PARAMS, make_manifest, small_fixture
+
+from assets.launcher import LocalTorchrunLauncher, alive, descendants
+from assets.resources import PipelineWorkspace, TrainingLaunch
+from assets.sampling_manifest import manifest_matches_launch, sampling_manifest
+from assets.training import CHECKPOINTS, checkpoint, inference_smoke, model_export, training_args, training_run
+
+LAUNCH = TrainingLaunch(
+    nproc_per_node=2,
+    num_workers=0,
+    expected_num_tokens=SMALL_PARAMS.expected_num_tokens,
+    max_num_tokens=SMALL_PARAMS.max_num_tokens,
+    max_num_tokens_per_sample=SMALL_PARAMS.max_num_tokens_per_sample,
+    prefer_buffer_before=SMALL_PARAMS.prefer_buffer_before,
+    max_buffer_size=SMALL_PARAMS.max_buffer_size,
+)
+TRAIN = {"total_steps": 2, "save_every": 1, "extra_args": ["--text_cond_dropout_prob", "0"]}
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return small_fixture(tmp_path_factory.mktemp("training_assets") / "data", t2i_files=2)
+
+
+def _workspace(fx, tmp_path) -> PipelineWorkspace:
+    ws = PipelineWorkspace(root=str(tmp_path / "ws"))
+    ws.registry_path.parent.mkdir(parents=True)
+    shutil.copy(fx.registry, ws.registry_path)
+    shutil.copy(fx.groups, ws.dataset_config_path)
+    return ws
+
+
+def _materialize(ws, selection, launch=LAUNCH, train=TRAIN, instance=None):
+    resources = {"workspace": ws, "launch": launch, "launcher": LocalTorchrunLauncher(termination_grace_s=10)}
+    config = {"ops": {"training_run": {"config": train}}} if training_run in selection else None
+    runnable = [a for a in selection if a is not checkpoint]
+    return dg.materialize(
+        selection, instance=instance, resources=resources, run_config=config, raise_on_error=False, selection=runnable
+    )
+
+
+def _plan(ws, instance, launch=LAUNCH):
+    ws.manifest_dir.mkdir(parents=True, exist_ok=True)
+    result = dg.materialize(
+        [sampling_manifest, manifest_matches_launch],
+        instance=instance,
+        resources={"workspace": ws, "launch": launch},
+        run_config={"ops": {"sampling_manifest": {"config": {"simulate": False}}}},
+    )
+    assert result.success
+
+
+def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
+    ws = _workspace(fx, tmp_path)
+    with dg.instance_for_test() as instance:
+        _plan(ws, instance)
+        result = _materialize(ws, [training_run, model_export, inference_smoke, checkpoint], instance=instance)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        run = result.run_id[:8]
+        assert instance.get_dynamic_partitions(CHECKPOINTS.name) == [f"{run}-step00000001", f"{run}-step00000002"]
+        recorded = instance.fetch_materializations(dg.AssetKey("checkpoint"), limit=10).records
+        assert sorted(r.asset_materialization.partition for r in recorded) == [
+            f"{run}-step00000001",
+            f"{run}-step00000002",
+        ]
+        meta = result.asset_materializations_for_node("training_run")[-1].metadata
+        assert meta["steps"].value == 2 and meta["checkpoints"].value == 2
+        assert "data:image/png;base64," in meta["loss_curve"].value
+        export = result.asset_materializations_for_node("model_export")[0].metadata
+        assert export["keys"].value > 100 and export["step"].value == 2
+        smoke = result.asset_materializations_for_node("inference_smoke")[0].metadata
+        assert "data:image/png;base64," in smoke["image"].value and isinstance(smoke["answer"].value, str)
+
+
+def test_a_failing_rank_fails_the_asset_with_its_message(fx, tmp_path):
+    ws = _workspace(fx, tmp_path)
+    with dg.instance_for_test() as instance:
+        _plan(ws, instance)
+        result = _materialize(
+            ws, [training_run], train={**TRAIN, "extra_args": ["--max_latent_size", "2"]}, instance=instance
+        )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    text = failure.step_failure_data.user_failure_data.description
+    assert "torchrun exit" in text and "error: " in text and "max_latent_size 2" in text
+
+
+def test_a_manifest_for_another_world_size_stops_training(fx, tmp_path):
+    ws = _workspace(fx, tmp_path)
+    with dg.instance_for_test() as instance:
+        _plan(ws, instance, TrainingLaunch(nproc_per_node=1, num_workers=0))
+        result = _materialize(ws, [training_run], instance=instance)
+        assert not result.success
+        [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "does not match the launch configuration" in failure.message or "world_size=1" in str(
+            failure.step_failure_data.user_failure_data.metadata
+        )
+    # the blocking check on the manifest says the same against this launch configuration
+    evaluation = manifest_matches_launch(workspace=ws, launch=LAUNCH)
+    assert not evaluation.passed and "world_size=1" in str(evaluation.metadata["problems"].value)
+    assert not (ws.runs_dir).exists() or not any(ws.runs_dir.iterdir())
+
+
+def test_stopping_leaves_no_process_behind(fx, tmp_path):
+    manifest = make_manifest(fx, tmp_path / "manifest", world_size=2, num_workers=1)
+    ws = _workspace(fx, tmp_path)
+    launch = TrainingLaunch(nproc_per_node=2, num_workers=1, **{k: getattr(LAUNCH, k) for k in (
+        "expected_num_tokens", "max_num_tokens", "max_num_tokens_per_sample", "prefer_buffer_before",
+        "max_buffer_size")})  # fmt: skip
+    ws.manifest_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(manifest, ws.manifest_dir)
+    launcher = LocalTorchrunLauncher(termination_grace_s=5)
+    args = training_args(training_run_config(total_steps=10_000), launch, ws, tmp_path / "run")
+    log = tmp_path / "run" / "torchrun.log"
+    proc = launcher.start(launcher.command(2, args), log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "Train Loss" not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.2)
+    tree = [proc.pid, *descendants(proc.pid)]
+    assert len(tree) >= 5, tree  # torchrun, 2 ranks, their DataLoader workers
+    launcher.stop(proc)
+    time.sleep(0.5)
+    assert [pid for pid in tree if alive(pid)] == []
+
+
+def training_run_config(**over):
+    from assets.training import TrainingRunConfig
+
+    return TrainingRunConfig(**{**TRAIN, **over})

@@ -4,7 +4,9 @@ import dagster as dg
 
 from assets.dataset_index import sync_dataset_partitions
 from assets.resources import PipelineWorkspace
-from bagel_core.config.discover import default_dataset_config, discover_registry
+from bagel_core.config.dataset_config import DatasetConfig, load_dataset_config
+from bagel_core.config.discover import default_dataset_config, discover_registry, localize_parquet_info
+from bagel_core.config.registry import Registry, import_upstream_dataset_info
 from bagel_core.config.validate import validate_registry
 from bagel_core.data.example_generator import ExampleConfig
 from bagel_core.data.fetch import (
@@ -107,6 +109,43 @@ def example_dataset(
     )
 
 
+class DatasetRegistryConfig(dg.Config):
+    """Where the registered data comes from (everything downstream runs on it):
+
+    * ``example``: the extracted built-in example (the default);
+    * ``registry``: ``path`` is our registry YAML (``bagel data registry`` writes one);
+    * ``upstream``: ``path`` is upstream's ``data/dataset_info.py`` (read, never executed) and
+      ``data_root`` replaces its ``your_data_path`` placeholders.
+
+    ``dataset_config`` is a dataset-group YAML (upstream ``example.yaml`` schema); empty: every
+    registered dataset with upstream's example settings. Paths that differ per environment can come
+    from environment variables in the run config (``path: {env: BAGEL_REGISTRY}``).
+    """
+
+    source: str = "example"
+    path: str = ""
+    data_root: str = ""
+    dataset_config: str = ""
+
+    def load(self, workspace: PipelineWorkspace) -> tuple[Registry, DatasetConfig]:
+        info_dir = workspace.registry_path.parent / "parquet_info"
+        if self.source == "example":
+            registry = discover_registry(workspace.example_dir, parquet_info_dir=info_dir)
+        elif self.source == "registry" and self.path:
+            registry = Registry.load(self.path)
+        elif self.source == "upstream" and self.path:
+            registry = import_upstream_dataset_info(self.path, data_root=self.data_root or None)
+            registry = localize_parquet_info(registry, info_dir)
+        else:
+            raise dg.Failure(
+                f"dataset_registry: source {self.source!r} with path {self.path!r}: use source example, or "
+                "registry / upstream with path set to the registry YAML / upstream dataset_info.py"
+            )
+        groups = load_dataset_config(self.dataset_config) if self.dataset_config else default_dataset_config(registry)
+        groups.check_against(registry)
+        return registry, groups
+
+
 @dg.asset(
     group_name="data",
     deps=[example_dataset],
@@ -122,13 +161,10 @@ def example_dataset(
     description="Dataset registry (upstream DATASET_INFO fields) and dataset-group YAML (upstream "
     "example.yaml schema) for the extracted example.",
 )
-def dataset_registry(context: dg.AssetExecutionContext, workspace: PipelineWorkspace):
-    registry = discover_registry(
-        workspace.example_dir, parquet_info_dir=workspace.registry_path.parent / "parquet_info"
-    )
+def dataset_registry(context: dg.AssetExecutionContext, config: DatasetRegistryConfig, workspace: PipelineWorkspace):
+    registry, groups = config.load(workspace)
     registry.source = workspace.registry_path
     registry.save(workspace.registry_path)
-    groups = default_dataset_config(registry)
     groups.save(workspace.dataset_config_path)
     partition_keys = sync_dataset_partitions(context.instance, registry)
     findings = validate_registry(registry)

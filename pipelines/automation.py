@@ -1,4 +1,8 @@
-"""Re-training triggers: a sensor that notices changed data and a weekly schedule (both start stopped)."""
+"""Re-training triggers: a sensor that notices changed data and a weekly schedule (both start stopped).
+
+Both target ``train_job``: index, statistics, manifest and training on whatever ``dataset_registry``
+registered last (the example, your registry YAML, or an upstream ``dataset_info.py``).
+"""
 
 import dagster as dg
 
@@ -6,16 +10,17 @@ from assets.resources import PipelineWorkspace
 from bagel_core.config.errors import ConfigError
 from bagel_core.config.registry import Registry
 
-JOB_NAME = "bagel_example_job"
+JOB_NAME = "train_job"
 
 
 @dg.sensor(
     job_name=JOB_NAME,
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Runs the pipeline again when any registered data file changes (name, size or mtime).",
+    description="Retrains (train_job) when a registered dataset gains, loses or changes a file (name, size or "
+    "mtime); the cursor and run keys make each change run once.",
 )
-def registered_data_changed(context: dg.SensorEvaluationContext, workspace: PipelineWorkspace):
+def dataset_change_sensor(context: dg.SensorEvaluationContext, workspace: PipelineWorkspace):
     # Cheap by design (sensor ticks have a 60 s deadline): directory listings and stat() only.
     if not workspace.registry_path.is_file():
         return dg.SkipReason(f"no registry yet at {workspace.registry_path}; materialise dataset_registry first")
@@ -33,11 +38,11 @@ def registered_data_changed(context: dg.SensorEvaluationContext, workspace: Pipe
     return dg.RunRequest(run_key=fingerprint, tags={"bagel/trigger": "data_changed"})
 
 
-weekly_refresh = dg.ScheduleDefinition(
-    name="weekly_refresh",
+retrain_schedule = dg.ScheduleDefinition(
+    name="retrain_schedule",
     job_name=JOB_NAME,
     cron_schedule="0 3 * * 1",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-run the whole pipeline every Monday 03:00 UTC.",
+    description="Retrain on the registered data every Monday 03:00 UTC.",
 )

@@ -14,7 +14,7 @@ import assets as asset_package
 from assets.launcher import LocalTorchrunLauncher
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.training import checkpoint
-from pipelines.automation import registered_data_changed, weekly_refresh
+from pipelines.automation import dataset_change_sensor, retrain_schedule
 
 # AssetSpecs (assets materialised by another asset's step, such as the checkpoint partitions) are
 # not picked up by the package loader: list them here.
@@ -24,16 +24,35 @@ all_checks = dg.load_asset_checks_from_package_module(asset_package)
 bagel_example_job = dg.define_asset_job(
     name="bagel_example_job",
     selection=dg.AssetSelection.all(),
+    # every step in the run's own process: starting a Python process per step cost about 10 s each
+    # (dagster + torch imports) for steps of a few seconds; the training runs in torchrun's processes anyway
+    executor_def=dg.in_process_executor,
     description="The whole pipeline on the built-in example: fetch, extract, register, validate, index, "
     "statistics, manifest, then train (torchrun), record checkpoints, export and a smoke inference.",
+)
+
+_DATA = dg.AssetSelection.assets("dataset_registry", "dataset_index", "token_stats", "sampling_manifest")
+data_job = dg.define_asset_job(
+    name="data_job",
+    selection=_DATA,
+    description="Register (dataset_registry's source: example, your registry YAML or upstream dataset_info.py), "
+    "validate and index, token statistics, sampling manifest.",
+)
+train_job = dg.define_asset_job(
+    name="train_job",
+    selection=(
+        dg.AssetSelection.assets("dataset_registry").downstream() - dg.AssetSelection.assets("dataset_registry")
+    ).materializable(),
+    description="Index, statistics, manifest, training, export and smoke inference on the registered data "
+    "(run data_job or dataset_registry first to register your data).",
 )
 
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[bagel_example_job],
-    sensors=[registered_data_changed],
-    schedules=[weekly_refresh],
+    jobs=[bagel_example_job, data_job, train_job],
+    sensors=[dataset_change_sensor],
+    schedules=[retrain_schedule],
     resources={
         "workspace": PipelineWorkspace(root=os.environ.get("BAGEL_WORKSPACE", "data/pipeline")),
         "launch": TrainingLaunch(),

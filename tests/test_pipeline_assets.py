@@ -102,7 +102,7 @@ def test_job_execute_cli_runs_the_main_job(tmp_path):
 
 
 def test_data_change_sensor_requests_a_run_only_on_change(tmp_path):
-    from pipelines.automation import registered_data_changed
+    from pipelines.automation import dataset_change_sensor as registered_data_changed
 
     workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
     with dg.instance_for_test() as instance:
@@ -140,3 +140,58 @@ def test_registry_adds_one_index_partition_per_dataset(tmp_path):
             "unified_edit.seedxedit_multi",
             "vlm_sft.llava_ov",
         ]
+
+
+def _upstream_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An example in another folder, registered the upstream way: ``data/dataset_info.py`` with
+    ``your_data_path`` placeholders (also inside the editing parquet_info JSON) and ``example.yaml``."""
+    from bagel_core.config.discover import default_dataset_config, discover_registry
+    from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
+
+    root = tmp_path / "elsewhere"
+    example = write_example_dataset(root, ExampleConfig(t2i_files=2, t2i_rows_per_file=3, edit_files=2, vlm_lines=6))
+    found = discover_registry(example, parquet_info_dir=tmp_path / "scratch")
+    info: dict = {}
+    for e in found.entries:
+        entry = e.to_yaml_dict()
+        if e.parquet_info_path is not None:  # upstream points at the example's own JSON
+            entry["parquet_info_path"] = str(example / "editing" / "parquet_info" / f"{e.name}_nas.json")
+        info.setdefault(e.group, {})[e.name] = {k: v.replace(str(root), "your_data_path") if isinstance(v, str) else v
+                                                 for k, v in entry.items()}  # fmt: skip
+    code = tmp_path / "upstream" / "data" / "dataset_info.py"
+    code.parent.mkdir(parents=True)
+    code.write_text(f"# upstream style\nDATASET_INFO = {info!r}\n")
+    groups = tmp_path / "upstream" / "data" / "configs" / "example.yaml"
+    default_dataset_config(found).save(groups)
+    return code, groups, root
+
+
+def test_train_job_on_data_registered_from_an_upstream_dataset_info(tmp_path):
+    """data_job registers an upstream dataset_info.py + example.yaml; train_job trains on exactly that."""
+    import yaml
+
+    code, groups, data_root = _upstream_copy(tmp_path)
+    assert "your_data_path" in code.read_text()
+    env = dict(os.environ, BAGEL_WORKSPACE=str(tmp_path / "ws"), DAGSTER_HOME=str(tmp_path / "home"))
+    Path(env["DAGSTER_HOME"]).mkdir()
+    source = {"source": "upstream", "path": str(code), "data_root": str(data_root), "dataset_config": str(groups)}
+    in_process = {"config": {"in_process": {}}}  # one process for all steps: no per-step start-up cost
+    configs = {
+        "data_job": {"ops": {"dataset_registry": {"config": source}}, "execution": in_process},
+        "train_job": {
+            "ops": {"training_run": {"config": {"total_steps": 2, "save_every": 2}}},
+            "execution": in_process,
+        },
+    }
+    dagster = Path(sys.executable).parent / "dagster"
+    for job, run_config in configs.items():
+        path = tmp_path / f"{job}.yaml"
+        path.write_text(yaml.safe_dump(run_config))
+        command = [str(dagster), "job", "execute", "-m", "pipelines", "-j", job, "-c", str(path)]
+        proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, job + proc.stdout[-3000:] + proc.stderr[-3000:]
+    registry = yaml.safe_load((tmp_path / "ws" / "registry" / "dataset_info.yaml").read_text())
+    assert registry["t2i_pretrain"]["t2i"]["data_dir"].startswith(str(data_root))
+    assert not (tmp_path / "ws" / "example").exists()  # the built-in example was never fetched
+    [run] = [p for p in (tmp_path / "ws" / "runs").iterdir() if p.is_dir()]
+    assert (run / "checkpoints" / "step_2").is_dir() and (run / "checkpoints" / "step_final").is_dir()

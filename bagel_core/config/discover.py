@@ -62,6 +62,22 @@ def rewrite_parquet_info(upstream_json: Path, data_dir: Path) -> dict[str, dict]
     return {f"{str(data_dir).rstrip('/')}/{Path(key).name}": value for key, value in raw.items()}
 
 
+def localize_parquet_info(registry: Registry, parquet_info_dir: str | Path) -> Registry:
+    """A copy of ``registry`` whose parquet_info JSONs are re-keyed onto each entry's real ``data_dir``
+    and written to ``parquet_info_dir`` (upstream's JSONs carry ``your_data_path`` in their keys)."""
+    out_dir = Path(parquet_info_dir).expanduser().resolve()
+    entries = []
+    for entry in registry.entries:
+        if entry.parquet_info_path is not None and entry.data_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            info = rewrite_parquet_info(Path(entry.parquet_info_path), Path(entry.data_dir))
+            target = out_dir / f"{entry.name}.json"
+            target.write_text(json.dumps(info, indent=2) + "\n")
+            entry = DatasetEntry(**{**entry.__dict__, "parquet_info_path": target})
+        entries.append(entry)
+    return Registry(entries=entries, source=registry.source)
+
+
 def _parquet_entry(group: str, name: str, data_dir: Path) -> DatasetEntry | None:
     files = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(".parquet"))
     if not files:

@@ -17,10 +17,13 @@ torch) load inside the command functions, so ``bagel --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bagel_core.config.errors import ConfigError, DataError
@@ -103,8 +106,63 @@ def _cmd_example(args: argparse.Namespace) -> int:
     command = [dagster, "job", "execute", "-m", "pipelines", "-j", "bagel_example_job"]
     for config in args.config or []:
         command += ["-c", config]
-    print("running:", " ".join(command), f"(workspace {workspace}, DAGSTER_HOME {env['DAGSTER_HOME']})")
-    return subprocess.call(command, env=env)
+    log_path = workspace / "logs" / f"bagel_example_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"running bagel_example_job (workspace {workspace}); Dagster's event stream goes to {log_path}")
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(command, env=env, stdout=log if not args.verbose else None, stderr=subprocess.STDOUT)
+    print(example_summary(workspace, log_path, rc, time.monotonic() - started, env["DAGSTER_HOME"]))
+    return rc
+
+
+_STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "(\w+)"(?: in ([\d.]+)(ms|s|m))?')
+
+
+def step_times(log_text: str) -> list[tuple[str, str, float | None]]:
+    """(step, SUCCESS|FAILURE, seconds) from Dagster's event stream, in order."""
+    out = []
+    for m in _STEP_DONE.finditer(log_text):
+        value, unit = m.group(3), m.group(4)
+        seconds = None if value is None else float(value) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+        out.append((m.group(2), m.group(1), seconds))
+    return out
+
+
+def example_summary(workspace: Path, log_path: Path, rc: int, seconds: float, dagster_home: str) -> str:
+    """What the example job produced, where, how long each stage took, and how to look at it."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    lines = [f"\nbagel_example_job {'succeeded' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s", ""]
+    lines += [
+        f"  {name:<18} {state.lower():<8} {'' if s is None else f'{s:7.1f} s'}" for name, state, s in step_times(text)
+    ]
+    produced = [
+        ("registry", workspace / "registry" / "dataset_info.yaml"),
+        ("index", workspace / "index" / "index.parquet"),
+        ("token statistics", workspace / "stats" / "token_stats.parquet"),
+        ("sampling manifest", workspace / "manifest" / "manifest.parquet"),
+    ]
+    latest = workspace / "runs" / "latest.json"
+    if latest.is_file():
+        run = Path(json.loads(latest.read_text())["run_dir"])
+        produced += [("training run", run), ("inference-ready model", run / "checkpoints" / "step_final")]
+        metrics = run / "results" / "metrics.jsonl"
+        if metrics.is_file():
+            records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if records:
+                first, last = records[0], records[-1]
+                ce = f"CE {first['ce']:.2f} -> {last['ce']:.2f}"
+                lines += ["", f"  training: {last['step']} steps, {ce}, MSE {first['mse']:.3f} -> {last['mse']:.3f}"]
+    lines += [""] + [f"  {what:<22} {path}" for what, path in produced if path.exists()]
+    if rc != 0:
+        errors = [x for x in text.splitlines() if "STEP_FAILURE" in x or "error:" in x][-5:]
+        lines += ["", "  what failed:"] + [f"    {x[-300:]}" for x in errors]
+    lines += [
+        "",
+        f"  full event log: {log_path}",
+        f"  open the UI:    DAGSTER_HOME={dagster_home} {Path(sys.executable).parent / 'dagster'} dev -h 127.0.0.1",
+    ]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for everything the pipeline writes (default: %(default)s)",
     )
     example.add_argument("-c", "--config", action="append", help="extra Dagster run-config YAML (repeatable)")
+    example.add_argument("--verbose", action="store_true", help="print Dagster's event stream instead of logging it")
     example.set_defaults(func=_cmd_example)
 
     data = top.add_parser("data", help="fetch, register, validate, index and plan datasets")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -70,28 +72,66 @@ def terminate_tree(proc: subprocess.Popen, grace_s: float) -> list[int]:
     return killed
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class TorchrunJob:
+    """The torchrun agents of one training (one per node; all on this machine for a loopback launch)."""
+
+    agents: list[subprocess.Popen]
+
+    def poll(self) -> int | None:
+        """None while any agent runs; then the first non-zero exit code, else 0."""
+        codes = [a.poll() for a in self.agents]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c != 0), 0)
+
+
 class LocalTorchrunLauncher(dg.ConfigurableResource):
-    """Runs torchrun on this machine, one node (``--standalone``); stdout and stderr go to a log file."""
+    """Runs torchrun on this machine: one agent (``--standalone``), or ``nnodes`` agents on loopback with
+    a c10d rendezvous (a multi-node launch rehearsed on one host). Output goes to one log file."""
 
     termination_grace_s: float = 60.0  # time torchrun gets to stop its ranks before SIGKILL (FSDP: 60-120 s)
 
-    def command(self, nproc_per_node: int, train_args: list[str]) -> list[str]:
-        """torchrun as argv[0] (through this interpreter), never under a shell that would swallow signals."""
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "bagel_core.train", *train_args,
+    def commands(self, nnodes: int, nproc_per_node: int, train_args: list[str]) -> list[list[str]]:
+        """One torchrun per node, as argv[0] (through this interpreter), never under a shell that would
+        swallow signals."""
+        tail = [f"--nproc_per_node={nproc_per_node}", "-m", "bagel_core.train", *train_args]
+        base = [sys.executable, "-m", "torch.distributed.run"]
+        if nnodes == 1:
+            return [[*base, "--standalone", *tail]]
+        rendezvous = [
+            f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            f"--rdzv_id=bagel-{os.getpid()}-{time.monotonic_ns()}",
         ]  # fmt: skip
+        return [[*base, *rendezvous, f"--node_rank={rank}", *tail] for rank in range(nnodes)]
 
-    def start(self, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, commands: list[list[str]], log_path: Path, env: dict[str, str] | None = None) -> TorchrunJob:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
+        agents = []
+        for command in commands:
+            with open(log_path, "ab") as log:
+                agents.append(
+                    subprocess.Popen(
+                        command,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, **(env or {})},
+                        start_new_session=True,
+                    )
+                )
+        return TorchrunJob(agents)
 
-    def stop(self, proc: subprocess.Popen) -> list[int]:
-        return terminate_tree(proc, self.termination_grace_s)
+    def stop(self, job: TorchrunJob) -> list[int]:
+        """Stop every agent with its ranks and DataLoader workers; returns the pids that needed SIGKILL."""
+        return [
+            pid
+            for agent in job.agents
+            if agent.poll() is None
+            for pid in terminate_tree(agent, self.termination_grace_s)
+        ]

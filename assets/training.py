@@ -141,15 +141,18 @@ def training_run(
     run_key = context.run_id[:8]
     run_dir = workspace.runs_dir / run_key
     ckpt, results, log = run_dir / "checkpoints", run_dir / "results", run_dir / "torchrun.log"
-    command = launcher.command(launch.nproc_per_node, training_args(config, launch, workspace, run_dir))
-    context.log.info("launching: " + " ".join(command))
+    commands = launcher.commands(
+        launch.nnodes, launch.nproc_per_node, training_args(config, launch, workspace, run_dir)
+    )
+    for command in commands:
+        context.log.info("launching: " + " ".join(command))
     started = time.monotonic()
-    proc = launcher.start(command, log, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    job = launcher.start(commands, log, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     reported: set[int] = set()
     offset = 0
     try:
         while True:
-            finished = proc.poll() is not None
+            finished = job.poll() is not None
             if log.is_file():
                 with open(log, errors="replace") as handle:
                     handle.seek(offset)
@@ -168,12 +171,12 @@ def training_run(
                 break
             time.sleep(1.0)
     finally:
-        if proc.poll() is None:  # cancelled, or this step failed: leave no rank or worker behind
-            killed = launcher.stop(proc)
+        if job.poll() is None:  # cancelled, or this step failed: leave no rank or worker behind
+            killed = launcher.stop(job)
             context.log.warning(f"stopped torchrun and {len(killed)} process(es) below it")
-    if proc.returncode != 0:
+    if job.poll() != 0:
         raise dg.Failure(
-            description=f"training failed (torchrun exit {proc.returncode}):\n{_failure_text(log)}",
+            description=f"training failed (torchrun exit {job.poll()}):\n{_failure_text(log)}",
             metadata={"log": dg.MetadataValue.path(str(log))},
         )
     records = _records(results)

@@ -4,6 +4,7 @@ manifest planned for another world size stops training; stopping the launcher le
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -123,13 +124,14 @@ def test_stopping_leaves_no_process_behind(fx, tmp_path):
     launcher = LocalTorchrunLauncher(termination_grace_s=5)
     args = training_args(training_run_config(total_steps=10_000), launch, ws, tmp_path / "run")
     log = tmp_path / "run" / "torchrun.log"
-    proc = launcher.start(launcher.command(2, args), log)
+    job = launcher.start(launcher.commands(1, 2, args), log)
+    [proc] = job.agents
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "Train Loss" not in (log.read_text() if log.is_file() else ""):
         time.sleep(0.2)
     tree = [proc.pid, *descendants(proc.pid)]
     assert len(tree) >= 5, tree  # torchrun, 2 ranks, their DataLoader workers
-    launcher.stop(proc)
+    launcher.stop(job)
     time.sleep(0.5)
     assert [pid for pid in tree if alive(pid)] == []
 
@@ -138,3 +140,18 @@ def training_run_config(**over):
     from assets.training import TrainingRunConfig
 
     return TrainingRunConfig(**{**TRAIN, **over})
+
+
+def test_two_node_loopback_launch_trains_and_checkpoints(fx, tmp_path):
+    """``nnodes`` 2 x 1 process: two torchrun agents on 127.0.0.1 meet through a c10d rendezvous."""
+    ws = _workspace(fx, tmp_path)
+    two_nodes = TrainingLaunch(**{**LAUNCH.model_dump(), "nnodes": 2, "nproc_per_node": 1})
+    with dg.instance_for_test() as instance:
+        _plan(ws, instance, two_nodes)
+        result = _materialize(ws, [training_run, checkpoint], launch=two_nodes, instance=instance)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        assert len(instance.get_dynamic_partitions(CHECKPOINTS.name)) == 2
+    [run] = [p for p in ws.runs_dir.iterdir() if p.is_dir()]
+    state = json.loads((run / "checkpoints" / "step_2" / "train_state.json").read_text())
+    assert state["world_size"] == 2 and sorted(p.name for p in (run / "checkpoints" / "step_2" / "rng").iterdir()) == [
+        "rank_00000.pt", "rank_00001.pt"]  # fmt: skip

@@ -21,6 +21,7 @@ from assets.launcher import LocalTorchrunLauncher
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.sampling_manifest import manifest_mismatches, sampling_manifest
 from bagel_core.train.checkpoint import TRAIN_STATE, complete_steps, step_dir
+from bagel_core.train.metrics import read_metrics
 
 CHECKPOINTS = dg.DynamicPartitionsDefinition(name="bagel_checkpoints")
 checkpoint = dg.AssetSpec(
@@ -64,18 +65,6 @@ def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: 
     ]  # fmt: skip
     args += ["--model_path", config.model_path] if config.model_path else ["--model_preset", config.model_preset]
     return args + list(config.extra_args)
-
-
-def _records(results: Path) -> dict[int, dict]:
-    path = results / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[int(rec["step"])] = rec
-    return out
 
 
 def _checkpoint_event(run_key: str, ckpt: Path, step: int, records: dict[int, dict]) -> dg.AssetMaterialization:
@@ -162,7 +151,7 @@ def training_run(
                     offset = handle.tell()
             new = [s for s in complete_steps(ckpt) if s not in reported]
             if new:
-                records = _records(results)
+                records = read_metrics(results)
                 for step in new:
                     context.instance.add_dynamic_partitions(CHECKPOINTS.name, [f"{run_key}-step{step:08d}"])
                     yield _checkpoint_event(run_key, ckpt, step, records)
@@ -179,7 +168,7 @@ def training_run(
             description=f"training failed (torchrun exit {job.poll()}):\n{_failure_text(log)}",
             metadata={"log": dg.MetadataValue.path(str(log))},
         )
-    records = _records(results)
+    records = read_metrics(results)
     steps = sorted(records)
     first, last = records[steps[0]], records[steps[-1]]
     (workspace.runs_dir / LATEST).write_text(json.dumps({"run_dir": str(run_dir), "run_id": context.run_id}))

@@ -146,13 +146,13 @@ def example_summary(workspace: Path, log_path: Path, rc: int, seconds: float, da
     if latest.is_file():
         run = Path(json.loads(latest.read_text())["run_dir"])
         produced += [("training run", run), ("inference-ready model", run / "checkpoints" / "step_final")]
-        metrics = run / "results" / "metrics.jsonl"
-        if metrics.is_file():
-            records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if records:
-                first, last = records[0], records[-1]
-                ce = f"CE {first['ce']:.2f} -> {last['ce']:.2f}"
-                lines += ["", f"  training: {last['step']} steps, {ce}, MSE {first['mse']:.3f} -> {last['mse']:.3f}"]
+        from bagel_core.train.metrics import read_metrics  # torch: only after the job, never for --help
+
+        records = [rec for _, rec in sorted(read_metrics(run / "results").items())]
+        if records:
+            first, last = records[0], records[-1]
+            ce = f"CE {first['ce']:.2f} -> {last['ce']:.2f}"
+            lines += ["", f"  training: {last['step']} steps, {ce}, MSE {first['mse']:.3f} -> {last['mse']:.3f}"]
     lines += [""] + [f"  {what:<22} {path}" for what, path in produced if path.exists()]
     if rc != 0:
         errors = [x for x in text.splitlines() if "STEP_FAILURE" in x or "error:" in x][-5:]

@@ -14,7 +14,6 @@ comparison within one run on one machine, never assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bagel_core.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def run_one(preset: str, nproc: int, args: argparse.Namespace, registry: Path, g
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)}
-    records = [json.loads(line) for line in (out / "results" / "metrics.jsonl").read_text().splitlines()]
+    records = [rec for _, rec in sorted(read_metrics(out / "results").items())]
     steady = [r for r in records if r["step"] > args.skip] or records
     sec = statistics.median(1.0 / r["steps_per_sec"] for r in steady)
     tokens = statistics.median(r["tokens_per_sec"] for r in steady)

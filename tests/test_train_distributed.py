@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from train_equivalence import run_steps
 from train_fixtures import ROOT, full_state, records, torchrun, torchrun_env, train_args, trainer_session
 
+from assets.launcher import descendants
 from bagel_core.train.checkpoint import complete_steps
 
 
@@ -69,24 +70,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(fx, tmp_path):
     assert not differ, differ
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts each rank in a session of its own, so killing
-    torchrun's process group would leave the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:
     """Start a torchrun job and SIGKILL it with every rank and DataLoader worker once ``step_<step>``
     is complete (the ranks are mid-way through the next step then)."""
@@ -94,7 +77,7 @@ def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if step in complete_steps(ckpt):
-            for pid in [proc.pid, *_descendants(proc.pid)]:
+            for pid in [proc.pid, *descendants(proc.pid)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             break

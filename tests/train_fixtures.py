@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from packed_fixtures import SMALL_PARAMS
 
 from bagel_core.train.args import parse_args
 from bagel_core.train.distributed import init_distributed, shutdown
+from bagel_core.train.metrics import read_metrics
 from bagel_core.train.preflight import preflight
 from bagel_core.train.trainer import Trainer
 
@@ -60,13 +60,8 @@ def train_args(fx, root: Path, manifest: Path | None = None, **over: Any) -> lis
 
 
 def records(results_dir: Path) -> dict[int, dict[str, Any]]:
-    """``metrics.jsonl`` by step; a step logged twice (a run killed after logging it) keeps the last."""
-    out: dict[int, dict[str, Any]] = {}
-    path = Path(results_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        out[int(rec["step"])] = rec
-    return out
+    """``metrics.jsonl`` by step (the last record of a step logged twice)."""
+    return read_metrics(results_dir)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,19 @@ import torch
 
 from bagel_core.model.config import LLMConfig
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(results_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """``metrics.jsonl`` by step (empty when absent); a step logged twice (a run killed after logging it and
+    resumed from an earlier checkpoint) keeps its last record."""
+    path = Path(results_dir) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {int(rec["step"]): rec for rec in records}
+
+
 # ------------------------------------------------------------------------------------------- peak TFLOPs
 
 # Upstream's ``detect_peak_tflops`` table, in its order: the first tag found in the upper-cased device name wins
@@ -438,7 +451,7 @@ class MetricsLogger:
         self._color = _isatty(out)
         # Kept open (append: a resumed run continues them) until close().
         self._log_txt = open(self.results_dir / "log.txt", "a", encoding="utf-8")  # noqa: SIM115
-        self._jsonl = open(self.results_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(self.results_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if self._color:
             from tqdm import tqdm
 

@@ -8,6 +8,7 @@ directories (marker last), and this asset watches them. Every run trains in its 
 """
 
 import json
+import math
 import os
 import re
 import time
@@ -20,7 +21,9 @@ from assets import presentation
 from assets.launcher import LocalTorchrunLauncher
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.sampling_manifest import manifest_mismatches, sampling_manifest
+from bagel_core.config.errors import ConfigError
 from bagel_core.train.checkpoint import TRAIN_STATE, complete_steps, step_dir
+from bagel_core.train.export import verify_checkpoint
 from bagel_core.train.metrics import read_metrics
 
 CHECKPOINTS = dg.DynamicPartitionsDefinition(name="bagel_checkpoints")
@@ -112,6 +115,15 @@ def _draw_losses(records: dict[int, dict]):
     deps=[sampling_manifest],
     kinds={"pytorch"},
     pool="gpu",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "checkpoints_load_and_losses_finite",
+            asset="training_run",
+            blocking=True,
+            description="Every saved step has the model's and the EMA's full key set (checked from the DCP "
+            "metadata, no tensor read) and finite losses up to it; otherwise nothing is exported.",
+        )
+    ],
     description="torchrun -m bagel_core.train (FSDP2) on the registered data and the sampling manifest; each "
     "saved step is recorded as a checkpoint partition while it trains.",
 )
@@ -172,6 +184,7 @@ def training_run(
     steps = sorted(records)
     first, last = records[steps[0]], records[steps[-1]]
     (workspace.runs_dir / LATEST).write_text(json.dumps({"run_dir": str(run_dir), "run_id": context.run_id}))
+    yield checkpoints_check(ckpt, sorted(reported), records)
     yield dg.MaterializeResult(
         asset_key="training_run",
         metadata={
@@ -186,6 +199,28 @@ def training_run(
             "wall_s": round(time.monotonic() - started, 1),
             "loss_curve": presentation.figure(_draw_losses(records), "loss curve"),
             "last_steps": presentation.table([records[s] for s in steps[-5:]]),
+        },
+    )
+
+
+def checkpoints_check(ckpt: Path, steps: list[int], records: dict[int, dict]) -> dg.AssetCheckResult:
+    """Each saved step loads (key sets and shapes from its metadata) and the losses up to it are finite."""
+    problems = []
+    for step in steps:
+        try:
+            verify_checkpoint(step_dir(ckpt, step))
+        except ConfigError as exc:
+            problems.append(f"step {step}: {exc}")
+    bad = [s for s, r in records.items() if not all(math.isfinite(r.get(k) or 0.0) for k in ("loss", "ce", "mse"))]
+    if bad:
+        problems.append(f"non-finite losses at steps {bad[:10]}")
+    return dg.AssetCheckResult(
+        check_name="checkpoints_load_and_losses_finite",
+        passed=bool(steps) and not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "checkpoints": len(steps),
+            "problems": dg.MetadataValue.json(problems or ([] if steps else ["none saved"])),
         },
     )
 

@@ -75,6 +75,10 @@ def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
             f"{run}-step00000001",
             f"{run}-step00000002",
         ]
+        [check] = [
+            e for e in result.get_asset_check_evaluations() if e.check_name == "checkpoints_load_and_losses_finite"
+        ]
+        assert check.passed and check.metadata["checkpoints"].value == 2
         meta = result.asset_materializations_for_node("training_run")[-1].metadata
         assert meta["steps"].value == 2 and meta["checkpoints"].value == 2
         assert "data:image/png;base64," in meta["loss_curve"].value
@@ -155,3 +159,14 @@ def test_two_node_loopback_launch_trains_and_checkpoints(fx, tmp_path):
     state = json.loads((run / "checkpoints" / "step_2" / "train_state.json").read_text())
     assert state["world_size"] == 2 and sorted(p.name for p in (run / "checkpoints" / "step_2" / "rng").iterdir()) == [
         "rank_00000.pt", "rank_00001.pt"]  # fmt: skip
+
+
+def test_checkpoint_check_fails_on_a_broken_step_or_a_non_finite_loss(tmp_path):
+    from assets.training import checkpoints_check
+
+    (tmp_path / "step_1").mkdir()  # no marker, no DCP metadata
+    result = checkpoints_check(tmp_path, [1], {1: {"loss": 1.0, "ce": 1.0, "mse": 0.5}})
+    assert not result.passed and "step 1:" in str(result.metadata["problems"].value)
+    nan = checkpoints_check(tmp_path, [], {3: {"loss": float("nan"), "ce": 1.0, "mse": 0.5}})
+    problems = str(nan.metadata["problems"].value)
+    assert not nan.passed and "non-finite losses at steps [3]" in problems and "no checkpoint was saved" in problems

@@ -159,6 +159,19 @@ def export_checkpoint(
     return out
 
 
+def verify_checkpoint(checkpoint: str | Path) -> int:
+    """Check that a step directory would load (marker, DCP metadata, configs, VAE, the model's and the
+    EMA's key sets and shapes) without reading any tensor; returns the number of model tensors."""
+    checkpoint = Path(checkpoint)
+    _check_training_layout(checkpoint)
+    cfg = _read_source_config(checkpoint)
+    expected = _expected(cfg)
+    _check_vae(checkpoint, cfg)
+    for weights in ("model", "ema"):
+        _DcpWeights(checkpoint, weights, expected)
+    return len(expected)
+
+
 # ----------------------------------------------------------------------------------------- checks
 
 

@@ -214,14 +214,13 @@ def checkpoints_check(ckpt: Path, steps: list[int], records: dict[int, dict]) ->
     bad = [s for s, r in records.items() if not all(math.isfinite(r.get(k) or 0.0) for k in ("loss", "ce", "mse"))]
     if bad:
         problems.append(f"non-finite losses at steps {bad[:10]}")
+    if not steps:
+        problems.append("no checkpoint was saved")
     return dg.AssetCheckResult(
         check_name="checkpoints_load_and_losses_finite",
-        passed=bool(steps) and not problems,
+        passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "checkpoints": len(steps),
-            "problems": dg.MetadataValue.json(problems or ([] if steps else ["none saved"])),
-        },
+        metadata={"checkpoints": len(steps), "problems": dg.MetadataValue.json(problems)},
     )
 
 

@@ -159,7 +159,7 @@ class DatasetRegistryConfig(dg.Config):
         )
     ],
     description="Dataset registry (upstream DATASET_INFO fields) and dataset-group YAML (upstream "
-    "example.yaml schema) for the extracted example.",
+    "example.yaml schema) for the extracted example, your registry YAML or an upstream dataset_info.py.",
 )
 def dataset_registry(context: dg.AssetExecutionContext, config: DatasetRegistryConfig, workspace: PipelineWorkspace):
     registry, groups = config.load(workspace)

@@ -133,9 +133,9 @@ def example_summary(workspace: Path, log_path: Path, rc: int, seconds: float, da
     """What the example job produced, where, how long each stage took, and how to look at it."""
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     lines = [f"\nbagel_example_job {'succeeded' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s", ""]
-    lines += [
-        f"  {name:<18} {state.lower():<8} {'' if s is None else f'{s:7.1f} s'}" for name, state, s in step_times(text)
-    ]
+    width = max((len(name) for name, _, _ in step_times(text)), default=10) + 2
+    for name, state, s in step_times(text):
+        lines.append(f"  {name:<{width}} {state.lower():<8} {'' if s is None else f'{s:7.1f} s'}")
     produced = [
         ("registry", workspace / "registry" / "dataset_info.yaml"),
         ("index", workspace / "index" / "index.parquet"),

@@ -61,6 +61,16 @@ from bagel_core.sequence.tokens import (
 )
 
 STATS_FILE = "token_stats.parquet"
+#: Where a sample sits: the leading columns of the statistics and of the skipped-samples table.
+SAMPLE_LOCATION = [
+    ("dataset", pa.string()),
+    ("group", pa.string()),
+    ("task", pa.string()),
+    ("source_file", pa.string()),
+    ("row_group", pa.int32()),
+    ("row_index", pa.int64()),
+    ("file_row", pa.int64()),
+]
 SKIPPED_FILE = "token_stats_skipped.parquet"
 SUMMARY_FILE = "token_stats_summary.parquet"
 SUMMARY_JSON = "token_stats_summary.json"
@@ -334,13 +344,7 @@ class _Columns:
 
     SCHEMA = pa.schema(
         [
-            ("dataset", pa.string()),
-            ("group", pa.string()),
-            ("task", pa.string()),
-            ("source_file", pa.string()),
-            ("row_group", pa.int32()),
-            ("row_index", pa.int64()),
-            ("file_row", pa.int64()),
+            *SAMPLE_LOCATION,
             *[
                 (n, pa.int64())
                 for n in ("text_tokens", "vit_tokens", "vae_tokens", "total_tokens", "est_tokens", "total_tokens_min")
@@ -468,13 +472,7 @@ def compute_token_stats(
         skipped,
         schema=pa.schema(
             [
-                ("dataset", pa.string()),
-                ("group", pa.string()),
-                ("task", pa.string()),
-                ("source_file", pa.string()),
-                ("row_group", pa.int32()),
-                ("row_index", pa.int64()),
-                ("file_row", pa.int64()),
+                *SAMPLE_LOCATION,
                 ("reason", pa.string()),
             ]
         ),

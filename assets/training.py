@@ -45,6 +45,9 @@ class TrainingRunConfig(dg.Config):
 
     model_preset: str = "tiny"
     model_path: str = ""  # a BAGEL model directory to fine-tune (empty: a random model of model_preset)
+    # "base": model_path (or model_preset); "latest_export": continue from the newest run's step_final when
+    # there is one (scheduled / sensor-triggered retraining), else the base model
+    start_from: str = "base"
     total_steps: int = 16
     save_every: int = 8
     log_every: int = 1
@@ -66,7 +69,12 @@ def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: 
         "--keep_last_k", str(config.keep_last_k), "--sharding_strategy", "FULL_SHARD",
         *launch.train_args(),
     ]  # fmt: skip
-    args += ["--model_path", config.model_path] if config.model_path else ["--model_preset", config.model_preset]
+    model_path = config.model_path
+    if config.start_from == "latest_export" and (workspace.runs_dir / LATEST).is_file():
+        model_path = str(latest_final(workspace))
+    elif config.start_from not in ("base", "latest_export"):
+        raise dg.Failure(f"training_run: start_from {config.start_from!r} must be 'base' or 'latest_export'")
+    args += ["--model_path", model_path] if model_path else ["--model_preset", config.model_preset]
     return args + list(config.extra_args)
 
 

@@ -170,3 +170,17 @@ def test_checkpoint_check_fails_on_a_broken_step_or_a_non_finite_loss(tmp_path):
     nan = checkpoints_check(tmp_path, [], {3: {"loss": float("nan"), "ce": 1.0, "mse": 0.5}})
     problems = str(nan.metadata["problems"].value)
     assert not nan.passed and "non-finite losses at steps [3]" in problems and "no checkpoint was saved" in problems
+
+
+def test_retraining_can_start_from_the_latest_export(fx, tmp_path):
+    ws = _workspace(fx, tmp_path)
+    base = training_args(training_run_config(start_from="latest_export"), LAUNCH, ws, tmp_path / "run")
+    assert "--model_preset" in base and "--model_path" not in base  # nothing exported yet: the base model
+    final = ws.runs_dir / "abc" / "checkpoints" / "step_final"
+    final.mkdir(parents=True)
+    (ws.runs_dir / "latest.json").write_text(json.dumps({"run_dir": str(ws.runs_dir / "abc")}))
+    args = training_args(training_run_config(start_from="latest_export"), LAUNCH, ws, tmp_path / "run")
+    assert args[args.index("--model_path") + 1] == str(final)
+    assert "--model_path" not in training_args(training_run_config(), LAUNCH, ws, tmp_path / "run")
+    with pytest.raises(dg.Failure, match="start_from"):
+        training_args(training_run_config(start_from="yesterday"), LAUNCH, ws, tmp_path / "run")

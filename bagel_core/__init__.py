@@ -17,8 +17,9 @@ layer (top to bottom)   what it holds
 ``loader``              ``PackedDataset``: reads a manifest's units, packs samples for the model
 ``plan``                sharding (upstream's rule), sampling manifests, the packing rule and its
                         simulation over the token statistics
-``index | stats``       validation + quarantine + generated ``parquet_info`` (DuckDB, Arrow) /
-                        exact token statistics per sample and their summary
+``stats``               exact token statistics per sample and their summary (reads the index's
+                        tables, so it may use their schema)
+``index``               validation + quarantine + generated ``parquet_info`` (DuckDB, Arrow)
 ``data | model``        acquisition and decoding (safe fetch, example generator, tokenizer,
                         image transform) / the BAGEL network (MoT LLM, SigLIP NaViT, FLUX VAE,
                         attention backends, presets, released-layout checkpoint I/O)

@@ -50,8 +50,8 @@ def arrow_type_name(t: pa.DataType) -> str:
     return str(t)
 
 
-#: Where a sample is: the leading columns of the index and quarantine tables.
-_LOCATION = [
+#: Where a sample is: the leading columns of the index and quarantine tables (and of the token statistics).
+SAMPLE_LOCATION = [
     ("dataset", pa.string()),
     ("group", pa.string()),
     ("task", pa.string()),
@@ -64,7 +64,7 @@ _VERDICT = [("reason", pa.string()), ("message", pa.string())]
 
 INDEX_SCHEMA = pa.schema(
     [
-        *_LOCATION,
+        *SAMPLE_LOCATION,
         ("image_sizes", pa.list_(pa.list_(pa.int32()))),
         ("num_images", pa.int32()),
         ("image_modes", pa.list_(pa.string())),
@@ -78,11 +78,11 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 
-QUARANTINE_SCHEMA = pa.schema([*_LOCATION, *_VERDICT])
+QUARANTINE_SCHEMA = pa.schema([*SAMPLE_LOCATION, *_VERDICT])
 
 FILES_SCHEMA = pa.schema(
     [
-        *_LOCATION[:4],
+        *SAMPLE_LOCATION[:4],
         ("kind", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),

@@ -46,6 +46,7 @@ from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer
+from bagel_core.index.schema import SAMPLE_LOCATION
 from bagel_core.sequence.tokens import (
     DEFAULT_MAX_LATENT_SIZE,
     DEFAULT_MAX_TOKENS_PER_SAMPLE,
@@ -61,16 +62,6 @@ from bagel_core.sequence.tokens import (
 )
 
 STATS_FILE = "token_stats.parquet"
-#: Where a sample sits: the leading columns of the statistics and of the skipped-samples table.
-SAMPLE_LOCATION = [
-    ("dataset", pa.string()),
-    ("group", pa.string()),
-    ("task", pa.string()),
-    ("source_file", pa.string()),
-    ("row_group", pa.int32()),
-    ("row_index", pa.int64()),
-    ("file_row", pa.int64()),
-]
 SKIPPED_FILE = "token_stats_skipped.parquet"
 SUMMARY_FILE = "token_stats_summary.parquet"
 SUMMARY_JSON = "token_stats_summary.json"

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets import presentation
 from assets.dataset_index import sync_dataset_partitions
 from assets.resources import PipelineWorkspace
 from bagel_core.config.dataset_config import DatasetConfig, load_dataset_config
@@ -82,10 +83,7 @@ def example_dataset(
     )
     root = workspace.example_dir / "bagel_example"
     per_task = summarize_tree(root)
-    rows = [
-        dg.TableRecord({"folder": task, "files": info["files"], "bytes": info["bytes"]})
-        for task, info in per_task.items()
-    ]
+    rows = [{"folder": task, "files": info["files"], "bytes": info["bytes"]} for task, info in per_task.items()]
     context.log.info(f"extracted {extracted.files} files to {root} (skipped={extracted.skipped})")
     return dg.MaterializeResult(
         metadata={
@@ -93,16 +91,7 @@ def example_dataset(
             "files": extracted.files,
             "bytes": extracted.bytes,
             "unchanged_archive_skipped": extracted.skipped,
-            "per_task": dg.MetadataValue.table(
-                rows,
-                schema=dg.TableSchema(
-                    columns=[
-                        dg.TableColumn("folder", "string"),
-                        dg.TableColumn("files", "int"),
-                        dg.TableColumn("bytes", "int"),
-                    ]
-                ),
-            ),
+            "per_task": presentation.table(rows),
             **{f"{task}/files": info["files"] for task, info in per_task.items()},
             **{f"{task}/bytes": info["bytes"] for task, info in per_task.items()},
         }
@@ -171,17 +160,10 @@ def dataset_registry(context: dg.AssetExecutionContext, config: DatasetRegistryC
     for finding in findings:
         (context.log.error if finding.severity == "error" else context.log.warning)(str(finding))
     table = [
-        dg.TableRecord(
-            {
-                "group": e.group,
-                "dataset": e.name,
-                "files": e.num_files,
-                "samples": e.num_total_samples,
-                "data_dir": str(e.data_dir),
-            }
-        )
+        {"group": e.group, "dataset": e.name, "files": e.num_files, "samples": e.num_total_samples,
+         "data_dir": str(e.data_dir)}
         for e in registry.entries
-    ]
+    ]  # fmt: skip
     yield dg.MaterializeResult(
         metadata={
             "registry": dg.MetadataValue.path(str(workspace.registry_path)),
@@ -189,18 +171,7 @@ def dataset_registry(context: dg.AssetExecutionContext, config: DatasetRegistryC
             "datasets": len(registry.entries),
             "index_partitions": dg.MetadataValue.json(partition_keys),
             "dagster/row_count": len(registry.entries),
-            "entries": dg.MetadataValue.table(
-                table,
-                schema=dg.TableSchema(
-                    columns=[
-                        dg.TableColumn("group", "string"),
-                        dg.TableColumn("dataset", "string"),
-                        dg.TableColumn("files", "int"),
-                        dg.TableColumn("samples", "int"),
-                        dg.TableColumn("data_dir", "string"),
-                    ]
-                ),
-            ),
+            "entries": presentation.table(table),
         }
     )
     errors = [str(f) for f in findings if f.severity == "error"]

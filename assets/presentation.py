@@ -41,13 +41,15 @@ def figure(
 
 
 def table(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> dg.MetadataValue:
-    """Rows as a Dagster table; floats rounded to 4 digits, column types taken from the first row."""
+    """Rows as a Dagster table; floats rounded to 4 digits, each column typed by its first non-null value."""
     records = rows.to_dicts() if isinstance(rows, pl.DataFrame) else [dict(r) for r in rows]
     columns = list(rows.columns) if isinstance(rows, pl.DataFrame) else list(records[0]) if records else []
-    first = records[0] if records else {}
-    schema = dg.TableSchema(
-        columns=[dg.TableColumn(c, _COLUMN_TYPES.get(type(first.get(c)), "string")) for c in columns]
-    )
+
+    def kind(column: str) -> str:
+        value = next((r[column] for r in records if r.get(column) is not None), None)
+        return _COLUMN_TYPES.get(type(value), "string")
+
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, kind(c)) for c in columns])
     return dg.MetadataValue.table(
         records=[dg.TableRecord({c: _cell(r.get(c)) for c in columns}) for r in records], schema=schema
     )

@@ -19,6 +19,7 @@ from bagel_core.config.dataset_config import DatasetConfig, load_dataset_config
 from bagel_core.config.errors import ConfigError
 from bagel_core.config.registry import Registry, import_upstream_dataset_info
 from bagel_core.config.validate import require_valid
+from bagel_core.model.config import BagelConfig
 from bagel_core.plan.manifest import Manifest, build_manifest, read_manifest_meta
 from bagel_core.sequence.tokens import VAE_DOWNSAMPLE
 from bagel_core.train.args import TrainConfig
@@ -35,12 +36,12 @@ class LaunchPlan:
     registry: Registry
     dataset_config: DatasetConfig
     weights: WeightsPlan
+    model: BagelConfig  # the model's configuration with the run's flags (model_config)
     world_size: int
     manifest: Manifest | None  # built here when --manifest was not given
 
     def describe(self, cfg: TrainConfig) -> dict[str, Any]:
-        t, d = cfg.training, cfg.data
-        bcfg = model_config(cfg, self.weights)
+        t, d, bcfg = cfg.training, cfg.data, self.model
         return {
             "world_size": self.world_size,
             "mesh": {"strategy": t.sharding_strategy, "num_replicate": t.num_replicate, "num_shard": t.num_shard},
@@ -160,4 +161,4 @@ def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
     check_weights(weights, bcfg)
     if bcfg.visual_gen:
         check_latent_table(cfg, config, bcfg.max_latent_size)
-    return LaunchPlan(registry, config, weights, world_size, manifest)
+    return LaunchPlan(registry, config, weights, bcfg, world_size, manifest)

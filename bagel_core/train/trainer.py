@@ -31,7 +31,7 @@ from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, mode
 from bagel_core.plan.manifest import write_manifest
 from bagel_core.plan.packing import CfgDropout, PackingParams
 from bagel_core.train.args import TrainConfig
-from bagel_core.train.build import build_models, build_vae, model_config, model_files_writer
+from bagel_core.train.build import build_models, build_vae, model_files_writer
 from bagel_core.train.checkpoint import MARKER, TrainingState, load_checkpoint, save_checkpoint, step_dir
 from bagel_core.train.distributed import (
     Distributed,
@@ -71,7 +71,7 @@ class Trainer:
         self.out = out if out is not None else sys.stdout
         seed_process(t.global_seed, dist_info)
         self.plan = launch.weights
-        self.model_cfg = model_config(cfg, self.plan)
+        self.model_cfg = launch.model
         self.model, self.ema, built = build_models(cfg, self.plan, self.model_cfg, dist_info)
         self.model.train()
         self.vae = build_vae(self.plan, self.model_cfg, dist_info.device, t.global_seed)

@@ -89,6 +89,12 @@ def _qwen25_from_bundled(folder: Path):
 
 
 @lru_cache(maxsize=4)
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether ``folder`` ships tokenizer files (``tokenizer.json``, or ``vocab.json`` + merges)."""
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
 def load_tokenizer(path: str | None = None):
     """Return ``(tokenizer, NewTokenIds)``.
 
@@ -101,7 +107,7 @@ def load_tokenizer(path: str | None = None):
         from transformers import AutoTokenizer
 
         folder = Path(path)
-        if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        if not has_tokenizer_files(folder):
             raise ConfigError(
                 f"{folder}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
                 "copy them from the released model directory"

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.data.tokenizer import has_tokenizer_files
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import Bagel, build_model
 from bagel_core.model.checkpoint_io import (
@@ -92,7 +93,7 @@ class WeightsPlan:
     def tokenizer_dir(self) -> Path | None:
         """The folder whose tokenizer files the run uses, None for the bundled Qwen2.5 tokenizer."""
         for folder in (self.config_dir, self.source if self.kind == COMPONENTS else None):
-            if folder is not None and _has_tokenizer(Path(folder)):
+            if folder is not None and has_tokenizer_files(folder):
                 return Path(folder)
         return None
 
@@ -119,10 +120,6 @@ class WeightsPlan:
             "tokenizer": str(self.tokenizer_dir or "bundled Qwen2.5"),
             "note": self.note,
         }
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file()
 
 
 def _is_model_dir(d: Path) -> bool:

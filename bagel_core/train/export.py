@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.data.tokenizer import has_tokenizer_files
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import build_model
 from bagel_core.model.checkpoint_io import (
@@ -440,13 +441,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-
-
 def _write_tokenizer(source_dir: Path, out: Path) -> None:
     """Copy the source's tokenizer files, else save the bundled Qwen2.5 tokenizer (self-contained output)."""
-    if _has_tokenizer(source_dir):
+    if has_tokenizer_files(source_dir):
         for name in TOKENIZER_FILES:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, out / name)

@@ -1,8 +1,11 @@
-"""Reading config files with errors that say which file and how to fix it (one place for all)."""
+"""Reading config files with errors that say which file and how to fix it (one place for all), and
+the one hard-link-or-copy used where a file is placed beside another."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,3 +40,12 @@ def read_yaml(path: str | Path, what: str, create_hint: str) -> Any:
 def read_json(path: str | Path, what: str, create_hint: str) -> Any:
     """Parse a JSON file or raise a :class:`ConfigError` naming it."""
     return _read(path, what, create_hint, "JSON", json.loads, (json.JSONDecodeError,))
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard link ``src`` to ``dst`` (no extra space; safe because our writers replace files and never
+    modify them in place), else a copy (another filesystem, or links not supported)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

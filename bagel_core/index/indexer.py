@@ -97,6 +97,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bagel_core.config.errors import DataError
+from bagel_core.config.files import link_or_copy
 from bagel_core.config.registry import DatasetEntry, Registry
 from bagel_core.index import scan
 from bagel_core.index.parquet_info import (
@@ -1025,7 +1026,7 @@ def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
         tmp = out / f".{name}.parquet.{os.getpid()}.tmp"
         sources = [p for e in registry.entries if (p := dataset_dir(out, e) / f"{name}.parquet").is_file()]
         if len(sources) == 1 and pq.read_schema(sources[0]).equals(schema):
-            _link_or_copy(sources[0], tmp)  # the union of one table is that table
+            link_or_copy(sources[0], tmp)  # the union of one table is that table
         else:
             with _BatchedWriter(tmp, schema) as writer:
                 for src in sources:
@@ -1034,14 +1035,6 @@ def combine(registry: Registry, out_dir: str | Path) -> dict[str, Path]:
         os.replace(tmp, out / f"{name}.parquet")
         result[name] = out / f"{name}.parquet"
     return result
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (our writers replace files, never modify them in place), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def clear_dataset(out_dir: str | Path, entry: DatasetEntry) -> None:

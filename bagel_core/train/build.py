@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.config.files import link_or_copy
 from bagel_core.data.tokenizer import has_tokenizer_files
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import Bagel, build_model
@@ -304,10 +304,7 @@ def model_files_writer(bcfg: BagelConfig, vae: AutoEncoder, plan: WeightsPlan, t
         save_model_configs(out, bcfg)
         target = out / VAE_WEIGHTS
         if source_vae is not None and source_vae.is_file():
-            try:
-                target.hardlink_to(source_vae)
-            except OSError:
-                shutil.copyfile(source_vae, target)
+            link_or_copy(source_vae, target)
         else:
             save_file({k: v.float().contiguous().cpu() for k, v in vae.state_dict().items()}, str(target))
         tokenizer.save_pretrained(str(out))

@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 
 from bagel_core.config.errors import ConfigError
+from bagel_core.config.files import link_or_copy
 from bagel_core.data.tokenizer import has_tokenizer_files
 from bagel_core.model.autoencoder import AutoEncoder
 from bagel_core.model.bagel import build_model
@@ -151,7 +152,7 @@ def export_checkpoint(
         for name in (LLM_CONFIG, VIT_CONFIG, EXTRA_CONFIG):
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
-        _link_or_copy(source_dir / VAE_WEIGHTS, tmp / VAE_WEIGHTS)
+        link_or_copy(source_dir / VAE_WEIGHTS, tmp / VAE_WEIGHTS)
         _write_tokenizer(source_dir, tmp)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
@@ -431,14 +432,6 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (no extra space; the export survives deleting the checkpoint), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _write_tokenizer(source_dir: Path, out: Path) -> None:

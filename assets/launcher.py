@@ -21,6 +21,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from bagel_core.config.processes import pid_alive
+
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from ``/proc`` (children of children included)."""
@@ -39,19 +41,6 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for our purposes
-    return True
-
-
 def terminate_tree(proc: subprocess.Popen, grace_s: float) -> list[int]:
     """Stop ``proc`` and everything below it: SIGTERM, up to ``grace_s`` seconds, then SIGKILL.
     Returns the pids that had to be killed."""
@@ -62,8 +51,8 @@ def terminate_tree(proc: subprocess.Popen, grace_s: float) -> list[int]:
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     killed = []
-    for pid in tree + [p for q in tree if alive(q) for p in descendants(q)]:
-        if alive(pid):
+    for pid in tree + [p for q in tree if pid_alive(q) for p in descendants(q)]:
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -56,6 +56,8 @@ class TrainingLaunch(dg.ConfigurableResource):
     """The one launch layout the sampling manifest is planned for and the training run uses, so the
     manifest always matches the run that consumes it. Defaults: the built-in example on 2 CPU processes."""
 
+    # "local": torchrun on this machine (the launcher resource); "k8s": one pod (the k8s_launcher resource)
+    backend: str = "local"
     nnodes: int = 1
     nproc_per_node: int = 2
     num_workers: int = 1

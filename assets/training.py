@@ -3,8 +3,11 @@ sampling manifest, records every checkpoint as a partition of ``checkpoint`` whi
 ``model_export`` (the inference-ready ``step_final``) and ``inference_smoke`` (an image and an answer).
 
 The trainer knows nothing of Dagster: it writes ``metrics.jsonl``, ``log.txt`` and complete step
-directories (marker last), and this asset watches them. Every run trains in its own folder
-``runs/<run id>/``; ``runs/latest.json`` points at the newest finished one.
+directories (marker last), and tells an observer about its events. This asset passes
+``--observer assets.pipes_observer:PipesObserver`` so that rank 0 reports through a Dagster Pipes session
+(start, W&B link, each complete checkpoint, the export, an error); complete step directories found on
+disk are recorded too, as a backstop. Every run trains in its own folder ``runs/<run id>/`` (or in a
+fixed ``checkpoint_dir``); ``runs/latest.json`` points at the newest finished one.
 """
 
 import json
@@ -12,12 +15,16 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from assets import presentation
+from assets.k8s_launcher import K8sTorchrunLauncher
 from assets.launcher import LocalTorchrunLauncher
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.sampling_manifest import manifest_mismatches, sampling_manifest
@@ -36,6 +43,7 @@ checkpoint = dg.AssetSpec(
     description="One partition per saved step of a training run (<run>-step<N>): path, losses, tokens/s, size.",
 )
 LATEST = "latest.json"
+OBSERVER = "assets.pipes_observer:PipesObserver"  # rank 0's reporter (dagster_pipes only, see that module)
 _ERROR_LINE = re.compile(r"(^error: .*|^\[rank\d+\]: \w+(Error|Exception)\b.*)")
 
 
@@ -56,14 +64,21 @@ class TrainingRunConfig(dg.Config):
     ema: float = 0.9
     global_seed: int = 4396
     keep_last_k: int = 0
+    # empty: a fresh folder per Dagster run (runs/<run>/checkpoints). Set a fixed folder to continue one training
+    # across runs (with extra_args ["--auto_resume", "True"]); its lock keeps a second training out of it.
+    checkpoint_dir: str = ""
     extra_args: list[str] = Field(default_factory=list)
+
+
+def checkpoint_root(config: TrainingRunConfig, run_dir: Path) -> Path:
+    return Path(config.checkpoint_dir).expanduser().absolute() if config.checkpoint_dir else run_dir / "checkpoints"
 
 
 def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: PipelineWorkspace, run_dir: Path):
     args = [
         "--dataset_info", str(workspace.registry_path), "--dataset_config_file", str(workspace.dataset_config_path),
         "--manifest", str(workspace.manifest_dir), "--results_dir", str(run_dir / "results"),
-        "--checkpoint_dir", str(run_dir / "checkpoints"), "--total_steps", str(config.total_steps),
+        "--checkpoint_dir", str(checkpoint_root(config, run_dir)), "--total_steps", str(config.total_steps),
         "--save_every", str(config.save_every), "--log_every", str(config.log_every), "--lr", str(config.lr),
         "--warmup_steps", str(config.warmup_steps), "--ema", str(config.ema), "--global_seed", str(config.global_seed),
         "--keep_last_k", str(config.keep_last_k), "--sharding_strategy", "FULL_SHARD",
@@ -79,6 +94,7 @@ def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: 
 
 
 def _checkpoint_event(run_key: str, ckpt: Path, step: int, records: dict[int, dict]) -> dg.AssetMaterialization:
+    """One ``checkpoint`` partition: the step directory (complete: its marker is written) and that step's losses."""
     path = step_dir(ckpt, step)
     rec = records.get(step, {})
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -97,11 +113,14 @@ def _checkpoint_event(run_key: str, ckpt: Path, step: int, records: dict[int, di
     )
 
 
-def _failure_text(log: Path) -> str:
-    """The failing rank's own words: its ``error: ...`` line or exception line, else the log's tail."""
+def _failure_text(log: Path, progress: "TrainingProgress") -> str:
+    """The failing rank's own words: its ``error: ...`` line or exception line, else the log's tail (plus what
+    rank 0 reported through Pipes, when it did)."""
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line.strip()))]
     picked = list(dict.fromkeys(errors))[:5] or lines[-20:]
+    if progress.reported_error and not any(progress.reported_error in line for line in picked):
+        picked.insert(0, f"rank 0 reported: {progress.reported_error}")
     return "\n".join(picked)
 
 
@@ -118,6 +137,94 @@ def _draw_losses(records: dict[int, dict]):
     return draw
 
 
+PREFLIGHT_CHECK = "launch_preflight"
+CHECKPOINTS_CHECK = "checkpoints_load_and_losses_finite"
+
+
+def launch_preflight(args: list[str], world_size: int, checkpoint_dir: Path) -> dg.AssetCheckResult:
+    """The trainer's own start-up checks, run here before any process starts: registry and dataset YAML, the
+    branches the data needs, the manifest against this world size (and no empty worker), the starting weights,
+    ``max_latent_size`` against the data and the starting checkpoint, ``checkpoint_dir`` writable and not held
+    by another training."""
+    from bagel_core.train.args import parse_args
+    from bagel_core.train.preflight import preflight
+
+    problem = ""
+    try:
+        plan = preflight(parse_args(args), world_size)
+    except ConfigError as exc:
+        problem = str(exc)
+    metadata: dict[str, Any] = {"checkpoint_dir": dg.MetadataValue.path(str(checkpoint_dir))}
+    if problem:
+        metadata["problem"] = dg.MetadataValue.text(problem)
+    else:
+        metadata["weights"] = plan.weights.kind
+        metadata["max_latent_size"] = plan.model.max_latent_size
+    return dg.AssetCheckResult(
+        check_name=PREFLIGHT_CHECK, passed=not problem, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+    )
+
+
+@dataclass
+class TrainingProgress:
+    """What the training has told us so far (Pipes messages) and what is already recorded in Dagster."""
+
+    run_key: str
+    checkpoint_dir: Path
+    results_dir: Path
+    handled_messages: int = 0
+    recorded: set[int] = field(default_factory=set)
+    announced: set[int] = field(default_factory=set)  # steps rank 0 reported through Pipes
+    wandb_url: str | None = None
+    export_path: str | None = None
+    reported_error: str | None = None
+
+    def new_checkpoints(self, messages: list[dict]) -> list[int]:
+        """Checkpoint steps announced since the last call, plus complete step directories nobody announced (a
+        backstop for a report channel that failed)."""
+        steps = []
+        for message in messages[self.handled_messages :]:
+            event = message.get("event")
+            if event == "checkpoint":
+                steps.append(int(message["step"]))
+                self.announced.add(int(message["step"]))
+            elif event == "start":
+                self.wandb_url = message.get("wandb_url") or self.wandb_url
+            elif event == "export":
+                self.export_path = message.get("path")
+            elif event == "error":
+                self.reported_error = message.get("error")
+        self.handled_messages = len(messages)
+        steps += complete_steps(self.checkpoint_dir)
+        return sorted({s for s in steps if s not in self.recorded})
+
+    def record(self, context: dg.AssetExecutionContext, steps: list[int]) -> Iterator[dg.AssetMaterialization]:
+        if not steps:
+            return
+        records = read_metrics(self.results_dir)
+        for step in steps:
+            context.instance.add_dynamic_partitions(CHECKPOINTS.name, [f"{self.run_key}-step{step:08d}"])
+            yield _checkpoint_event(self.run_key, self.checkpoint_dir, step, records)
+            self.recorded.add(step)
+
+
+class LogTail:
+    """Forwards the lines torchrun appends to its log (every rank's output) into the Dagster log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def forward(self, log: Callable[[str], None]) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, errors="replace") as handle:
+            handle.seek(self.offset)
+            for line in handle.read().splitlines():
+                if line.strip() and "DEBUG" not in line:
+                    log(line)
+            self.offset = handle.tell()
+
+
 @dg.asset(
     group_name="training",
     deps=[sampling_manifest],
@@ -125,15 +232,22 @@ def _draw_losses(records: dict[int, dict]):
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
-            "checkpoints_load_and_losses_finite",
+            PREFLIGHT_CHECK,
+            asset="training_run",
+            blocking=True,
+            description="Before any process starts: the trainer's own checks (registry, dataset YAML, manifest "
+            "against the launch, starting weights, max_latent_size, checkpoint_dir writable and not in use).",
+        ),
+        dg.AssetCheckSpec(
+            CHECKPOINTS_CHECK,
             asset="training_run",
             blocking=True,
             description="Every saved step has the model's and the EMA's full key set (checked from the DCP "
             "metadata, no tensor read) and finite losses up to it; otherwise nothing is exported.",
-        )
+        ),
     ],
-    description="torchrun -m bagel_core.train (FSDP2) on the registered data and the sampling manifest; each "
-    "saved step is recorded as a checkpoint partition while it trains.",
+    description="torchrun -m bagel_core.train (FSDP2) on the registered data and the sampling manifest; rank 0 "
+    "reports through Dagster Pipes, and each saved step is recorded as a checkpoint partition while it trains.",
 )
 def training_run(
     context: dg.AssetExecutionContext,
@@ -141,74 +255,104 @@ def training_run(
     workspace: PipelineWorkspace,
     launch: TrainingLaunch,
     launcher: LocalTorchrunLauncher,
+    k8s_launcher: K8sTorchrunLauncher,
 ):
     problems = manifest_mismatches(workspace, launch)
     if problems:
         raise dg.Failure(
             "the sampling manifest does not match the launch configuration", metadata={"problems": problems}
         )
-    run_key = context.run_id[:8]
+    run_key = context.run.run_id[:8]
     run_dir = workspace.runs_dir / run_key
-    ckpt, results, log = run_dir / "checkpoints", run_dir / "results", run_dir / "torchrun.log"
-    commands = launcher.commands(
-        launch.nnodes, launch.nproc_per_node, training_args(config, launch, workspace, run_dir)
-    )
-    for command in commands:
-        context.log.info("launching: " + " ".join(command))
+    progress = TrainingProgress(run_key, checkpoint_root(config, run_dir), run_dir / "results")
+    args = [*training_args(config, launch, workspace, run_dir), "--observer", OBSERVER]
     started = time.monotonic()
-    job = launcher.start(commands, log, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    reported: set[int] = set()
-    offset = 0
-    try:
-        while True:
-            finished = job.poll() is not None
-            if log.is_file():
-                with open(log, errors="replace") as handle:
-                    handle.seek(offset)
-                    for line in handle.read().splitlines():
-                        if line.strip() and "DEBUG" not in line:
-                            context.log.info(line)
-                    offset = handle.tell()
-            new = [s for s in complete_steps(ckpt) if s not in reported]
-            if new:
-                records = read_metrics(results)
-                for step in new:
-                    context.instance.add_dynamic_partitions(CHECKPOINTS.name, [f"{run_key}-step{step:08d}"])
-                    yield _checkpoint_event(run_key, ckpt, step, records)
-                    reported.add(step)
-            if finished:
-                break
-            time.sleep(1.0)
-    finally:
-        if job.poll() is None:  # cancelled, or this step failed: leave no rank or worker behind
-            killed = launcher.stop(job)
-            context.log.warning(f"stopped torchrun and {len(killed)} process(es) below it")
-    if job.poll() != 0:
-        raise dg.Failure(
-            description=f"training failed (torchrun exit {job.poll()}):\n{_failure_text(log)}",
-            metadata={"log": dg.MetadataValue.path(str(log))},
-        )
-    records = read_metrics(results)
+    if launch.backend == "k8s":
+        yield from _train_on_kubernetes(context, k8s_launcher, launch, args, progress)
+    elif launch.backend == "local":
+        preflight_result = launch_preflight(args, launch.world_size, progress.checkpoint_dir)
+        yield preflight_result
+        if not preflight_result.passed:
+            raise dg.Failure(f"training_run: {PREFLIGHT_CHECK} failed: {preflight_result.metadata['problem'].value}")
+        yield from _train_locally(context, launcher, launch, args, progress, run_dir / "torchrun.log")
+    else:
+        raise dg.Failure(f"training_run: launch.backend {launch.backend!r} must be 'local' or 'k8s'")
+    records = read_metrics(progress.results_dir)
+    if not records:
+        raise dg.Failure(f"training finished without a logged step: nothing in {progress.results_dir}")
     steps = sorted(records)
     first, last = records[steps[0]], records[steps[-1]]
-    (workspace.runs_dir / LATEST).write_text(json.dumps({"run_dir": str(run_dir), "run_id": context.run_id}))
-    yield checkpoints_check(ckpt, sorted(reported), records)
-    yield dg.MaterializeResult(
-        asset_key="training_run",
-        metadata={
-            "run_dir": dg.MetadataValue.path(str(run_dir)),
-            "steps": last["step"],
-            "first_ce": first["ce"],
-            "final_ce": last["ce"],
-            "final_ce_over_first": last["ce"] / first["ce"] if first["ce"] else None,
-            "final_mse": last["mse"],
-            "tokens_per_sec": last.get("tokens_per_sec"),
-            "checkpoints": len(reported),
-            "wall_s": round(time.monotonic() - started, 1),
-            "loss_curve": presentation.figure(_draw_losses(records), "loss curve"),
-            "last_steps": presentation.table([records[s] for s in steps[-5:]]),
-        },
+    pointer = {"run_dir": str(run_dir), "checkpoint_dir": str(progress.checkpoint_dir), "run_id": context.run.run_id}
+    (workspace.runs_dir / LATEST).write_text(json.dumps(pointer))
+    yield checkpoints_check(progress.checkpoint_dir, sorted(progress.recorded), records)
+    metadata: dict[str, Any] = {
+        "run_dir": dg.MetadataValue.path(str(run_dir)),
+        "checkpoint_dir": dg.MetadataValue.path(str(progress.checkpoint_dir)),
+        "steps": last["step"],
+        "first_ce": first["ce"],
+        "final_ce": last["ce"],
+        "final_ce_over_first": last["ce"] / first["ce"] if first["ce"] else None,
+        "final_mse": last["mse"],
+        "tokens_per_sec": last.get("tokens_per_sec"),
+        "checkpoints": len(progress.recorded),
+        "checkpoints_reported_by_rank0": len(progress.announced),
+        "wall_s": round(time.monotonic() - started, 1),
+        "loss_curve": presentation.figure(_draw_losses(records), "loss curve"),
+        "last_steps": presentation.table([records[s] for s in steps[-5:]]),
+    }
+    if progress.wandb_url:
+        metadata["wandb"] = dg.MetadataValue.url(progress.wandb_url)
+    yield dg.MaterializeResult(asset_key="training_run", metadata=metadata)
+
+
+def _train_locally(context, launcher, launch, args, progress: TrainingProgress, log: Path):
+    """torchrun on this machine inside a Pipes session: poll its messages and the log while it runs, record each
+    checkpoint as it completes, and leave no process behind whatever happens to this step."""
+    commands = launcher.commands(launch.nnodes, launch.nproc_per_node, args)
+    for command in commands:
+        context.log.info("launching: " + " ".join(command))
+    tail = LogTail(log)
+    with dg.open_pipes_session(
+        context=context,
+        context_injector=dg.PipesTempFileContextInjector(),
+        message_reader=dg.PipesTempFileMessageReader(),
+        extras={"run_key": progress.run_key},
+    ) as session:
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **session.get_bootstrap_env_vars()}
+        job = launcher.start(commands, log, env=env)
+        try:
+            while True:
+                finished = job.poll() is not None
+                tail.forward(context.log.info)
+                yield from progress.record(context, progress.new_checkpoints(session.get_custom_messages()))
+                if finished:
+                    break
+                time.sleep(1.0)
+        finally:
+            if job.poll() is None:  # cancelled, or this step failed: leave no rank or worker behind
+                killed = launcher.stop(job)
+                context.log.warning(f"stopped torchrun and {len(killed)} process(es) below it")
+    yield from progress.record(context, progress.new_checkpoints(session.get_custom_messages()))
+    if job.poll() != 0:
+        raise dg.Failure(
+            description=f"training failed (torchrun exit {job.poll()}):\n{_failure_text(log, progress)}",
+            metadata={"log": dg.MetadataValue.path(str(log))},
+        )
+    # session.get_results() is not yielded: the child reports no asset events of its own (only custom messages),
+    # and training_run's one MaterializeResult, with the figures read back from the run, is yielded by the caller.
+
+
+def _train_on_kubernetes(context, k8s_launcher, launch, args, progress: TrainingProgress):
+    """One pod runs torchrun; its rank 0 reports through the pod's log, and the checkpoints it announced are
+    recorded when the pod has finished."""
+    invocation = k8s_launcher.run(
+        context,
+        train_args=args,
+        nproc_per_node=launch.nproc_per_node,
+        nnodes=launch.nnodes,
+        extras={"run_key": progress.run_key},
     )
+    yield from progress.record(context, progress.new_checkpoints(invocation.get_custom_messages()))
 
 
 def checkpoints_check(ckpt: Path, steps: list[int], records: dict[int, dict]) -> dg.AssetCheckResult:
@@ -237,7 +381,8 @@ def latest_final(workspace: PipelineWorkspace) -> Path:
     pointer = workspace.runs_dir / LATEST
     if not pointer.is_file():
         raise dg.Failure(f"no finished training run ({pointer} missing): materialise training_run first")
-    return Path(json.loads(pointer.read_text())["run_dir"]) / "checkpoints" / "step_final"
+    latest = json.loads(pointer.read_text())
+    return Path(latest.get("checkpoint_dir") or Path(latest["run_dir"]) / "checkpoints") / "step_final"
 
 
 @dg.asset(
@@ -267,21 +412,16 @@ def model_export(workspace: PipelineWorkspace) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(
-    group_name="training",
-    deps=[model_export],
-    kinds={"pytorch"},
-    description="Loads the export with setup_models, generates an image and answers a question about it.",
-)
-def inference_smoke(workspace: PipelineWorkspace) -> dg.MaterializeResult:
+def smoke_inference(model_dir: Path) -> dict[str, Any]:
+    """Load an inference-ready folder with setup_models, generate a 64 px image and answer a question about it;
+    returns the metadata (the image as PNG, the answer, the time it took)."""
     import torch
 
     from bagel_core.data.transforms import ImageTransform
     from bagel_core.inference import Inferencer, setup_models
 
-    final = latest_final(workspace)
     started = time.monotonic()
-    model, vae, tokenizer, ids = setup_models(final, device="cpu", dtype=torch.float32)
+    model, vae, tokenizer, ids = setup_models(model_dir, device="cpu", dtype=torch.float32)
     small = {"vae_transform": ImageTransform(256, 64, 16), "vit_transform": ImageTransform(224, 56, 14)}
     inferencer = Inferencer(model, vae, tokenizer, ids, **small)
     image = inferencer.generate("a red circle on the left", height=64, width=64, num_timesteps=4, seed=0)
@@ -292,10 +432,51 @@ def inference_smoke(workspace: PipelineWorkspace) -> dg.MaterializeResult:
         ax.imshow(image)
         ax.axis("off")
 
-    return dg.MaterializeResult(
-        metadata={
-            "image": presentation.figure(draw, "generated image", size=(2, 2)),
-            "answer": answer,
-            "seconds": round(time.monotonic() - started, 2),
-        }
-    )
+    return {
+        "image": presentation.figure(draw, "generated image", size=(2, 2)),
+        "answer": answer,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+@dg.asset(
+    group_name="training",
+    deps=[model_export],
+    kinds={"pytorch"},
+    description="Loads the export with setup_models, generates an image and answers a question about it.",
+)
+def inference_smoke(workspace: PipelineWorkspace) -> dg.MaterializeResult:
+    final = latest_final(workspace)
+    return dg.MaterializeResult(metadata={**smoke_inference(final), "model_dir": dg.MetadataValue.path(str(final))})
+
+
+def checkpoint_path(instance: dg.DagsterInstance, partition: str) -> Path:
+    """The step directory recorded for one ``checkpoint`` partition."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("checkpoint"), asset_partitions=[partition]), limit=1
+    ).records
+    if not records:
+        raise dg.Failure(f"checkpoint partition {partition} has no recorded materialisation (no path to load)")
+    return Path(str(records[0].asset_materialization.metadata["path"].value))
+
+
+@dg.asset(
+    group_name="training",
+    deps=[checkpoint],
+    partitions_def=CHECKPOINTS,
+    kinds={"pytorch"},
+    description="One per checkpoint partition (new_checkpoint_sensor requests it): exports that step's EMA to a "
+    "temporary inference-ready folder, generates an image and answers a question, then removes the folder.",
+)
+def checkpoint_smoke(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    import tempfile
+
+    from bagel_core.train.export import export_checkpoint
+
+    step = checkpoint_path(context.instance, context.partition_key)
+    if not step.is_dir():
+        raise dg.Failure(f"{step} is gone (keep_last_k may have deleted it): nothing to evaluate")
+    with tempfile.TemporaryDirectory(prefix="smoke-", dir=step.parent) as tmp:
+        export_checkpoint(step, Path(tmp) / "model", weights="ema")
+        metadata = smoke_inference(Path(tmp) / "model")
+    return dg.MaterializeResult(metadata={**metadata, "checkpoint": dg.MetadataValue.path(str(step))})

@@ -1,6 +1,7 @@
-"""Re-training triggers: a sensor that notices changed data and a weekly schedule (both start stopped).
+"""Re-training triggers: a sensor that notices changed data and a weekly schedule (both start stopped),
+and a sensor that evaluates each new checkpoint.
 
-Both target ``train_job``: index, statistics, manifest and training on whatever ``dataset_registry``
+The first two target ``train_job``: index, statistics, manifest and training on whatever ``dataset_registry``
 registered last (the example, your registry YAML, or an upstream ``dataset_info.py``).
 """
 
@@ -36,6 +37,35 @@ def dataset_change_sensor(context: dg.SensorEvaluationContext, workspace: Pipeli
         return dg.SkipReason("recorded the current data fingerprint")
     context.update_cursor(fingerprint)
     return dg.RunRequest(run_key=fingerprint, tags={"bagel/trigger": "data_changed"})
+
+
+CHECKPOINT_SMOKE_JOB = "checkpoint_smoke_job"
+
+
+@dg.sensor(
+    job_name=CHECKPOINT_SMOKE_JOB,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Evaluates every newly recorded checkpoint: one checkpoint_smoke run per new checkpoint "
+    "partition (an image and an answer from that step); the cursor is the event log position.",
+)
+def new_checkpoint_sensor(context: dg.SensorEvaluationContext):
+    latest = context.instance.fetch_materializations(dg.AssetKey("checkpoint"), limit=1).records
+    if context.cursor is None:
+        # First tick: start from now; checkpoints recorded before the sensor was switched on are not re-evaluated.
+        context.update_cursor(str(latest[0].storage_id if latest else 0))
+        return dg.SkipReason("recorded the current position; new checkpoints from now on are evaluated")
+    result = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("checkpoint"), after_storage_id=int(context.cursor)),
+        limit=100,
+        ascending=True,
+    )
+    if not result.records:
+        return dg.SkipReason("no new checkpoint")
+    context.update_cursor(str(result.records[-1].storage_id))
+    partitions = list(dict.fromkeys(r.asset_materialization.partition for r in result.records))
+    tags = {"bagel/trigger": "new_checkpoint"}
+    return [dg.RunRequest(run_key=key, partition_key=key, tags=tags) for key in partitions]
 
 
 retrain_schedule = dg.ScheduleDefinition(

@@ -12,10 +12,22 @@ import dagster as dg
 import pytest
 from packed_fixtures import SMALL_PARAMS, make_manifest, small_fixture
 
-from assets.launcher import LocalTorchrunLauncher, alive, descendants
+from assets.k8s_launcher import K8sTorchrunLauncher
+from assets.launcher import LocalTorchrunLauncher, descendants
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.sampling_manifest import manifest_matches_launch, sampling_manifest
-from assets.training import CHECKPOINTS, checkpoint, inference_smoke, model_export, training_args, training_run
+from assets.training import (
+    CHECKPOINTS,
+    checkpoint,
+    checkpoint_smoke,
+    inference_smoke,
+    model_export,
+    training_args,
+    training_run,
+)
+from bagel_core.config.processes import pid_alive
+from pipelines import defs
+from pipelines.automation import new_checkpoint_sensor
 
 LAUNCH = TrainingLaunch(
     nproc_per_node=2,
@@ -43,7 +55,12 @@ def _workspace(fx, tmp_path) -> PipelineWorkspace:
 
 
 def _materialize(ws, selection, launch=LAUNCH, train=TRAIN, instance=None):
-    resources = {"workspace": ws, "launch": launch, "launcher": LocalTorchrunLauncher(termination_grace_s=10)}
+    resources = {
+        "workspace": ws,
+        "launch": launch,
+        "launcher": LocalTorchrunLauncher(termination_grace_s=10),
+        "k8s_launcher": K8sTorchrunLauncher(),
+    }
     config = {"ops": {"training_run": {"config": train}}} if training_run in selection else None
     runnable = [a for a in selection if a is not checkpoint]
     return dg.materialize(
@@ -81,14 +98,32 @@ def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
         assert check.passed and check.metadata["checkpoints"].value == 2
         meta = result.asset_materializations_for_node("training_run")[-1].metadata
         assert meta["steps"].value == 2 and meta["checkpoints"].value == 2
+        assert meta["checkpoints_reported_by_rank0"].value == 2  # through Pipes, not only found on disk
         assert "data:image/png;base64," in meta["loss_curve"].value
         export = result.asset_materializations_for_node("model_export")[0].metadata
         assert export["keys"].value > 100 and export["step"].value == 2
         smoke = result.asset_materializations_for_node("inference_smoke")[0].metadata
         assert "data:image/png;base64," in smoke["image"].value and isinstance(smoke["answer"].value, str)
 
+        # new_checkpoint_sensor: one run request per checkpoint recorded after its cursor, none when nothing is new
+        first = dg.build_sensor_context(instance=instance, definitions=defs)
+        assert isinstance(new_checkpoint_sensor(first), dg.SkipReason)  # first tick: starts from now
+        requests = new_checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor="0", definitions=defs))
+        keys = [f"{run}-step00000001", f"{run}-step00000002"]
+        assert [(r.partition_key, r.run_key) for r in requests] == [(k, k) for k in keys]
+        again = dg.build_sensor_context(instance=instance, cursor=first.cursor, definitions=defs)
+        assert isinstance(new_checkpoint_sensor(again), dg.SkipReason)
+        # ... and the asset it requests evaluates that checkpoint
+        evaluated = dg.materialize(
+            [checkpoint_smoke, checkpoint], instance=instance, partition_key=keys[0], selection=[checkpoint_smoke]
+        )
+        assert evaluated.success
+        meta = evaluated.asset_materializations_for_node("checkpoint_smoke")[0].metadata
+        assert "data:image/png;base64," in meta["image"].value and meta["checkpoint"].value.endswith("step_1")
+        assert [p.name for p in (ws.runs_dir / run / "checkpoints").iterdir() if p.name.startswith("smoke-")] == []
 
-def test_a_failing_rank_fails_the_asset_with_its_message(fx, tmp_path):
+
+def test_preflight_stops_a_launch_that_cannot_work_before_any_process_starts(fx, tmp_path):
     ws = _workspace(fx, tmp_path)
     with dg.instance_for_test() as instance:
         _plan(ws, instance)
@@ -96,9 +131,23 @@ def test_a_failing_rank_fails_the_asset_with_its_message(fx, tmp_path):
             ws, [training_run], train={**TRAIN, "extra_args": ["--max_latent_size", "2"]}, instance=instance
         )
     assert not result.success
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "launch_preflight"]
+    assert not check.passed and "max_latent_size 2" in check.metadata["problem"].value
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "launch_preflight failed" in failure.message or "max_latent_size 2" in str(failure.step_failure_data)
+    assert not list(ws.runs_dir.rglob("torchrun.log"))  # nothing was launched
+
+
+def test_a_failing_rank_fails_the_asset_with_its_message(fx, tmp_path):
+    """An absurd learning rate passes every start-up check, then the weights overflow and the ranks raise."""
+    ws = _workspace(fx, tmp_path)
+    with dg.instance_for_test() as instance:
+        _plan(ws, instance)
+        result = _materialize(ws, [training_run], train={**TRAIN, "lr": 1e38, "warmup_steps": 0}, instance=instance)
+    assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     text = failure.step_failure_data.user_failure_data.description
-    assert "torchrun exit" in text and "error: " in text and "max_latent_size 2" in text
+    assert "torchrun exit" in text and "[rank0]: RuntimeError: value cannot be converted" in text, text
 
 
 def test_a_manifest_for_another_world_size_stops_training(fx, tmp_path):
@@ -137,7 +186,7 @@ def test_stopping_leaves_no_process_behind(fx, tmp_path):
     assert len(tree) >= 5, tree  # torchrun, 2 ranks, their DataLoader workers
     launcher.stop(job)
     time.sleep(0.5)
-    assert [pid for pid in tree if alive(pid)] == []
+    assert [pid for pid in tree if pid_alive(pid)] == []
 
 
 def training_run_config(**over):

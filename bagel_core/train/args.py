@@ -220,6 +220,11 @@ class TrainingArguments:
         True, "Recompute decoder layers, ViT layers and the connector in backward (upstream always does)."
     )
     keep_last_k: int = _ours(0, "Keep only the newest k complete step directories (0 = keep all).")
+    observer: str = _ours(
+        "",
+        "module:attribute of a factory whose object rank 0 tells about the run (started, logged step, complete "
+        "checkpoint, export); Dagster's training_run passes assets.pipes_observer:PipesObserver.",
+    )
     dry_run: bool = _ours(
         False,
         "Parse and validate the arguments (values, world size), print the resolved configuration "
@@ -234,7 +239,16 @@ _SECTIONS: tuple[tuple[str, type], ...] = (
 )
 # Fields that are ours, not upstream's (their prefixes never shadow an upstream name, see _expand_prefixes).
 OURS: frozenset[str] = frozenset(
-    {"model_preset", "attn_backend", "dataset_info", "manifest", "activation_checkpointing", "keep_last_k", "dry_run"}
+    [
+        "model_preset",
+        "attn_backend",
+        "dataset_info",
+        "manifest",
+        "activation_checkpointing",
+        "keep_last_k",
+        "observer",
+        "dry_run",
+    ]
 )
 
 

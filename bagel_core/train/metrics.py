@@ -462,6 +462,13 @@ class MetricsLogger:
 
     # ---------------------------------------------------------------- public
 
+    @property
+    def wandb_url(self) -> str | None:
+        """The W&B run page when logging online, else None (offline runs have no page until synced)."""
+        if self._run is None or getattr(self._run, "offline", False):
+            return None
+        return getattr(self._run, "url", None) or None
+
     def start(self, step: int) -> None:
         """Measure the next window from now and from optimizer step ``step`` (call right before the loop, after
         a resume): rates then exclude start-up and checkpoint loading."""

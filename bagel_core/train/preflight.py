@@ -24,6 +24,7 @@ from bagel_core.plan.manifest import Manifest, build_manifest, read_manifest_met
 from bagel_core.sequence.tokens import VAE_DOWNSAMPLE
 from bagel_core.train.args import TrainConfig
 from bagel_core.train.build import WeightsPlan, check_weights, model_config, plan_weights
+from bagel_core.train.lock import check_free, check_writable
 
 #: Upstream's script imports this module when no registry is given (``data/dataset_info.py``).
 UPSTREAM_DATASET_INFO = Path("data/dataset_info.py")
@@ -144,6 +145,12 @@ def check_device(cfg: TrainConfig) -> None:
             raise ConfigError("--attn_backend flash needs flash-attn: pip install '.[gpu]'") from exc
 
 
+def check_checkpoint_dir(cfg: TrainConfig) -> None:
+    """Writable, and not held by another live training (the trainer takes the lock on rank 0)."""
+    check_writable(cfg.training.checkpoint_dir)
+    check_free(cfg.training.checkpoint_dir)
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
     """Run every check; returns the launch plan (raises ConfigError on the first contradiction)."""
     registry = load_registry(cfg)
@@ -151,6 +158,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
     config.check_against(registry)
     check_branches(cfg, config)
     check_device(cfg)
+    check_checkpoint_dir(cfg)
     manifest = None
     if cfg.data.manifest:
         check_manifest(cfg, world_size)

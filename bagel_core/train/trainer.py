@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,8 +44,10 @@ from bagel_core.train.distributed import (
 )
 from bagel_core.train.ema import update_ema
 from bagel_core.train.export import export_checkpoint
+from bagel_core.train.lock import CheckpointDirLock
 from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss
 from bagel_core.train.metrics import MetricsLogger, MetricsWindow, WandbSettings, peak_memory_mib, resolve_peak_tflops
+from bagel_core.train.observer import GuardedObserver, NullObserver, TrainingObserver, load_observer
 from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bagel_core.train.preflight import LaunchPlan
 
@@ -65,8 +68,16 @@ def seed_process(global_seed: int, dist_info: Distributed) -> None:
 class Trainer:
     """Everything one training process holds; ``run()`` trains until ``total_steps``."""
 
-    def __init__(self, cfg: TrainConfig, launch: LaunchPlan, dist_info: Distributed, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        launch: LaunchPlan,
+        dist_info: Distributed,
+        out: TextIO | None = None,
+        observer: TrainingObserver | None = None,
+    ) -> None:
         self.cfg, self.launch, self.dist = cfg, launch, dist_info
+        self.observer = observer if observer is not None else NullObserver()
         t = cfg.training
         self.out = out if out is not None else sys.stdout
         seed_process(t.global_seed, dist_info)
@@ -170,7 +181,7 @@ class Trainer:
     def save(self) -> Path:
         t = self.cfg.training
         self.metrics.info(f"Saving checkpoint to {Path(t.checkpoint_dir) / f'step_{self.step}'}.")
-        return save_checkpoint(
+        path = save_checkpoint(
             t.checkpoint_dir,
             self.step,
             self.state,
@@ -184,6 +195,8 @@ class Trainer:
                 "sharding_strategy": t.sharding_strategy,
             },
         )
+        self.observer.on_checkpoint(self.step, path)
+        return path
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _encode(self, inputs: dict[str, Any], slot: int) -> None:
@@ -242,6 +255,16 @@ class Trainer:
         """Train until ``total_steps``; returns the last step. Saves every ``save_every`` steps and at the end."""
         t = self.cfg.training
         self.metrics.info(f"Training for {t.total_steps} steps, starting at {self.step}...")
+        self.observer.on_start(
+            {
+                "step": self.step,
+                "total_steps": t.total_steps,
+                "world_size": self.dist.world_size,
+                "checkpoint_dir": str(Path(t.checkpoint_dir).absolute()),
+                "results_dir": str(Path(t.results_dir).absolute()),
+                "wandb_url": self.metrics.wandb_url,
+            }
+        )
         try:
             self._loop()
         finally:
@@ -289,7 +312,8 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == 1:
                 window.all_reduce(self.dist.device)
                 stats["peak_mem_mib"] = all_reduce_max(peak_memory_mib(self.dist.device).allocated_mib, self.dist)
-                self.metrics.log(self.step, stats, window)
+                record = self.metrics.log(self.step, stats, window)
+                self.observer.on_log(record)
             if self.step % t.save_every == 0:
                 self.save()
 
@@ -302,6 +326,7 @@ class Trainer:
             self.metrics.info(
                 f"Final checkpoint saved at step {self.step}: {final} (inference-ready, from {last.name})"
             )
+            self.observer.on_export(final)
         barrier(self.dist)
 
 
@@ -314,10 +339,21 @@ def main(cfg: TrainConfig, launch: LaunchPlan, out: TextIO | None = None) -> int
     ``launch`` comes from :func:`bagel_core.train.preflight.preflight`, run before any group exists."""
     t = cfg.training
     dist_info = init_distributed(t.sharding_strategy, t.num_replicate, t.num_shard)
+    # Rank 0 owns the checkpoint folder for the whole run and is the one that talks to the launcher.
+    lock = CheckpointDirLock(t.checkpoint_dir) if dist_info.is_main else nullcontext()
+    observer = GuardedObserver(load_observer(t.observer)) if dist_info.is_main else NullObserver()
+    error: BaseException | None = None
     try:
-        if dist_info.is_main:
-            Path(t.results_dir).mkdir(parents=True, exist_ok=True)
-            (Path(t.results_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        return Trainer(cfg, launch, dist_info, out).run()
+        with lock:
+            if isinstance(lock, CheckpointDirLock) and lock.stale_note:
+                print(f"warning: {t.checkpoint_dir}: {lock.stale_note}", file=sys.stderr)
+            if dist_info.is_main:
+                Path(t.results_dir).mkdir(parents=True, exist_ok=True)
+                (Path(t.results_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            return Trainer(cfg, launch, dist_info, out, observer).run()
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
+        observer.close(error)
         shutdown(dist_info)

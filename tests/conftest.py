@@ -20,3 +20,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_TMP_ROOT / "inductor"))
 os.environ["DAGSTER_HOME"] = str(_TMP_ROOT / "dagster_home")
 Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
 (Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "services: needs PostgreSQL and Chromium (.ci/services installs them); skipped without them unless "
+        "BAGEL_REQUIRE_SERVICES=1, which makes a missing service a failure",
+    )

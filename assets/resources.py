@@ -67,6 +67,7 @@ class TrainingLaunch(dg.ConfigurableResource):
     max_num_tokens_per_sample: int = 6000
     prefer_buffer_before: int = 16384
     max_buffer_size: int = 50
+    packing: str = "carry"  # "carry": no sample read is discarded; "upstream": upstream's rule, exactly
 
     @property
     def world_size(self) -> int:
@@ -79,4 +80,5 @@ class TrainingLaunch(dg.ConfigurableResource):
             "--expected_num_tokens", str(self.expected_num_tokens), "--max_num_tokens", str(self.max_num_tokens),
             "--max_num_tokens_per_sample", str(self.max_num_tokens_per_sample),
             "--prefer_buffer_before", str(self.prefer_buffer_before), "--max_buffer_size", str(self.max_buffer_size),
+            "--packing", self.packing,
         ]  # fmt: skip

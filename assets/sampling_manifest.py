@@ -66,8 +66,17 @@ def sampling_manifest(
 ) -> dg.MaterializeResult:
     registry = Registry.load(workspace.registry_path)
     dataset_config = load_dataset_config(workspace.dataset_config_path)
+    # the index's quarantine list travels with the manifest, so the loader never reads a known-bad row
+    index = workspace.index_dir if workspace.index_dir.is_dir() else None
     manifest = build_manifest(
-        dataset_config, registry, launch.world_size, launch.num_workers, launch.data_seed, strict=False
+        dataset_config,
+        registry,
+        launch.world_size,
+        launch.num_workers,
+        launch.data_seed,
+        strict=False,
+        packing=launch.packing,
+        index=index,
     )
     parquet_path, _ = write_manifest(manifest, workspace.manifest_dir)
     context.log.info("\n" + format_manifest_table(manifest))
@@ -88,6 +97,7 @@ def sampling_manifest(
             launch.max_num_tokens_per_sample,
             launch.prefer_buffer_before,
             launch.max_buffer_size,
+            mode=launch.packing,
         )
         dropout = CfgDropout(config.cfg_text_dropout, config.cfg_vit_dropout, config.cfg_vae_dropout)
         report = simulate_packing(
@@ -104,6 +114,9 @@ def sampling_manifest(
                 "flex_padding_fraction": report.flex_padding_fraction,
                 "skipped_over_cap": report.skipped_over_cap,
                 "discarded_on_overflow": report.discarded_on_overflow,
+                "packing": report.mode,
+                "carried_to_next_pack": report.carried,
+                "skipped_unfit": report.skipped_unfit,
                 "token_share": presentation.table(report.group_share),
                 "simulation": presentation.text_block(table),
                 "simulation_plot": presentation.figure(_draw_simulation(report), "packing", size=(8, 3)),

@@ -356,6 +356,16 @@ def test_group_without_any_usable_sample_fails_loudly(tmp_path):
         next(iter(ds))
 
 
+def test_a_group_that_fits_beside_no_mandatory_fill_fails_loudly(data):
+    # carry: the two mandatory samples alone fill max_num_tokens, so no other draw ever fits; each is
+    # skipped (counted as unfit) and after MAX_EMPTY_PASSES passes the worker names the group and the cause
+    fx, manifest = data
+    params = PackingParams(expected_num_tokens=40, max_num_tokens=40, max_num_tokens_per_sample=200)
+    ds = make_dataset(fx, manifest, params=params, dropout=NO_DROPOUT)
+    with pytest.raises(DataError, match=r"(unified_edit|vlm_sft): 3 full passes .*fits no pack"):
+        next(iter(ds))
+
+
 def test_worker_count_must_match_manifest(data):
     fx, manifest = data
     with pytest.raises(ConfigError, match="num_workers"):
@@ -443,9 +453,21 @@ def test_each_rank_reads_exactly_its_manifest_units_and_logs_repeats(tmp_path, c
     assert not seen_by_rank[0] & seen_by_rank[1]  # ranks read disjoint units
 
 
-def test_overflow_discards_are_counted(data):
+def read_accounting(state: dict) -> tuple[int, int]:
+    """(records read, records accounted for): every record a worker read was packed, skipped for a counted
+    reason, passed over as quarantined, discarded by an overflow flush, or is still in the buffer."""
+    c = state["counters"]
+    read = sum(s["reads"] for s in state["streams"].values())
+    per_reason = sum(n for key in ("skipped", "quarantined") for reasons in c[key].values() for n in reasons.values())
+    settled = sum(c["packed"].values()) + per_reason + sum(c["discarded_on_overflow"].values())
+    return read, settled + len(state["buffer"])
+
+
+@pytest.mark.parametrize("mode", ["upstream", "carry"])
+def test_overflow_samples_are_discarded_upstream_and_carried_otherwise(data, mode):
     # the fine-tune recipe pattern (prefer_buffer_before > max_num_tokens): a sample that does not fit is
-    # buffered, popped at once, overflows again and is discarded by the flush -- counted, never silent
+    # buffered, popped at once and overflows again; upstream discards it (counted, never silent), carry
+    # flushes the pack and opens the next one with it
     fx, manifest = data
     params = PackingParams(
         expected_num_tokens=128,
@@ -453,14 +475,44 @@ def test_overflow_discards_are_counted(data):
         max_num_tokens_per_sample=150,
         prefer_buffer_before=1000,
         max_buffer_size=50,
+        mode=mode,
     )
     ds = make_dataset(fx, manifest, params=params, dropout=NO_DROPOUT)
     batches = list(itertools.islice(iter(ds), 12))
     for batch in batches:
         check_batch(batch)
         assert batch["sequence_length"] <= 150 + 80  # mandatory fill is not capped (8.2 step 1)
+        read, accounted = read_accounting(batch["data_state"])
+        assert read == accounted
     counters = ds.counters()
     discarded = sum(counters["discarded_on_overflow"].values())
-    assert discarded > 0 and sum(counters["buffered"].values()) >= discarded
+    carried = sum(counters["carried"].values())
     overflow_packs = [b for b in batches if b["sequence_length"] < 128]
     assert overflow_packs  # packs flushed by an overflow are shorter than expected_num_tokens
+    if mode == "upstream":
+        assert discarded > 0 and carried == 0 and sum(counters["buffered"].values()) >= discarded
+        return
+    assert discarded == 0 and carried > 0
+    assert all(b["sequence_length"] <= 150 for b in batches)  # the mandatory fill is small here
+    # a sample carried out of a pack waits at the buffer's front and opens the next pack, right after the
+    # mandatory samples (unless it fits beside them in no pack: then it is skipped, counted)
+    checked = 0
+    for before, after in itertools.pairwise(batches):
+        pending = before["data_state"]["buffer"]
+        if not pending:
+            continue
+        checked += 1
+        opener = after["batch_data_indexes"][2]  # after t2i_pretrain and vlm_sft (mandatory)
+        unfit = [
+            sum(b["data_state"]["counters"]["skipped"].get(pending[0]["group"], {}).values()) for b in (before, after)
+        ]
+        assert (opener["dataset_name"], opener["data_indexes"]) == (pending[0]["group"], _cursor(pending[0])) or (
+            unfit[1] > unfit[0]
+        )
+    assert checked
+
+
+def _cursor(ref: dict):
+    """Upstream's data_indexes of a buffered sample reference (readers.UnitStream.cursor)."""
+    unit, block, row = ref["position"]
+    return {"t2i_pretrain": [unit, block, row], "unified_edit": [unit, row]}.get(ref["group"], unit)

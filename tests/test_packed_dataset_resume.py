@@ -1,10 +1,12 @@
 """Exact resume of the packed dataset: N batches, save, rebuild, load, M more == batches N..N+M of an
 uninterrupted run (pack boundaries, sample_lens, dropout decisions, timesteps, pixels, state), with
 samples sitting in the overflow buffer at the save point, in-process and through a 2-worker DataLoader
-(saved in the middle of a worker round)."""
+(saved in the middle of a worker round), in both packing modes; in ``carry`` mode also with a sample
+carried out of the last pack and waiting to open the next one."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import warnings
@@ -26,6 +28,7 @@ PARAMS = PackingParams(
     prefer_buffer_before=60,
     max_buffer_size=4,
 )
+MODES = {"carry": PARAMS, "upstream": dataclasses.replace(PARAMS, mode="upstream")}
 
 
 @pytest.fixture(scope="module")
@@ -58,30 +61,76 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-def test_resume_in_process_is_exact_with_a_non_empty_buffer(fx):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_resume_in_process_is_exact_with_a_non_empty_buffer(fx, mode):
     data, m0, _ = fx
-    reference = list(itertools.islice(iter(make_dataset(data, m0, params=PARAMS)), 16))
+    params = MODES[mode]
+    reference = list(itertools.islice(iter(make_dataset(data, m0, params=params)), 16))
     with_buffer = [i + 1 for i, b in enumerate(reference[:-6]) if b["data_state"]["buffer"]]
     assert with_buffer, "the small packing params should leave samples in the overflow buffer at a flush"
     n, m = with_buffer[0], 6
     assert any(d["dropped"] for b in reference[n : n + m] for d in b["batch_data_indexes"])  # dropout replayed
 
-    first = make_dataset(data, m0, params=PARAMS)
+    first = make_dataset(data, m0, params=params)
     it = iter(first)
     head = [next(it) for _ in range(n)]
     assert_same(head, reference[:n])
     state = roundtrip(first.state_dict())
-    assert state["workers"][0]["buffer"] and state["batches"] == n
+    assert state["workers"][0]["buffer"] and state["batches"] == n and state["packing"] == mode
     # upstream-shaped data_status: {group: {worker_id: cursor}} with 13's cursor formats
     status = state["data_status"]
     assert len(status["t2i_pretrain"][0]) == 3 and len(status["unified_edit"][0]) == 2
     assert isinstance(status["vlm_sft"][0], int)
 
-    resumed = make_dataset(data, m0, params=PARAMS)
+    resumed = make_dataset(data, m0, params=params)
     resumed.load_state_dict(state)
     tail = list(itertools.islice(iter(resumed), m))
     assert_same(tail, reference[n : n + m])
     assert resumed.counters() == reference[n + m - 1]["data_state"]["counters"]
+
+
+def _carried(batch) -> int:
+    return sum(batch["data_state"]["counters"]["carried"].values())
+
+
+def test_resume_is_exact_with_a_carried_sample_pending(fx):
+    """carry: the save falls right after a pack that an overflowing sample ended; that sample waits at
+    the buffer's front (saved as a reference) and must open the first pack after the resume."""
+    data, m0, _ = fx
+    params = PackingParams(128, 150, 150, 1000, 50)  # the recipe pattern: a buffered sample comes straight back
+    reference = list(itertools.islice(iter(make_dataset(data, m0, params=params)), 14))
+    carried_at = [i + 1 for i in range(1, len(reference) - 4) if _carried(reference[i]) > _carried(reference[i - 1])]
+    assert carried_at, "the recipe pattern should carry a sample out of some pack"
+    n, m = carried_at[0], 4
+    pending = reference[n - 1]["data_state"]["buffer"]
+    assert len(pending) == 1  # prefer_buffer_before > max_num_tokens: only the carried sample waits
+
+    first = make_dataset(data, m0, params=params)
+    assert_same(list(itertools.islice(iter(first), n)), reference[:n])
+    state = roundtrip(first.state_dict())
+    assert state["workers"][0]["buffer"] == pending
+    resumed = make_dataset(data, m0, params=params)
+    resumed.load_state_dict(state)
+    tail = list(itertools.islice(iter(resumed), m))
+    assert_same(tail, reference[n : n + m])
+    opener = tail[0]["batch_data_indexes"][2]  # after the two mandatory samples
+    assert opener["dataset_name"] == pending[0]["group"]
+
+
+def test_resume_refuses_another_packing_mode(fx):
+    data, m0, _ = fx
+    ds = make_dataset(data, m0, params=MODES["carry"])
+    list(itertools.islice(iter(ds), 2))
+    state = ds.state_dict()
+    with pytest.raises(ConfigError, match="packed with --packing carry, this run packs with --packing upstream"):
+        make_dataset(data, m0, params=MODES["upstream"]).load_state_dict(state)
+    # a state saved before the modes existed was packed the upstream way
+    old = {**state, "workers": {0: {k: v for k, v in state["workers"][0].items() if k != "packing"}}}
+    old.pop("packing")
+    upstream = make_dataset(data, m0, params=MODES["upstream"])
+    upstream.load_state_dict(old)  # accepted at the dataset level ...
+    with pytest.raises(ConfigError, match="--packing upstream, this run packs with --packing carry"):
+        make_dataset(data, m0, params=MODES["carry"]).load_state_dict(old)
 
 
 def test_iterating_again_continues_after_the_last_recorded_batch(fx):
@@ -109,20 +158,22 @@ def _loader(ds):
     return DataLoader(ds, batch_size=None, num_workers=2, collate_fn=collate_packed)
 
 
-def test_resume_through_two_dataloader_workers_mid_round(fx):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_resume_through_two_dataloader_workers_mid_round(fx, mode):
     data, _, m2 = fx
+    params = MODES[mode]
     n, m = 3, 5  # n odd: the save falls between worker 0's and worker 1's turn
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-        a = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        a = make_dataset(data, m2, num_workers=2, params=params)
         reference = _take(_loader(a), a, n + m, record=False)
         assert [b["data_state"]["worker_id"] for b in reference] == [0, 1, 0, 1, 0, 1, 0, 1]
-        b = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        b = make_dataset(data, m2, num_workers=2, params=params)
         head = _take(_loader(b), b, n)  # the DataLoader has prefetched more than n: those are not consumed
         state = roundtrip(b.state_dict())
         assert state["next_worker"] == 1 and set(state["workers"]) == {0, 1}
         assert set(state["data_status"]["t2i_pretrain"]) == {0, 1}
-        c = make_dataset(data, m2, num_workers=2, params=PARAMS)
+        c = make_dataset(data, m2, num_workers=2, params=params)
         c.load_state_dict(state)
         tail = _take(_loader(c), c, m)
     assert_same(head, reference[:n])

@@ -67,6 +67,7 @@ def test_mandatory_fill_is_strict_and_ordinary_cap_is_not():
         max_num_tokens_per_sample=50,
         prefer_buffer_before=0,
         max_buffer_size=2,
+        mode="upstream",
     )
     # weights [0, 1]: ordinary draws always take group 1; group 0 only enters through the mandatory fill
     events = run(p, [0, 1], [True, False], [[50, 40, 40, 40], [50, 51, 50, 30]], 7)
@@ -91,6 +92,7 @@ def test_overflow_flush_discards_the_sample_in_hand():
         max_num_tokens_per_sample=100,
         prefer_buffer_before=200,
         max_buffer_size=50,
+        mode="upstream",
     )
     events = run(p, [1], [False], [[60, 50, 40, 10, 10]], 6)
     assert kinds(events) == [("P", 60), ("P", 50), ("F", 110, False, None), ("P", 40), ("P", 10), ("P", 10)]
@@ -100,6 +102,7 @@ def test_overflow_flush_discards_the_sample_in_hand():
         max_num_tokens_per_sample=100,
         prefer_buffer_before=200,
         max_buffer_size=50,
+        mode="upstream",
     )
     events = run(q, [1], [False], [[60, 50, 30, 20]], 5)
     assert kinds(events) == [
@@ -119,6 +122,7 @@ def test_buffer_full_forces_flush_and_buffer_preferred_when_pack_is_small():
         max_num_tokens_per_sample=100,
         prefer_buffer_before=50,
         max_buffer_size=1,
+        mode="upstream",
     )
     events = run(p, [1], [False], [[70, 40, 45, 20, 10]], 6)
     assert kinds(events) == [
@@ -177,7 +181,7 @@ def test_simulation_over_manifest(tmp_path):
     stats = compute_token_stats(registry, config, fx.index_dir, tmp_path / "stats")
     frame = pl.read_parquet(stats.stats_path)
     manifest = build_manifest(config, registry, 1, 2, seed=42)
-    params = PackingParams(10_240, 11_520, 10_240, 16_384, 50)
+    params = PackingParams(10_240, 11_520, 10_240, 16_384, 50, mode="upstream")
     a = simulate_packing(manifest, config, frame, params)
     b = simulate_packing(manifest, config, frame, params)
     assert a.to_json() == b.to_json()

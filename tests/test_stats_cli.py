@@ -113,6 +113,25 @@ def test_plan_command_prints_manifest_and_simulation(fx, tmp_path, capsys):
     assert (out / "manifest.parquet").is_file() and (out / "token_stats.parquet").is_file()
 
 
+def test_plan_records_the_packing_mode_and_carries_the_quarantine(fx, tmp_path, capsys):
+    out = tmp_path / "plan"
+    args = [*_args(fx, out), "--world-size", "1", "--num-workers", "1", "--packing", "upstream"]
+    assert main(["plan", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "packing simulation (--packing upstream;" in printed and "trained n" in printed
+    assert "quarantined in the index (skipped unread by training): 1 (image_corrupt 1)" in printed
+    meta = json.loads((out / "manifest.json").read_text())
+    assert meta["packing"] == "upstream" and meta["quarantine"]["samples"] == 1
+    assert (out / "quarantine.parquet").is_file()
+    report = json.loads((out / "packing_simulation.json").read_text())
+    assert report["mode"] == report["params"]["mode"] == "upstream"
+    fates = {"drawn", "packed", "skipped_over_cap", "discarded_on_flush", "unfit", "carried", "pending"}
+    for g in report["group_share"]:
+        assert {"weight_share", "drawn_share", "trained_share", *fates} <= set(g)
+    assert main(["plan", *args[:-1], "carry", "--stats", str(out)]) == 0
+    assert json.loads((out / "packing_simulation.json").read_text())["discarded_on_overflow"] == 0
+
+
 def test_errors_name_the_problem(fx, tmp_path, capsys):
     assert (
         main(

@@ -7,3 +7,13 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data is unusable as a whole (not a single bad sample, which is quarantined instead)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss was NaN or infinite and ``--nonfinite_loss stop`` is in force: the message names the step
+    and the samples of the pack."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, permissions): the message names the folder, the space
+    free and needed; the previous complete checkpoint is untouched."""

@@ -21,10 +21,17 @@ fields, ``batch_data_indexes``, plus ``data_state`` (below) which is *not* a mod
 ``{data_indexes, worker_id, dataset_name}`` plus the sample's index key (``dataset``,
 ``source_file``, ``row_group``, ``row_index``) and its ``num_tokens``/``est_tokens``/``dropped``.
 
+Packing mode (``params.mode``, the trainer's ``--packing``): ``carry`` (default) carries a sample that
+does not fit into the next pack, ``upstream`` discards it as upstream does (8.2 step 4); see
+:mod:`bagel_core.plan.packing`.
+
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
 rejections (:class:`~bagel_core.sequence.tokens.SampleRejected`) are skipped, logged and counted per group
-and reason, as are over-cap skips, buffered samples and samples discarded by an overflow flush
-(upstream behaviour, 8.2 step 4). ``MAX_EMPTY_PASSES`` consecutive passes over a group's units without
+and reason, as are over-cap skips, samples that fit beside no pack's mandatory samples (``carry``),
+buffered and carried samples and samples discarded by an overflow flush (``upstream``). Samples the
+index quarantined (the manifest's ``quarantine.parquet``, written by ``bagel data plan --index``, or
+``quarantine=`` an index) are passed over without being read or decoded, counted per group and index
+reason under ``quarantined``. ``MAX_EMPTY_PASSES`` consecutive passes over a group's units without
 one usable sample raise :class:`DataError` instead of spinning forever.
 
 Reproducible resume (design)
@@ -54,10 +61,12 @@ boundaries, so a resumed run yields exactly the packs of an uninterrupted one:
   The saved ``next_worker`` k makes physical worker p of the resumed DataLoader play logical worker
   ``(p + k) % num_workers`` (units, seeds and state), so the resumed order continues exactly even when
   the checkpoint was taken in the middle of a round.
-* The state is only valid for the same seed, rank, world size, ``num_workers`` and manifest (each
-  stream stores a digest of its unit list); a mismatch raises :class:`ConfigError`. A group with
-  ``resume_data_status: false`` restarts its units
-  from the beginning (logged; exactness is then given up by request).
+* The state is only valid for the same seed, rank, world size, ``num_workers``, packing mode and
+  manifest (each stream stores a digest of its unit list); a mismatch raises :class:`ConfigError`
+  (a state without a mode was saved before ``carry`` existed: it is ``upstream``). In ``carry`` mode
+  a sample carried out of the last pack sits at the front of the saved buffer, so it resumes too.
+  A group with ``resume_data_status: false`` restarts its units from the beginning (logged;
+  exactness is then given up by request).
 
 The state holds only ints, strings, lists and dicts (``torch.save``/``json`` both work).
 
@@ -106,8 +115,19 @@ from bagel_core.loader.readers import (
     make_ids_of,
     plan_rng,
 )
-from bagel_core.plan.manifest import read_manifest, read_manifest_meta
-from bagel_core.plan.packing import Buffered, CfgDropout, Flush, Packed, PackingParams, Skipped, pack_events
+from bagel_core.plan.manifest import read_manifest, read_manifest_meta, read_manifest_quarantine
+from bagel_core.plan.packing import (
+    UPSTREAM,
+    Buffered,
+    CfgDropout,
+    Flush,
+    Packed,
+    PackingParams,
+    Skipped,
+    Unfit,
+    pack_events,
+)
+from bagel_core.plan.quarantine import Quarantine, read_index_quarantine
 from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids, patchify
 from bagel_core.sequence.layout import PackedLayout, dense_mask
 from bagel_core.sequence.tokens import (
@@ -131,6 +151,8 @@ STATE_VERSION = 1
 MAX_EMPTY_PASSES = 3
 #: Keys of a batch that are not model inputs.
 NON_MODEL_KEYS = ("data_state",)
+#: Skip reason of a sample that fits beside no pack's mandatory samples (``carry``).
+UNFIT_REASON = "estimate + the pack's mandatory samples > max_num_tokens (fits no pack)"
 
 
 def _grid_ids(rows: int, cols: int, side: int, interpolate: bool) -> torch.Tensor:
@@ -343,24 +365,50 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
+#: Counters per group and reason, and per group.
+_BY_REASON = ("skipped", "quarantined")
+_BY_GROUP = ("packed", "buffered", "carried", "discarded_on_overflow")
+
+
 def _new_counters() -> dict[str, Any]:
-    return {"skipped": {}, "packed": {}, "buffered": {}, "discarded_on_overflow": {}, "empty_flushes": 0}
+    return {**{k: {} for k in (*_BY_REASON, *_BY_GROUP)}, "empty_flushes": 0}
+
+
+def _count(counter: dict[str, Any], group: str, reason: str | None = None) -> None:
+    """Add one to ``counter[group]`` (or to ``counter[group][reason]``)."""
+    if reason is None:
+        counter[group] = counter.get(group, 0) + 1
+        return
+    reasons = counter.setdefault(group, {})
+    reasons[reason] = reasons.get(reason, 0) + 1
 
 
 def merge_counters(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum the counters of several worker states (per group and reason)."""
     out = _new_counters()
     for state in states:
-        c = state["counters"]
-        for group, reasons in c["skipped"].items():
-            mine = out["skipped"].setdefault(group, {})
-            for reason, n in reasons.items():
-                mine[reason] = mine.get(reason, 0) + n
-        for key in ("packed", "buffered", "discarded_on_overflow"):
+        c = {**_new_counters(), **state["counters"]}  # states saved before a counter existed lack it
+        for key in _BY_REASON:
+            for group, reasons in c[key].items():
+                mine = out[key].setdefault(group, {})
+                for reason, n in reasons.items():
+                    mine[reason] = mine.get(reason, 0) + n
+        for key in _BY_GROUP:
             for group, n in c[key].items():
                 out[key][group] = out[key].get(group, 0) + n
         out["empty_flushes"] += c["empty_flushes"]
     return out
+
+
+def check_packing_mode(state: dict[str, Any], mode: str) -> None:
+    """A resume state continues exactly only under the packing mode it was saved with (a state without
+    one predates ``carry``: it was packed the upstream way)."""
+    saved = state.get("packing", UPSTREAM)
+    if saved != mode:
+        raise ConfigError(
+            f"data resume state was packed with --packing {saved}, this run packs with --packing {mode}: pass "
+            f"--packing {saved} to resume exactly (the packs after the checkpoint depend on the mode)"
+        )
 
 
 # ---- one worker -------------------------------------------------------------------------------------
@@ -427,6 +475,7 @@ class _Worker:
             "world_size": ds.world_size,
             "num_workers": ds.num_workers,
             "worker_id": self.worker_id,
+            "packing": ds.params.mode,
             "packs": self.packs,
             "streams": streams,
             "data_status": {
@@ -453,6 +502,7 @@ class _Worker:
                     f"data resume state was saved with {key}={state.get(key)}, this run has {mine}; "
                     "exact resume needs the same seed, rank, world size and num_workers"
                 )
+        check_packing_mode(state, ds.params.mode)
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data resume state version {state.get('version')} != {STATE_VERSION}")
         for name, group, stream in zip(self.names, self.groups, self.streams):
@@ -475,7 +525,7 @@ class _Worker:
         for name, status in state["data_status"].items():
             self.last_cursor[name] = copy.deepcopy(next(iter(status.values())))
         _set_rng_state(self.rng, state["packer_rng"])
-        self.counters = copy.deepcopy(state["counters"])
+        self.counters = {**_new_counters(), **copy.deepcopy(state["counters"])}
         self.packs = int(state["packs"])
         for ref in state["buffer"]:
             g = self.names.index(ref["group"])
@@ -503,13 +553,32 @@ class _Worker:
             "rank-%d worker-%d %s: skipped sample at %s: %s", self.ds.rank, self.worker_id, group, where, reason
         )
 
+    def _quarantined(self, stream: UnitStream, pos) -> bool:
+        """Whether the index quarantined the record at ``pos`` (then counted, and never read)."""
+        quarantine = self.ds.quarantine
+        if quarantine is None:
+            return False
+        reason = quarantine.reason(*stream.source(pos))
+        if reason is None:
+            return False
+        _count(self.counters["quarantined"], stream.group, reason)
+        log.info(
+            "rank-%d worker-%d %s: passed over quarantined sample at %s (%s)",
+            self.ds.rank,
+            self.worker_id,
+            stream.group,
+            stream.cursor(pos),
+            reason,
+        )
+        return True
+
     def next_sample(self, g: int) -> LoadedSample:
         stream = self.streams[g]
         name = self.names[g]
         if stream is None:
             raise DataError(f"{name}: the packer drew a group with weight 0 that is not mandatory")
         while True:
-            pos, record, visit, wrapped = stream.next()
+            pos, visit, wrapped = stream.advance()
             if wrapped:
                 log.info("%s repeat in rank-%d worker-%d", name, self.ds.rank, self.worker_id)
                 self.empty_passes[name] = 0 if self.accepted[name] else self.empty_passes[name] + 1
@@ -517,10 +586,14 @@ class _Worker:
                     raise DataError(
                         f"{name}: {MAX_EMPTY_PASSES} full passes over the {len(stream.units)} unit(s) of "
                         f"rank-{self.ds.rank} worker-{self.worker_id} gave no usable sample (skips: "
-                        f"{self.counters['skipped'].get(name, {})}); fix the data or the caps"
+                        f"{self.counters['skipped'].get(name, {})}, quarantined: "
+                        f"{self.counters['quarantined'].get(name, {})}); fix the data or the caps"
                     )
                 self.accepted[name] = 0
             self.last_cursor[name] = stream.cursor(pos)
+            if self._quarantined(stream, pos):
+                continue
+            record = stream.read_at(pos)
             if isinstance(record, ReadFailure):
                 self._skip(name, record.reason, stream.cursor(pos))
                 continue
@@ -541,62 +614,64 @@ class _Worker:
         return count.total
 
     # ---- the loop ---------------------------------------------------------------------------------
+    def _note(self, event: Packed | Buffered | Skipped | Unfit) -> None:
+        """Count (and log) one packer decision other than a flush."""
+        c, name = self.counters, self.names[event.group]
+        if isinstance(event, (Packed, Buffered)):
+            _count(c["packed" if isinstance(event, Packed) else "buffered"], name)
+            self.accepted[name] += 1
+            return
+        if isinstance(event, Skipped):
+            reason = f"estimate {'>=' if event.mandatory else '>'} max_num_tokens_per_sample"
+            line = "rank-%d worker-%d: skip a sample with length %d (%s %s)"
+        else:
+            reason = UNFIT_REASON
+            line = "rank-%d worker-%d: skip a sample with length %d (%s %s): it fits beside no pack's mandatory samples"
+        _count(c["skipped"], name, reason)
+        log.info(line, self.ds.rank, self.worker_id, event.estimate, name, event.sample.cursor)
+
+    def _note_overflow(self, event: Flush) -> None:
+        """Count (and log) the sample that forced an overflow flush: discarded (upstream) or carried."""
+        discarded = event.discarded is not None
+        sample = event.discarded if discarded else event.carried
+        if sample is None:
+            return
+        name = self.names[event.discarded_group if discarded else event.carried_group]
+        _count(self.counters["discarded_on_overflow" if discarded else "carried"], name)
+        self.accepted[name] += 1
+        log.info(
+            "rank-%d worker-%d: Yielding data with length %d; %s %s sample %s (overflow)",
+            self.ds.rank,
+            self.worker_id,
+            event.length,
+            "discarded" if discarded else "carried to the next pack:",
+            name,
+            sample.cursor,
+        )
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.ds
-        weights = [g.weight for g in self.groups]
-        mandatory = [g.is_mandatory for g in self.groups]
-        c = self.counters
         for event in pack_events(
             ds.params,
-            weights,
-            mandatory,
+            [g.weight for g in self.groups],
+            [g.is_mandatory for g in self.groups],
             self.next_sample,
             lambda s: s.estimate,
             self.pack,
             self.rng,
             buffer=self.buffer,
         ):
-            if isinstance(event, Packed):
-                name = self.names[event.group]
-                c["packed"][name] = c["packed"].get(name, 0) + 1
-                self.accepted[name] += 1
-            elif isinstance(event, Buffered):
-                name = self.names[event.group]
-                c["buffered"][name] = c["buffered"].get(name, 0) + 1
-                self.accepted[name] += 1
-            elif isinstance(event, Skipped):
-                op = ">=" if event.mandatory else ">"
-                reason = f"estimate {op} max_num_tokens_per_sample"
-                reasons = c["skipped"].setdefault(self.names[event.group], {})
-                reasons[reason] = reasons.get(reason, 0) + 1
-                log.info(
-                    "rank-%d worker-%d: skip a sample with length %d (%s %s)",
-                    ds.rank,
-                    self.worker_id,
-                    event.estimate,
-                    self.names[event.group],
-                    event.sample.cursor,
-                )
-            elif isinstance(event, Flush):
-                if event.overflow and event.discarded is not None:
-                    name = self.names[event.discarded_group]
-                    c["discarded_on_overflow"][name] = c["discarded_on_overflow"].get(name, 0) + 1
-                    self.accepted[name] += 1
-                    log.info(
-                        "rank-%d worker-%d: Yielding data with length %d; discarded %s sample %s (overflow)",
-                        ds.rank,
-                        self.worker_id,
-                        event.length,
-                        name,
-                        event.discarded.cursor,
-                    )
-                if self.builder.empty:
-                    c["empty_flushes"] += 1
-                    continue
-                batch = self.builder.finish(ds.nested_masks, ds.params.max_num_tokens if ds.flex_padding else None)
-                self.packs += 1
-                batch["data_state"] = self.state()
-                yield batch
+            if not isinstance(event, Flush):
+                self._note(event)
+                continue
+            self._note_overflow(event)
+            if self.builder.empty:
+                self.counters["empty_flushes"] += 1
+                continue
+            batch = self.builder.finish(ds.nested_masks, ds.params.max_num_tokens if ds.flex_padding else None)
+            self.packs += 1
+            batch["data_state"] = self.state()
+            yield batch
 
 
 # ---- the dataset ------------------------------------------------------------------------------------
@@ -606,7 +681,9 @@ class PackedDataset(IterableDataset):
     ``num_workers`` must equal the DataLoader's (0 = iterate in the main process) and the
     manifest's. ``dropout``: CFG drop probabilities (section 10; ``NO_DROPOUT`` disables).
     ``flex_padding``: append the pad document up to ``max_num_tokens`` (8.3). ``nested_masks``: also
-    build the dense per-sample masks of the non-flex path.
+    build the dense per-sample masks of the non-flex path. ``quarantine``: an index (directory or
+    file) whose quarantined samples are passed over unread; default: the list the manifest carries
+    (planned with ``--index``), else none. ``params.mode``: the packing mode (``carry`` by default).
     """
 
     def __init__(
@@ -626,6 +703,7 @@ class PackedDataset(IterableDataset):
         interpolate_pos: bool = False,
         nested_masks: bool = False,
         flex_padding: bool = False,
+        quarantine: str | Path | None = None,
     ) -> None:
         super().__init__()
         dataset_config.check_against(registry)
@@ -646,6 +724,7 @@ class PackedDataset(IterableDataset):
             for w in range(max(num_workers, 1))
         }
         self.params = params or PackingParams()
+        self.quarantine = self._quarantine(quarantine)
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
         self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side
@@ -673,6 +752,17 @@ class PackedDataset(IterableDataset):
         self._worker_local: tuple[int, dict[str, Any]] | None = None  # inside a DataLoader worker only
         self._next_worker = 0
         self._batches = 0
+
+    def _quarantine(self, index: str | Path | None) -> Quarantine | None:
+        """The known-bad samples to pass over: ``index``'s for the configured datasets, else the manifest's."""
+        if index is None:
+            quarantine = read_manifest_quarantine(self.manifest_dir)
+        else:
+            pairs = [(g.group, d) for g in self.dataset_config.groups.values() for d in g.dataset_names]
+            quarantine = Quarantine.from_table(read_index_quarantine(index, pairs))
+        if quarantine is not None:
+            log.info("rank-%d: %d quarantined sample(s) will be passed over unread", self.rank, len(quarantine))
+        return quarantine
 
     # ---- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -728,6 +818,7 @@ class PackedDataset(IterableDataset):
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "seed": self.seed,
+            "packing": self.params.mode,
             "next_worker": self._next_worker,
             "batches": self._batches,
             "workers": copy.deepcopy(self._states),
@@ -747,6 +838,7 @@ class PackedDataset(IterableDataset):
                     f"data resume state has {key}={state.get(key)}, this dataset has {mine}; "
                     "exact resume needs the same seed, rank, world size and num_workers"
                 )
+        check_packing_mode(state, self.params.mode)
         self._states = {int(w): copy.deepcopy(s) for w, s in state["workers"].items()}
         self._next_worker = int(state["next_worker"])
         self._batches = int(state["batches"])

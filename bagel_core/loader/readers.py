@@ -233,10 +233,11 @@ class UnitStream:
         except (OSError, ValueError, KeyError) as exc:
             return ReadFailure(f"row group read error ({type(exc).__name__}: {str(exc)[:120]})")
 
-    def next(self) -> tuple[Position, dict[str, Any] | ReadFailure, int, bool]:
-        """Read the next record: ``(position, record or failure, visit, wrapped)``.
+    def advance(self) -> tuple[Position, int, bool]:
+        """Step to the next record without reading it: ``(position, visit, wrapped)``, so a caller can
+        pass over a known-bad record (the index's quarantine) unread.
 
-        ``wrapped``: this read starts a new pass (the previous pass just ended).
+        ``wrapped``: this record starts a new pass (the previous pass just ended).
         """
         pos, wrapped = self._normalise(self.position)
         visit = self.reads
@@ -244,6 +245,11 @@ class UnitStream:
         if wrapped:
             self.passes += 1
         self.position = self._successor(pos)
+        return pos, visit, wrapped
+
+    def next(self) -> tuple[Position, dict[str, Any] | ReadFailure, int, bool]:
+        """Read the next record: ``(position, record or failure, visit, wrapped)`` (see :meth:`advance`)."""
+        pos, visit, wrapped = self.advance()
         return pos, self.read_at(pos), visit, wrapped
 
     def units_digest(self) -> str:

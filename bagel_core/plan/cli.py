@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bagel_core.plan.packing import CfgDropout, PackingParams
+from bagel_core.plan.packing import PACKING_MODES, CfgDropout, PackingParams
 from bagel_core.stats.cli import add_input_arguments, tokenizer_backend
 
 
@@ -24,6 +24,13 @@ def add_packing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-tokens-per-sample", type=int, default=defaults.max_num_tokens_per_sample)
     parser.add_argument("--prefer-buffer-before", type=int, default=defaults.prefer_buffer_before)
     parser.add_argument("--max-buffer-size", type=int, default=defaults.max_buffer_size)
+    parser.add_argument(
+        "--packing",
+        choices=PACKING_MODES,
+        default=defaults.mode,
+        help="carry (default): a sample that does not fit opens the next pack; upstream: it is discarded, "
+        "exactly as upstream (use the trainer's --packing value)",
+    )
     dropout = CfgDropout()
     parser.add_argument(
         "--cfg-text-dropout",
@@ -71,7 +78,16 @@ def run_plan(args: argparse.Namespace) -> int:
 
     try:
         registry, config = Registry.load(args.registry), load_dataset_config(args.dataset_config)
-        manifest = build_manifest(config, registry, args.world_size, args.num_workers, args.seed, strict=True)
+        manifest = build_manifest(
+            config,
+            registry,
+            args.world_size,
+            args.num_workers,
+            args.seed,
+            strict=True,
+            packing=args.packing,
+            index=args.index,
+        )
     except ManifestCapacityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +118,7 @@ def run_plan(args: argparse.Namespace) -> int:
             args.max_num_tokens_per_sample,
             args.prefer_buffer_before,
             args.max_buffer_size,
+            args.packing,
         )
         dropout = CfgDropout(args.cfg_text_dropout, args.cfg_vit_dropout, args.cfg_vae_dropout)
         report = simulate_packing(manifest, config, pl.read_parquet(stats_dir / STATS_FILE), params, dropout=dropout)

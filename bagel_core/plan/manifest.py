@@ -8,13 +8,17 @@ Files written by :func:`write_manifest` in ``out_dir``:
 
 * ``manifest.parquet``: one row per (group, rank, worker, position) with the unit (``source_file``,
   ``row_group`` for edit, ``line`` for VLM) in the order the worker reads it;
-* ``manifest.json``: inputs (world size, workers, seed, config paths and hashes), per-group unit
-  counts, what was dropped at rank and worker level, listing notes, and ``problems`` (non-empty =
-  some worker would get no data; the reader refuses such a manifest).
+* ``manifest.json``: inputs (world size, workers, seed, config paths and hashes, the index), per-group
+  unit counts, what was dropped at rank and worker level, listing notes, ``problems`` (non-empty =
+  some worker would get no data; the reader refuses such a manifest), the packing mode the plan was
+  simulated with (``packing``; the assignment itself does not depend on it) and ``quarantine``
+  (counts, or ``null`` when planned without an index);
+* ``quarantine.parquet``: when planned with an index, the index's quarantined samples of the configured
+  datasets (:mod:`bagel_core.plan.quarantine`): the training loader skips them without reading them.
 
 The packing simulation (:func:`simulate_packing`) replays the packer per (rank, worker) over the
-samples of its units, using the cost variants of ``token_stats.parquet``; see
-:mod:`bagel_core.data.packing`.
+samples of its units, using the cost variants of ``token_stats.parquet``, in the packing mode chosen
+(:mod:`bagel_core.plan.packing`), and reports per group what became of the samples drawn.
 """
 
 from __future__ import annotations
@@ -34,7 +38,23 @@ import pyarrow.parquet as pq
 from bagel_core.config.dataset_config import DatasetConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
-from bagel_core.plan.packing import CfgDropout, PackingParams, SimSample, WorkerSimulation, simulate_worker
+from bagel_core.plan.packing import (
+    CARRY,
+    FATES,
+    PACKING_MODES,
+    CfgDropout,
+    PackingParams,
+    SimSample,
+    WorkerSimulation,
+    simulate_worker,
+)
+from bagel_core.plan.quarantine import (
+    QUARANTINE_FILE,
+    Quarantine,
+    read_index_quarantine,
+    summarise,
+    write_quarantine,
+)
 from bagel_core.plan.sharding import (
     DataUnit,
     GroupUnits,
@@ -66,6 +86,8 @@ class Manifest:
     groups: dict[str, dict[str, Any]]
     problems: list[str]
     inputs: dict[str, Any] = field(default_factory=dict)
+    packing: str = CARRY
+    quarantine: pa.Table | None = None  # the index's quarantined samples of the configured datasets
 
     @property
     def workers(self) -> list[int]:
@@ -85,12 +107,18 @@ def build_manifest(
     num_workers: int,
     seed: int = 42,
     strict: bool = True,
+    packing: str = CARRY,
+    index: str | Path | None = None,
 ) -> Manifest:
     """List, sort, shuffle and split every group's units (12.1, 12.2) and check the 12.3 rule.
 
     ``strict``: raise :class:`ManifestCapacityError` naming the numbers and the fix when any worker
-    would get no data; otherwise record the problems (the Dagster check blocks on them).
+    would get no data; otherwise record the problems (the Dagster check blocks on them). ``packing``:
+    the mode the plan is simulated with, recorded only. ``index``: the index whose quarantined samples
+    of the configured datasets the manifest carries to the training loader (``None``: none).
     """
+    if packing not in PACKING_MODES:
+        raise ConfigError(f"packing mode {packing!r} is unknown: use one of {', '.join(PACKING_MODES)}")
     dataset_config.check_against(registry)
     listings: dict[str, GroupUnits] = {name: list_group_units(g, registry) for name, g in dataset_config.groups.items()}
     problems = check_capacity(dataset_config, listings, world_size, num_workers)
@@ -127,14 +155,24 @@ def build_manifest(
         "registry_sha256": _sha256(registry.source),
         "dataset_config": str(dataset_config.source) if dataset_config.source else None,
         "dataset_config_sha256": _sha256(dataset_config.source),
+        "index": str(index) if index is not None else None,
     }
-    return Manifest(world_size, num_workers, seed, assignments, groups, problems, inputs)
+    quarantine = None
+    if index is not None:
+        pairs = [(name, d) for name, g in dataset_config.groups.items() for d in g.dataset_names]
+        quarantine = read_index_quarantine(index, pairs)
+    return Manifest(world_size, num_workers, seed, assignments, groups, problems, inputs, packing, quarantine)
 
 
 def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``manifest.parquet`` and ``manifest.json`` (deterministic bytes for the same inputs)."""
+    """Write ``manifest.parquet``, ``manifest.json`` and, planned with an index, ``quarantine.parquet``
+    (deterministic bytes for the same inputs; a quarantine list of an earlier plan is removed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if manifest.quarantine is not None:
+        write_quarantine(manifest.quarantine, out)
+    else:
+        (out / QUARANTINE_FILE).unlink(missing_ok=True)
     cols: dict[str, list] = defaultdict(list)
     for (group, rank, worker), units in sorted(manifest.assignments.items(), key=lambda kv: kv[0][1:] + (kv[0][0],)):
         for position, unit in enumerate(units):
@@ -175,6 +213,8 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]
         "groups": manifest.groups,
         "inputs": manifest.inputs,
         "rows": table.num_rows,
+        "packing": manifest.packing,
+        "quarantine": summarise(manifest.quarantine) if manifest.quarantine is not None else None,
     }
     (out / MANIFEST_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out / MANIFEST_FILE, out / MANIFEST_JSON
@@ -185,6 +225,20 @@ def read_manifest_meta(manifest_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"no manifest at {manifest_dir} (missing {MANIFEST_JSON}); run `bagel data plan`")
     return json.loads(path.read_text())
+
+
+def read_manifest_quarantine(manifest_dir: str | Path) -> Quarantine | None:
+    """The quarantine list a manifest carries; ``None`` when it was planned without an index."""
+    meta = read_manifest_meta(manifest_dir)
+    if meta.get("quarantine") is None:
+        return None
+    path = Path(manifest_dir) / QUARANTINE_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{manifest_dir}: manifest.json lists {meta['quarantine']['samples']} quarantined sample(s) but "
+            f"{QUARANTINE_FILE} is missing; re-run `bagel data plan`"
+        )
+    return Quarantine.read(path)
 
 
 def read_manifest(
@@ -241,6 +295,10 @@ def format_manifest_table(manifest: Manifest) -> str:
             f"{name:<14} {g['task']:<5} {g['units']:>7} {g['per_rank']:>9} {g['per_worker']:>11} "
             f"{dropped:>8}  {'; '.join(g['notes'])}"
         )
+    if manifest.quarantine is not None:
+        q = summarise(manifest.quarantine)
+        reasons = ", ".join(f"{r} {n}" for r, n in q["by_reason"].items()) or "none"
+        lines.append(f"quarantined in the index (skipped unread by training): {q['samples']} ({reasons})")
     for problem in manifest.problems:
         lines.append(f"ERROR: {problem}")
     return "\n".join(lines)
@@ -319,6 +377,11 @@ class PackingReport:
     truncated_workers: int
     samples_over_cap_sometimes: int = 0
     samples_over_cap_always: int = 0
+    mode: str = CARRY
+    carried: int = 0
+    skipped_unfit: int = 0
+    pending: int = 0
+    stalled_workers: int = 0
     pack_lengths: list[int] = field(repr=False, default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -382,6 +445,48 @@ def simulate_packing(
     return report
 
 
+def _fates(sims: list[WorkerSimulation]) -> dict[str, dict[str, int]]:
+    """Per group, what became of the samples drawn, summed over workers."""
+    out: dict[str, dict[str, int]] = {}
+    for s in sims:
+        for group, fates in s.fates_by_group.items():
+            mine = out.setdefault(group, dict.fromkeys(fates, 0))
+            for what, n in fates.items():
+                mine[what] += n
+    return out
+
+
+def _group_share(
+    sims: list[WorkerSimulation],
+    dataset_config: DatasetConfig,
+    tokens_by_group: dict[str, int],
+    total_tokens: int,
+) -> list[dict[str, Any]]:
+    """Per group: configured weight share vs share of samples drawn vs share trained (packed), tokens,
+    and what was lost (over cap, discarded on overflow flushes, unfit) or still pending."""
+    fates = _fates(sims)
+    drawn_total = sum(f["drawn"] for f in fates.values()) or 1
+    packed_total = sum(f["packed"] for f in fates.values()) or 1
+    total_weight = sum(g.weight for g in dataset_config.groups.values())
+    rows = []
+    for name, g in dataset_config.groups.items():
+        f = fates.get(name) or dict.fromkeys(FATES, 0)
+        rows.append(
+            {
+                "group": name,
+                "weight_share": g.weight / total_weight,
+                "mandatory": g.is_mandatory,
+                "drawn_share": f["drawn"] / drawn_total,
+                "trained_share": f["packed"] / packed_total,
+                "token_share": tokens_by_group.get(name, 0) / total_tokens,
+                "tokens": tokens_by_group.get(name, 0),
+                "samples": f["packed"],
+                **f,
+            }
+        )
+    return rows
+
+
 def _report(
     sims: list[WorkerSimulation],
     manifest: Manifest,
@@ -397,28 +502,15 @@ def _report(
         steps = max(steps, len(mine) * max(mine))
     tokens_by_group: dict[str, int] = defaultdict(int)
     tokens_by_dataset: dict[str, int] = defaultdict(int)
-    samples_by_group: dict[str, int] = defaultdict(int)
     for s in sims:
         for k, v in s.tokens_by_group.items():
             tokens_by_group[k] += v
         for k, v in s.tokens_by_dataset.items():
             tokens_by_dataset[k] += v
-        for k, v in s.samples_by_group.items():
-            samples_by_group[k] += v
     total_tokens = sum(tokens_by_group.values()) or 1
-    total_weight = sum(g.weight for g in dataset_config.groups.values())
-    group_share = [
-        {
-            "group": name,
-            "weight_share": g.weight / total_weight,
-            "mandatory": g.is_mandatory,
-            "token_share": tokens_by_group.get(name, 0) / total_tokens,
-            "tokens": tokens_by_group.get(name, 0),
-            "samples": samples_by_group.get(name, 0),
-        }
-        for name, g in dataset_config.groups.items()
-    ]
+    group_share = _group_share(sims, dataset_config, tokens_by_group, total_tokens)
     group_of = {d: name for name, g in dataset_config.groups.items() for d in g.dataset_names}
+    total_weight = sum(g.weight for g in dataset_config.groups.values())
     dataset_share = [
         {
             "dataset": d,
@@ -439,9 +531,12 @@ def _report(
             "packed_samples": s.packed_samples,
             "skipped_over_cap": s.skipped_cap,
             "discarded_on_overflow": s.discarded_overflow,
+            "carried": s.carried,
+            "skipped_unfit": s.unfit,
             "max_buffer": s.max_buffer,
             "first_pass_pack": s.first_pass_pack,
             "truncated": s.truncated,
+            "stalled": s.stalled,
         }
         for s in sims
     ]
@@ -465,8 +560,53 @@ def _report(
         group_share=group_share,
         dataset_share=dataset_share,
         truncated_workers=sum(1 for s in sims if s.truncated),
+        mode=params.mode,
+        carried=sum(s.carried for s in sims),
+        skipped_unfit=sum(s.unfit for s in sims),
+        pending=sum(f["pending"] for f in _fates(sims).values()),
+        stalled_workers=sum(1 for s in sims if s.stalled),
         pack_lengths=lengths,
     )
+
+
+#: A group whose trained share differs from its drawn share by more than this (relative) is flagged.
+SKEW_TOLERANCE = 0.10
+
+
+def skew_warnings(report: PackingReport) -> list[str]:
+    """Groups the packer trains at a share visibly different from the share it draws, with the causes."""
+    out = []
+    for g in report.group_share:
+        if not g["drawn"] or abs(g["trained_share"] / g["drawn_share"] - 1) <= SKEW_TOLERANCE:
+            continue
+        causes = ", ".join(
+            f"{n} {what.replace('_', ' ')}"
+            for what in ("discarded_on_flush", "skipped_over_cap", "unfit")
+            if (n := g[what])
+        )
+        fix = "; --packing carry keeps every sample read" if g["discarded_on_flush"] else ""
+        out.append(
+            f"WARNING: {g['group']} is drawn for {g['drawn_share']:.1%} of the samples but trained on "
+            f"{g['trained_share']:.1%} ({causes or 'samples pending at the end'}){fix}"
+        )
+    return out
+
+
+def _group_lines(report: PackingReport) -> list[str]:
+    """Per group: weight vs drawn vs trained shares, tokens, and what became of the samples drawn."""
+    head = (
+        f"  {'group':<14} {'weight':>7} {'drawn':>7} {'trained':>7} {'tokens':>7} {'drawn n':>8} {'trained n':>9} "
+        f"{'over cap':>8} {'discarded':>9} {'unfit':>6} {'carried':>7} {'pending':>7}"
+    )
+    lines = ["  shares of samples (weight: configured; drawn: read by the packer; trained: packed) and of tokens", head]
+    for g in report.group_share:
+        mark = " (mandatory)" if g["mandatory"] else ""
+        lines.append(
+            f"  {g['group']:<14} {g['weight_share']:>7.3f} {g['drawn_share']:>7.3f} {g['trained_share']:>7.3f} "
+            f"{g['token_share']:>7.3f} {g['drawn']:>8} {g['packed']:>9} {g['skipped_over_cap']:>8} "
+            f"{g['discarded_on_flush']:>9} {g['unfit']:>6} {g['carried']:>7} {g['pending']:>7}{mark}"
+        )
+    return lines
 
 
 def format_packing_table(report: PackingReport) -> str:
@@ -475,9 +615,9 @@ def format_packing_table(report: PackingReport) -> str:
     lengths = f"{report.mean_length:>10.1f} / {report.min_length} / {report.max_length}"
     lines = [
         (
-            f"packing simulation (expected {p['expected_num_tokens']}, max {p['max_num_tokens']}, "
-            f"per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before {p['prefer_buffer_before']}, "
-            f"max_buffer_size {p['max_buffer_size']}; CFG dropout text/vit/vae "
+            f"packing simulation (--packing {report.mode}; expected {p['expected_num_tokens']}, max "
+            f"{p['max_num_tokens']}, per-sample cap {p['max_num_tokens_per_sample']}, prefer_buffer_before "
+            f"{p['prefer_buffer_before']}, max_buffer_size {p['max_buffer_size']}; CFG dropout text/vit/vae "
             f"{report.cfg_dropout['text']}/{report.cfg_dropout['vit']}/{report.cfg_dropout['vae']})"
         ),
         f"  packs per epoch (all ranks/workers) {report.packs:>10}",
@@ -496,19 +636,21 @@ def format_packing_table(report: PackingReport) -> str:
             f"(in every variant: {report.samples_over_cap_always})"
         ),
         f"  samples discarded on overflow flush {report.discarded_on_overflow:>10}",
+        f"  samples carried to the next pack    {report.carried:>10}",
+        f"  samples unfit beside mandatory fill {report.skipped_unfit:>10}",
         f"  samples buffered                    {report.buffered:>10}",
-        f"  {'group':<14} {'weight share':>12} {'token share':>12} {'tokens':>12} {'samples':>9}",
+        *_group_lines(report),
     ]
-    for g in report.group_share:
-        mark = " (mandatory)" if g["mandatory"] else ""
-        lines.append(
-            f"  {g['group']:<14} {g['weight_share']:>12.3f} {g['token_share']:>12.3f} {g['tokens']:>12} "
-            f"{g['samples']:>9}{mark}"
-        )
     for d in report.dataset_share:
         lines.append(f"    dataset {d['dataset']:<20} token share {d['token_share']:.3f}")
+    lines += [f"  {w}" for w in skew_warnings(report)]
     if report.truncated_workers:
         lines.append(f"  WARNING: {report.truncated_workers} worker(s) hit the pack limit before an epoch ended")
+    if report.stalled_workers:
+        lines.append(
+            f"  WARNING: {report.stalled_workers} worker(s) stopped: no sample fitted for a long time (mandatory "
+            "samples leave no room below max_num_tokens?)"
+        )
     return "\n".join(lines)
 
 

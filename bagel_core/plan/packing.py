@@ -6,12 +6,25 @@ what packing it does (``pack(sample)`` returns the real tokens it added). It yie
 decision, so the packed training dataset can reuse it (build tensors on :class:`Packed`, emit the
 batch on :class:`Flush`) and the simulation can count without decoding a single image.
 
-Exactly as upstream (8.2): mandatory fill when the pack is empty (accept only ``est < cap``,
-strict, no ``max_num_tokens`` check); the buffer's oldest sample is preferred while
-``curr < prefer_buffer_before``; otherwise a group is drawn with ``u < cumprob`` (first match);
-``est > cap`` (strict) skips; ``curr + est > max_num_tokens`` buffers a fresh sample while the
-buffer has room, otherwise yields the pack and **discards the sample in hand**; after packing,
-``curr >= expected_num_tokens`` yields. ``curr`` counts real tokens, the caps compare estimates.
+Two modes (:attr:`PackingParams.mode`):
+
+* ``upstream``, exactly as upstream (8.2): mandatory fill when the pack is empty (accept only
+  ``est < cap``, strict, no ``max_num_tokens`` check); the buffer's oldest sample is preferred while
+  ``curr < prefer_buffer_before``; otherwise a group is drawn with ``u < cumprob`` (first match);
+  ``est > cap`` (strict) skips; ``curr + est > max_num_tokens`` buffers a fresh sample while the
+  buffer has room, otherwise yields the pack and **discards the sample in hand**; after packing,
+  ``curr >= expected_num_tokens`` yields. ``curr`` counts real tokens, the caps compare estimates.
+* ``carry`` (the default): the same loop, but no sample read is thrown away. Where upstream discards
+  the overflowing sample, the pack is yielded and the sample goes to the *front* of the buffer
+  (:class:`Flush` ``carried``); the first pick after a pack's mandatory fill is always the buffer's
+  oldest sample, so the carried sample opens the next pack, beside that pack's mandatory samples.
+  A sample that does not fit beside the mandatory samples alone can fit no pack this loop makes:
+  it is skipped (:class:`Unfit`) instead of being carried forever. Why: with the fine-tune recipe
+  (``prefer_buffer_before`` > ``max_num_tokens``) upstream loses the sample behind every overflow
+  flush, large samples (editing) far more often than small ones, which skews the trained mixture.
+
+The caller owns the buffer (a deque of ``(sample, group)``); at every :class:`Flush` it and the RNG
+are the packer's whole state, which is what makes exact resume possible in both modes.
 """
 
 from __future__ import annotations
@@ -28,6 +41,11 @@ from bagel_core.sequence.tokens import DEFAULT_MAX_TOKENS_PER_SAMPLE
 
 S = TypeVar("S")
 
+#: The packing modes (module docstring): ``carry`` wastes no sample read, ``upstream`` replicates upstream.
+CARRY = "carry"
+UPSTREAM = "upstream"
+PACKING_MODES = (CARRY, UPSTREAM)
+
 
 @dataclass(frozen=True)
 class PackingParams:
@@ -38,6 +56,7 @@ class PackingParams:
     max_num_tokens_per_sample: int = DEFAULT_MAX_TOKENS_PER_SAMPLE
     prefer_buffer_before: int = 16_384
     max_buffer_size: int = 50
+    mode: str = CARRY
 
     def __post_init__(self) -> None:
         for name in ("expected_num_tokens", "max_num_tokens", "max_num_tokens_per_sample"):
@@ -45,6 +64,8 @@ class PackingParams:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_buffer_size < 0 or self.prefer_buffer_before < 0:
             raise ValueError("max_buffer_size and prefer_buffer_before must be >= 0")
+        if self.mode not in PACKING_MODES:
+            raise ValueError(f"packing mode {self.mode!r} is unknown: use one of {', '.join(PACKING_MODES)}")
 
 
 # ---- events --------------------------------------------------------------------------------------
@@ -76,8 +97,21 @@ class Buffered(Generic[S]):
 
 
 @dataclass
+class Unfit(Generic[S]):
+    """``carry`` only: the sample does not fit beside the pack's mandatory samples (``length`` tokens),
+    the emptiest pack the loop makes, so carrying it could never place it: skipped."""
+
+    sample: S
+    group: int
+    estimate: int
+    length: int
+    from_buffer: bool
+
+
+@dataclass
 class Flush(Generic[S]):
-    """A pack is yielded. ``overflow``: forced by a sample that did not fit (it is ``discarded``)."""
+    """A pack is yielded. ``overflow``: forced by a sample that did not fit; ``upstream`` throws it away
+    (``discarded``), ``carry`` puts it at the front of the buffer to open the next pack (``carried``)."""
 
     length: int
     num_samples: int
@@ -85,6 +119,9 @@ class Flush(Generic[S]):
     discarded: S | None = None
     discarded_group: int = -1
     discarded_from_buffer: bool = False
+    carried: S | None = None
+    carried_group: int = -1
+    carried_from_buffer: bool = False
 
 
 def cumulative_probs(weights: Sequence[float]) -> list[float]:
@@ -116,16 +153,18 @@ def pack_events(
     pack: Callable[[S], int],
     rng: random.Random,
     buffer: deque[tuple[S, int]] | None = None,
-) -> Iterator[Packed[S] | Skipped[S] | Buffered[S] | Flush[S]]:
-    """Upstream's packing loop as an infinite stream of decisions (see module docstring).
+) -> Iterator[Packed[S] | Skipped[S] | Buffered[S] | Unfit[S] | Flush[S]]:
+    """The packing loop of ``params.mode`` as an infinite stream of decisions (see module docstring).
 
     ``buffer``: the overflow buffer, ``(sample, group)`` pairs oldest first; pass your own deque to
     see it and to start with restored contents (the packed dataset's exact resume); default empty.
     """
     cumprobs = cumulative_probs(weights)
     buffer = deque() if buffer is None else buffer
+    carry = params.mode == CARRY
     curr = 0
     count = 0
+    opened = False  # a sample beyond the mandatory fill is in the pack
     while True:
         if curr == 0:
             for g, is_mandatory in enumerate(mandatory):
@@ -141,7 +180,7 @@ def pack_events(
                         yield Packed(sample, g, est, added, True)
                         break
                     yield Skipped(sample, g, est, True)
-        if curr < params.prefer_buffer_before and buffer:
+        if buffer and (curr < params.prefer_buffer_before or (carry and not opened)):
             sample, g = buffer.popleft()
             from_buffer = True
         else:
@@ -153,20 +192,27 @@ def pack_events(
             yield Skipped(sample, g, est, False)
             continue
         if curr + est > params.max_num_tokens:
-            if len(buffer) < params.max_buffer_size and not from_buffer:
+            if carry and not opened:
+                yield Unfit(sample, g, est, curr, from_buffer)
+            elif len(buffer) < params.max_buffer_size and not from_buffer:
                 buffer.append((sample, g))
                 yield Buffered(sample, g, est)
+            elif carry:
+                buffer.appendleft((sample, g))
+                yield Flush(curr, count, True, carried=sample, carried_group=g, carried_from_buffer=from_buffer)
+                curr, count, opened = 0, 0, False
             else:
                 yield Flush(curr, count, True, sample, g, from_buffer)
-                curr, count = 0, 0
+                curr, count, opened = 0, 0, False
             continue
         added = pack(sample)
         curr += added
         count += 1
+        opened = True
         yield Packed(sample, g, est, added, False, from_buffer)
         if curr >= params.expected_num_tokens:
             yield Flush(curr, count, False)
-            curr, count = 0, 0
+            curr, count, opened = 0, 0, False
 
 
 # ---- simulation over token counts -------------------------------------------------------------------
@@ -253,6 +299,14 @@ class _CyclingStream:
         return _Draw(sample, variant)
 
 
+#: What became of the samples a simulated worker drew, per group. Terminal fates (every drawn sample
+#: ends in exactly one): packed (trained on), skipped_over_cap, discarded_on_flush (``upstream``),
+#: unfit (``carry``) and pending (still in the buffer when the simulation stopped). ``buffered`` and
+#: ``carried`` count passages through the buffer, not fates.
+TERMINAL_FATES = ("packed", "skipped_over_cap", "discarded_on_flush", "unfit", "pending")
+FATES = ("drawn", *TERMINAL_FATES, "buffered", "carried")
+
+
 @dataclass
 class WorkerSimulation:
     """What one (rank, worker) packer produced until each of its groups had been read once."""
@@ -267,11 +321,48 @@ class WorkerSimulation:
     discarded_overflow: int = 0
     buffered: int = 0
     max_buffer: int = 0
+    carried: int = 0
+    unfit: int = 0
     tokens_by_group: dict[str, int] = field(default_factory=dict)
     tokens_by_dataset: dict[str, int] = field(default_factory=dict)
     samples_by_group: dict[str, int] = field(default_factory=dict)
+    fates_by_group: dict[str, dict[str, int]] = field(default_factory=dict)
     first_pass_pack: dict[str, int] = field(default_factory=dict)
     truncated: bool = False
+    stalled: bool = False
+
+    def fate(self, group: str, what: str, n: int = 1) -> None:
+        fates = self.fates_by_group.setdefault(group, dict.fromkeys(FATES, 0))
+        fates[what] += n
+
+    def record(self, event: Packed | Skipped | Buffered | Unfit | Flush, groups: Sequence[str]) -> None:
+        """Count one packer decision (pack lengths and epochs are the caller's)."""
+        if isinstance(event, Packed):
+            name = groups[event.group]
+            self.packed_samples += 1
+            self.tokens_by_group[name] = self.tokens_by_group.get(name, 0) + event.tokens
+            self.samples_by_group[name] = self.samples_by_group.get(name, 0) + 1
+            ds = event.sample.sample.dataset
+            self.tokens_by_dataset[ds] = self.tokens_by_dataset.get(ds, 0) + event.tokens
+            self.fate(name, "packed")
+        elif isinstance(event, Skipped):
+            self.skipped_cap += 1
+            self.skipped_cap_mandatory += int(event.mandatory)
+            self.fate(groups[event.group], "skipped_over_cap")
+        elif isinstance(event, Buffered):
+            self.buffered += 1
+            self.fate(groups[event.group], "buffered")
+        elif isinstance(event, Unfit):
+            self.unfit += 1
+            self.fate(groups[event.group], "unfit")
+        elif event.overflow:
+            self.overflow_flushes += 1
+            if event.discarded is not None:
+                self.discarded_overflow += 1
+                self.fate(groups[event.discarded_group], "discarded_on_flush")
+            if event.carried is not None:
+                self.carried += 1
+                self.fate(groups[event.carried_group], "carried")
 
 
 def simulate_worker(
@@ -291,7 +382,9 @@ def simulate_worker(
     Variants (caption choice, edit span) are drawn per visit with a ``random.Random`` derived from
     ``seed``, rank and worker, so the result is deterministic. CFG dropout (``dropout``) removes
     droppable items from the real length only, as in ``pack_sequence``; estimates are unchanged.
-    Stops after ``max_packs`` packs (``truncated``).
+    Stops after ``max_packs`` packs (``truncated``), or (``stalled`` too) after three times as many
+    decisions in a row as the worker has samples without packing one (nothing fits: the loader would
+    give up as well). Every sample drawn is counted in ``fates_by_group``.
     """
     rng = random.Random(f"{seed}-{rank}-{worker}")
     # A group with weight 0 that is not mandatory is never read: it neither needs data nor ends epochs.
@@ -302,45 +395,45 @@ def simulate_worker(
     ]
     required = {g for g, r in zip(groups, read) if r}
     result = WorkerSimulation(rank, worker)
-    buffer_size = 0
+    for name in required:
+        result.fate(name, "drawn", 0)
+
+    def draw(g: int) -> _Draw:
+        result.fate(groups[g], "drawn")
+        return streams[g].next()
+
+    buffer: deque[tuple[_Draw, int]] = deque()
+    patience = 3 * sum(len(s) for s, r in zip(samples_by_group, read) if r)
+    idle = 0
     for event in pack_events(
         params,
         weights,
         mandatory,
-        lambda g: streams[g].next(),
+        draw,
         lambda d: d.estimate,
         lambda d: d.real_tokens(rng, dropout),
         rng,
+        buffer=buffer,
     ):
-        if isinstance(event, Packed):
-            name = groups[event.group]
-            result.packed_samples += 1
-            result.tokens_by_group[name] = result.tokens_by_group.get(name, 0) + event.tokens
-            result.samples_by_group[name] = result.samples_by_group.get(name, 0) + 1
-            ds = event.sample.sample.dataset
-            result.tokens_by_dataset[ds] = result.tokens_by_dataset.get(ds, 0) + event.tokens
-            buffer_size -= int(event.from_buffer)
-        elif isinstance(event, Skipped):
-            result.skipped_cap += 1
-            result.skipped_cap_mandatory += int(event.mandatory)
-        elif isinstance(event, Buffered):
-            result.buffered += 1
-            buffer_size += 1
-            result.max_buffer = max(result.max_buffer, buffer_size)
-        elif isinstance(event, Flush):
-            result.pack_lengths.append(event.length)
-            if event.overflow:
-                result.overflow_flushes += 1
-                result.discarded_overflow += int(event.discarded is not None)
-                buffer_size -= int(event.discarded_from_buffer)
-            for name, stream in zip(groups, streams):
-                if stream.passes >= 1 and name not in result.first_pass_pack:
-                    result.first_pass_pack[name] = len(result.pack_lengths)
-            if required <= set(result.first_pass_pack):
-                break
-            if len(result.pack_lengths) >= max_packs:
-                result.truncated = True
-                break
+        result.record(event, groups)
+        result.max_buffer = max(result.max_buffer, len(buffer))
+        idle = 0 if isinstance(event, Packed) else idle + 1
+        if idle > patience:
+            result.truncated = result.stalled = True
+            break
+        if not isinstance(event, Flush):
+            continue
+        result.pack_lengths.append(event.length)
+        for name, stream in zip(groups, streams):
+            if stream.passes >= 1 and name not in result.first_pass_pack:
+                result.first_pass_pack[name] = len(result.pack_lengths)
+        if required <= set(result.first_pass_pack):
+            break
+        if len(result.pack_lengths) >= max_packs:
+            result.truncated = True
+            break
+    for _, g in buffer:
+        result.fate(groups[g], "pending")
     return result
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bagel_core.config.errors import ConfigError, DataError
+from bagel_core.config.errors import CheckpointSaveError, ConfigError, DataError, NonFiniteLossError
 from bagel_core.train.args import parse_args, unapplied_arguments, world_size_from_env
 
 
@@ -32,6 +32,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointSaveError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -131,6 +131,11 @@ class DataArguments:
         "Sampling manifest directory (`bagel data plan`): which files/row groups each rank and worker reads. Optional.",
         aliases=("--manifest_dir", "--manifest-dir"),
     )
+    packing: str = _ours(
+        "carry",
+        "Packing mode: carry (a sample that does not fit the pack opens the next one; no sample read is "
+        "discarded) or upstream (upstream's rule, which discards it: editing then trains below its weight).",
+    )
 
 
 @dataclass
@@ -220,6 +225,11 @@ class TrainingArguments:
         True, "Recompute decoder layers, ViT layers and the connector in backward (upstream always does)."
     )
     keep_last_k: int = _ours(0, "Keep only the newest k complete step directories (0 = keep all).")
+    nonfinite_loss: str = _ours(
+        "stop",
+        "What a NaN or infinite loss does: 'stop' ends training naming the step and the samples of the pack; "
+        "'skip' drops that optimizer step (no update, no EMA), counts it and goes on.",
+    )
     observer: str = _ours(
         "",
         "module:attribute of a factory whose object rank 0 tells about the run (started, logged step, complete "
@@ -244,8 +254,10 @@ OURS: frozenset[str] = frozenset(
         "attn_backend",
         "dataset_info",
         "manifest",
+        "packing",
         "activation_checkpointing",
         "keep_last_k",
+        "nonfinite_loss",
         "observer",
         "dry_run",
     ]
@@ -404,6 +416,7 @@ def parse_args(
 
 # ---------------------------------------------------------------------------------------------- checks
 LR_SCHEDULERS = ("constant", "cosine")
+NONFINITE_LOSS = ("stop", "skip")
 # torch's ShardingStrategy names upstream passes through; upstream's checkpoint save raises
 # NotImplementedError for all but FULL_SHARD and HYBRID_SHARD (training.md 9.1), i.e. at the first save.
 SHARDING_STRATEGIES = ("HYBRID_SHARD", "FULL_SHARD", "NO_SHARD")
@@ -430,6 +443,7 @@ def validate(cfg: TrainConfig) -> None:
     m, d, t = cfg.model, cfg.data, cfg.training
     p: list[str] = []
     _choice(p, "lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+    _choice(p, "nonfinite_loss", t.nonfinite_loss, NONFINITE_LOSS)
     if t.sharding_strategy in _UPSTREAM_ONLY_STRATEGIES:
         p.append(
             f"--sharding_strategy {t.sharding_strategy} is not supported: upstream accepts it but fails "
@@ -442,8 +456,10 @@ def validate(cfg: TrainConfig) -> None:
     _choice(p, "layer_module", m.layer_module, LAYER_MODULES)
     _choice(p, "wandb_resume", t.wandb_resume, WANDB_RESUME)
     from bagel_core.model.config import PRESETS
+    from bagel_core.plan.packing import PACKING_MODES
 
     _choice(p, "model_preset", m.model_preset, sorted(PRESETS))
+    _choice(p, "packing", d.packing, PACKING_MODES)
     if m.attn_backend is not None:
         _choice(p, "attn_backend", m.attn_backend, ATTN_BACKENDS)
         if t.use_flex and m.attn_backend in ATTN_BACKENDS and m.attn_backend != "flex":

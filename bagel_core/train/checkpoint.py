@@ -26,11 +26,15 @@ and the caller says so. An upstream checkpoint folder (``0001000/`` with ``model
 
 from __future__ import annotations
 
+import errno
+import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from bagel_core.config.errors import ConfigError
+from bagel_core.config.errors import CheckpointSaveError, ConfigError
 from bagel_core.train.distributed import Distributed, barrier, broadcast_object
 
 MARKER = "COMPLETE"
@@ -155,8 +159,55 @@ def save_checkpoint(
     keep_last_k: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``step_<step>`` atomically on every rank (a collective: all ranks call it)."""
+    """Write ``step_<step>`` atomically on every rank (a collective: all ranks call it). A write that fails (full
+    disk, quota) removes the partial folder and raises :class:`CheckpointSaveError` naming the space needed."""
     root = Path(root)
+    try:
+        return _save_checkpoint(root, step, state, data_state, dist_info, write_model_files, keep_last_k, extra)
+    except Exception as exc:
+        if not _is_space_error(exc):
+            raise
+        tmp = root / f".step_{step}.tmp"
+        if dist_info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_space_message(root, step, exc)) from exc
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain (DCP wraps a rank's OSError in its own exception, as text)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _space_message(root: Path, step: int, exc: BaseException) -> str:
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    previous = complete_steps(root)
+    needed = sum(p.stat().st_size for p in step_dir(root, previous[-1]).rglob("*") if p.is_file()) if previous else 0
+    kept = f"step_{previous[-1]} is complete and untouched" if previous else "no earlier checkpoint exists"
+    need = f"about {needed / 2**30:.2f} GiB (the size of step_{previous[-1]})" if previous else "more"
+    return (
+        f"saving step {step} into {root} failed: the disk is full ({free / 2**30:.2f} GiB free, {need} needed per "
+        f"checkpoint; {type(exc).__name__}). The partial folder was removed and {kept}. Free space, lower "
+        "--keep_last_k, or point --checkpoint_dir at a bigger disk, then resume with --auto_resume True"
+    )
+
+
+def _save_checkpoint(
+    root: Path,
+    step: int,
+    state: TrainingState,
+    data_state: dict[str, Any],
+    dist_info: Distributed,
+    write_model_files: Callable[[Path], None],
+    keep_last_k: int,
+    extra: dict[str, Any] | None,
+) -> Path:
     final, tmp = step_dir(root, step), root / f".step_{step}.tmp"
     if dist_info.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -214,6 +265,62 @@ def read_train_state(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable {TRAIN_STATE} ({exc}); pick another checkpoint") from exc
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's ``.metadata`` (a pickle) admitting only DCP's own classes, tensor sizes, dtypes, layouts and
+    paths: anything else (``os.system``, ``builtins.eval``, ...) is refused before it can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name) if _allowed_global(module, name) else None
+        if obj is None:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+        return obj
+
+
+def _allowed_global(module: str, name: str) -> bool:
+    if module.startswith("torch.distributed.checkpoint."):
+        return isinstance(getattr(importlib.import_module(module), name, None), type)
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    return (module, name) in {
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Refuse a checkpoint folder that could make loading it do harm: a link pointing outside the folder, or a
+    DCP ``.metadata`` whose pickle names anything but DCP's own types (``dcp.load`` would unpickle it
+    unrestricted). The ``.pt`` files are read with ``weights_only=True`` (see :func:`load_pt`)."""
+    root = path.resolve()
+    for item in path.rglob("*"):
+        if item.is_symlink() and not item.resolve().is_relative_to(root):
+            raise ConfigError(f"{item}: a link to {item.resolve()}, outside the checkpoint {path}; refused")
+    metadata = path / DCP_METADATA
+    if metadata.is_file():
+        try:
+            with open(metadata, "rb") as handle:
+                _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
+            raise ConfigError(f"{metadata}: refused to load ({exc}); not DCP metadata written by torch") from exc
+
+
+def load_pt(file: Path) -> Any:
+    """``torch.load`` of our small state files, tensors and plain containers only."""
+    try:
+        with warnings.catch_warnings():  # a foreign protocol is reported as the refusal below, not as a warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{file}: refused to load: it holds Python objects other than tensors and plain values, which could run "
+            "code; regenerate the checkpoint or remove the file"
+        ) from exc
+
+
 def load_checkpoint(
     path: str | Path,
     state: TrainingState,
@@ -233,6 +340,7 @@ def load_checkpoint(
             f"{path}: not a complete checkpoint (no {MARKER} marker or no DCP {DCP_METADATA}); "
             "use a step_<N> directory written by this trainer, or an upstream folder with model.safetensors"
         )
+    check_checkpoint_files(path)
     saved = read_train_state(path)
     weights = _weights_state(state, with_optimizer=not model_only)
     dcp.load(weights, checkpoint_id=str(path))
@@ -242,7 +350,7 @@ def load_checkpoint(
         source = "EMA" if from_ema else "model"
         return Restored(0, None, f"weights from {path} ({source}); optimizer, schedule and data start fresh")
     set_optimizer_state_dict(state.model, state.optimizer, weights["optimizer"])
-    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state.scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
     step = int(saved["step"])
     if int(saved.get("world_size", 1)) != dist_info.world_size:
         return Restored(
@@ -252,8 +360,8 @@ def load_checkpoint(
             f"{saved.get('world_size')} to {dist_info.world_size}; the data order restarts (each rank's "
             "data position belongs to the old world size), so this is not an exact continuation",
         )
-    set_rng_state(torch.load(path / _rank_file("rng", dist_info.rank), weights_only=True))
-    data_state = torch.load(path / _rank_file("data", dist_info.rank), weights_only=True)
+    set_rng_state(load_pt(path / _rank_file("rng", dist_info.rank)))
+    data_state = load_pt(path / _rank_file("data", dist_info.rank))
     return Restored(step, data_state, f"resumed {path} at step {step} (exact: same world size)")
 
 
@@ -284,6 +392,7 @@ def load_full_weights(model: nn.Module, full: dict[str, torch.Tensor] | None, di
 
 
 def _load_upstream(path: Path, state: TrainingState, dist_info: Distributed, from_ema: bool) -> Restored:
+    check_checkpoint_files(path)
     model_file = path / "model.safetensors"
     ema_file = path / "ema.safetensors" if (path / "ema.safetensors").is_file() else model_file
     first = ema_file if (from_ema or not model_file.is_file()) else model_file

@@ -11,6 +11,7 @@ groups of ``num_shard`` ranks (2-D mesh ``(replicate, shard)``), ``NO_SHARD`` re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 #: How long a collective may wait before the run fails (upstream's NCCL default of 10 min hides hangs).
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+_ONE_PROCESS_STORES: list[str] = []  # file:// rendezvous files of one-process groups made here
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def init_distributed(
         else:  # one process, no torchrun: a private file store
             fd, store = tempfile.mkstemp(prefix="bagel-pg-")
             os.close(fd)
-            os.unlink(store)  # the file store creates (and at the end removes) it
+            os.unlink(store)  # the file store creates it; shutdown() removes it (torch leaves it behind)
+            _ONE_PROCESS_STORES.append(store)
             dist.init_process_group(
                 backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout, device_id=device_id
             )
@@ -126,6 +130,9 @@ def broadcast_object(obj: object, dist_info: Distributed) -> object:
 
 
 def shutdown(dist_info: Distributed) -> None:
-    """Leave the process group (torchrun's, or the one-process group made here)."""
+    """Leave the process group (torchrun's, or the one-process group made here) and remove its store file."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ONE_PROCESS_STORES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_ONE_PROCESS_STORES.pop())

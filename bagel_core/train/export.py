@@ -64,7 +64,7 @@ from bagel_core.model.checkpoint_io import (
     read_config,
 )
 from bagel_core.model.config import BagelConfig
-from bagel_core.train.checkpoint import DCP_METADATA, MARKER, TRAIN_STATE, latest_checkpoint
+from bagel_core.train.checkpoint import DCP_METADATA, MARKER, TRAIN_STATE, check_checkpoint_files, latest_checkpoint
 
 Weights = Literal["ema", "model"]
 
@@ -318,6 +318,7 @@ class _DcpWeights:
 
         self.path = path
         self.weights = weights
+        check_checkpoint_files(path)  # before torch unpickles .metadata without restriction
         try:
             metadata = FileSystemReader(str(path)).read_metadata()
         except Exception as exc:  # a truncated / foreign .metadata: pickle or attribute errors

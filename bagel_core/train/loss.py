@@ -75,3 +75,14 @@ def micro_loss(
     if loss is None:
         raise RuntimeError("the batch produced neither CE nor MSE terms (and the model was not asked to touch them)")
     return loss, ce_sum, mse_sum
+
+
+def pack_samples(batch: dict[str, Any], limit: int = 8) -> str:
+    """The samples of a pack, for a message: ``dataset file (row group g, row r)``."""
+    entries = batch.get("batch_data_indexes", [])
+    names = [
+        f"{e.get('dataset')} {e.get('source_file')} (row group {e.get('row_group')}, row {e.get('row_index')})"
+        for e in entries[:limit]
+    ]
+    more = len(entries) - limit
+    return "; ".join(names) + (f"; and {more} more" if more > 0 else "")

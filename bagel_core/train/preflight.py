@@ -9,6 +9,7 @@ the trainer will build it).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from bagel_core.sequence.tokens import VAE_DOWNSAMPLE
 from bagel_core.train.args import TrainConfig
 from bagel_core.train.build import WeightsPlan, check_weights, model_config, plan_weights
 from bagel_core.train.lock import check_free, check_writable
+
+log = logging.getLogger(__name__)
 
 #: Upstream's script imports this module when no registry is given (``data/dataset_info.py``).
 UPSTREAM_DATASET_INFO = Path("data/dataset_info.py")
@@ -50,6 +53,7 @@ class LaunchPlan:
             "dataset_config": str(self.dataset_config.source),
             "groups": {name: g.task for name, g in self.dataset_config.groups.items()},
             "manifest": d.manifest or f"built at start-up for world {self.world_size} x {d.num_workers} workers",
+            "packing": d.packing,
             "model": {
                 "layers": bcfg.llm.num_hidden_layers,
                 "hidden": bcfg.llm.hidden_size,
@@ -129,6 +133,23 @@ def check_manifest(cfg: TrainConfig, world_size: int) -> None:
             )
     if meta.get("problems"):
         raise ConfigError(f"--manifest {d.manifest}: some workers get no data:\n  " + "\n  ".join(meta["problems"]))
+    check_packing(cfg, meta)
+
+
+def check_packing(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """A manifest simulated with another ``--packing`` is still right about who reads what (the assignment
+    does not depend on the mode), only its simulation figures describe another run: a warning, not an error."""
+    planned, mine = meta.get("packing"), cfg.data.packing
+    if planned is not None and planned != mine:
+        log.warning(
+            "--manifest %s was simulated with --packing %s, this launch packs with --packing %s: every rank and "
+            "worker reads the same data, but the plan's packing figures (drawn/trained shares, discards) do not "
+            "describe this run; `bagel data plan --packing %s` shows them",
+            cfg.data.manifest,
+            planned,
+            mine,
+            mine,
+        )
 
 
 def check_device(cfg: TrainConfig) -> None:
@@ -163,7 +184,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
     if cfg.data.manifest:
         check_manifest(cfg, world_size)
     else:
-        manifest = build_manifest(config, registry, world_size, cfg.data.num_workers, seed=cfg.data.data_seed)
+        manifest = build_manifest(
+            config, registry, world_size, cfg.data.num_workers, seed=cfg.data.data_seed, packing=cfg.data.packing
+        )
     weights = plan_weights(cfg)
     bcfg = model_config(cfg, weights)
     check_weights(weights, bcfg)

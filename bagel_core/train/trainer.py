@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import torch
 from torch.utils.data import DataLoader
 
+from bagel_core.config.errors import NonFiniteLossError
 from bagel_core.data.tokenizer import load_tokenizer
 from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
 from bagel_core.plan.manifest import write_manifest
@@ -45,7 +46,7 @@ from bagel_core.train.distributed import (
 from bagel_core.train.ema import update_ema
 from bagel_core.train.export import export_checkpoint
 from bagel_core.train.lock import CheckpointDirLock
-from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss
+from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss, pack_samples
 from bagel_core.train.metrics import MetricsLogger, MetricsWindow, WandbSettings, peak_memory_mib, resolve_peak_tflops
 from bagel_core.train.observer import GuardedObserver, NullObserver, TrainingObserver, load_observer
 from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -94,6 +95,7 @@ class Trainer:
         self.write_model_files = model_files_writer(self.model_cfg, self.vae, self.plan, self.tokenizer)
         self.dataset = self._build_dataset()
         self.step = 0
+        self.nonfinite_skipped = 0  # steps dropped by --nonfinite_loss skip (this session)
         self.metrics = MetricsLogger(
             dist_info.rank,
             t.results_dir,
@@ -109,7 +111,11 @@ class Trainer:
         for what, where in self.plan.describe(cfg.model.model_preset).items():
             if where:
                 self.metrics.info(f"{what}: {where}")
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:
+            self.metrics.close()  # its files are open; run() would have closed them
+            raise
 
     # ---- data --------------------------------------------------------------------------------------
     def _manifest_dir(self) -> Path:
@@ -132,6 +138,7 @@ class Trainer:
             max_num_tokens_per_sample=d.max_num_tokens_per_sample,
             prefer_buffer_before=d.prefer_buffer_before,
             max_buffer_size=d.max_buffer_size,
+            mode=d.packing,
         )
         dropout = (
             CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
@@ -208,8 +215,33 @@ class Trainer:
         with torch.no_grad():
             inputs["padded_latent"] = self.vae.encode(images, generator=gen).float()
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step over ``batches`` (this rank's micro-batches); returns global figures."""
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one tiny all-reduce), so all ranks take the same branch."""
+        return all_reduce_max(0.0 if torch.isfinite(loss) else 1.0, self.dist) == 0.0
+
+    def _nonfinite(self, loss: torch.Tensor, batch: dict[str, Any], micro: int) -> None:
+        """``--nonfinite_loss stop``: raise naming the step and this rank's pack (when its loss is the bad one);
+        ``skip``: drop the step's gradients and count it."""
+        t = self.cfg.training
+        loss = loss.detach()
+        mine = not torch.isfinite(loss)
+        where = (
+            f"rank {self.dist.rank}, micro-batch {micro}: loss {loss.item()}; the pack held {pack_samples(batch)}"
+            if mine
+            else f"another rank's loss (rank {self.dist.rank}'s was {loss.item():.4g})"
+        )
+        if t.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} ({where}); pass --nonfinite_loss skip to drop such steps "
+                "and go on, or lower --lr / check those samples"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        self.metrics.info(f"step {self.step + 1} skipped: non-finite loss ({where}); {self.nonfinite_skipped} so far")
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        """One optimizer step over ``batches`` (this rank's micro-batches); returns global figures, or None when
+        the step was skipped for a non-finite loss (``--nonfinite_loss skip``)."""
         t = self.cfg.training
         counts = [local_token_counts(b, t.ce_loss_reweighting) for b in batches]
         ce_n, mse_n = all_reduce_sum([sum(c for c, _ in counts), sum(m for _, m in counts)], self.dist)
@@ -224,8 +256,9 @@ class Trainer:
             loss, ce, mse = micro_loss(
                 terms, batch, tokens, self.dist.world_size, t.ce_weight, t.mse_weight, t.ce_loss_reweighting
             )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step} (micro-batch {micro})")
+            if not self._all_finite(loss):
+                self._nonfinite(loss, batch, micro)
+                return None
             loss.backward()
             ce_sum, mse_sum = ce_sum + ce, mse_sum + mse
         grad_norm = clip_grad_norm(self.model, t.max_grad_norm)
@@ -248,6 +281,7 @@ class Trainer:
             "total_ce_tokens": ce_n,
             "total_mse_tokens": mse_n,
             "total_samples": samples,
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -309,7 +343,9 @@ class Trainer:
             for batch in micro:
                 self.dataset.record(batch)
             self.step += 1
-            if self.step % t.log_every == 0 or self.step == 1:
+            if stats is None:  # skipped (non-finite loss): the data is consumed, the weights are untouched
+                self.scheduler.step()
+            elif self.step % t.log_every == 0 or self.step == 1:
                 window.all_reduce(self.dist.device)
                 stats["peak_mem_mib"] = all_reduce_max(peak_memory_mib(self.dist.device).allocated_mib, self.dist)
                 record = self.metrics.log(self.step, stats, window)

@@ -148,7 +148,8 @@ with warnings.catch_warnings():
                 CHECK_QUARANTINE_RATIO,
                 asset="dataset_index",
                 blocking=True,
-                description="Quarantined / rows per dataset <= max_quarantine_ratio",
+                description="Quarantined share per dataset (unreadable files counted at their estimated size) "
+                "<= max_quarantine_ratio",
             ),
             dg.AssetCheckSpec(
                 CHECK_UNIQUE_KEYS,
@@ -236,7 +237,7 @@ with warnings.catch_warnings():
                 "files": sum(s.files for s in result.datasets),
             },
         )
-        ratios = {f"{s.group}.{s.dataset}": (s.quarantined / s.rows if s.rows else 0.0) for s in result.datasets}
+        ratios = {f"{s.group}.{s.dataset}": s.quarantine_ratio for s in result.datasets}
         over = {k: round(v, 4) for k, v in ratios.items() if v > config.max_quarantine_ratio}
         yield dg.AssetCheckResult(
             check_name=CHECK_QUARANTINE_RATIO,

@@ -55,7 +55,8 @@ def test_example_assets_materialise(tmp_path):
         )
 
 
-def test_broken_shard_fails_the_blocking_registry_check(tmp_path):
+def test_a_dataset_with_no_readable_shard_fails_the_blocking_registry_check(tmp_path):
+    """One unreadable shard is only a warning (tests/reliability/test_data_faults.py); all of them is an error."""
     workspace = PipelineWorkspace(root=str(tmp_path / "ws"))
     with dg.instance_for_test() as instance:
         assert dg.materialize(
@@ -64,8 +65,8 @@ def test_broken_shard_fails_the_blocking_registry_check(tmp_path):
             resources={"workspace": workspace},
             run_config=SMALL_RUN_CONFIG,
         ).success
-        shard = workspace.example_dir / "bagel_example" / "t2i" / "chunk_0.parquet"
-        shard.write_bytes(shard.read_bytes()[:100])  # truncated: footer gone
+        for shard in (workspace.example_dir / "bagel_example" / "t2i").glob("*.parquet"):
+            shard.write_bytes(shard.read_bytes()[:100])  # truncated: footer gone
         result = dg.materialize(
             [dataset_registry], instance=instance, resources={"workspace": workspace}, raise_on_error=False
         )

@@ -43,9 +43,17 @@ def parquet_info_from_footers(data_dir: Path, files: list[Path]) -> dict[str, di
     """Upstream ``parquet_info`` (keys: ``data_dir/filename`` exactly as the loader joins them)."""
     import pyarrow.parquet as pq
 
+    def footer(path: Path):
+        try:
+            return pq.ParquetFile(path).metadata
+        except Exception:  # noqa: BLE001 - unreadable: left out (validation warns, the index quarantines it)
+            return None
+
     info: dict[str, dict[str, int]] = {}
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        meta = footer(path)
+        if meta is None:
+            continue
         info[f"{str(data_dir).rstrip('/')}/{path.name}"] = {
             "num_row_groups": meta.num_row_groups,
             "num_rows": meta.num_rows,

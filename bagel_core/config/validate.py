@@ -78,8 +78,13 @@ def _check_entry(entry: DatasetEntry) -> list[Finding]:
             add("error", "data_dir", f"no *.parquet files directly inside {entry.data_dir}")
             return findings
         rows, per_file, problems = parquet_footer_counts(files)
+        # One corrupt file among many must not stop a pipeline built to quarantine it: the index records it as
+        # file_unreadable (its quarantine-ratio check decides whether the rest may go on) and planning leaves it
+        # out. Only a dataset with no readable file at all is an error.
+        severity = "error" if len(problems) == len(files) else "warning"
         for problem in problems:
-            add("error", "data_dir", problem)
+            add(severity, "data_dir", f"{problem}; its rows count as unknown, the index quarantines it as "
+                "file_unreadable and training never reads it")  # fmt: skip
         if entry.num_files is not None and entry.num_files != len(files):
             add(
                 "warning",

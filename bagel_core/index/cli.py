@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         for failure in s.invariant_failures:
             print(f"error: accounting: {failure}", file=sys.stderr)
             failed = True
-        ratio = s.quarantined / s.rows if s.rows else 0.0
+        ratio = s.quarantine_ratio
         if args.max_quarantine_ratio is not None and ratio > args.max_quarantine_ratio:
             print(
                 f"error: {s.group}/{s.dataset}: quarantine ratio {ratio:.2%} exceeds "

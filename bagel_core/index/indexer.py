@@ -384,9 +384,27 @@ class DatasetSummary:
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def unreadable_rows_estimate(self) -> int:
+        """Samples lost in files that could not be opened (their row count is unknown): the mean rows of this
+        dataset's readable files per unreadable file, at least one each."""
+        readable = self.files - self.files_unreadable
+        per_file = self.rows / readable if readable > 0 else 1.0
+        return self.files_unreadable * max(1, round(per_file))
+
+    @property
+    def quarantine_ratio(self) -> float:
+        """Quarantined share of the dataset's samples, counting unreadable files at their estimated size (a whole
+        file lost would otherwise be invisible: it has no rows in the index)."""
+        lost = self.unreadable_rows_estimate
+        total = self.rows + lost
+        return (self.quarantined + lost) / total if total else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rows_per_s"] = self.rows_per_s
+        d["unreadable_rows_estimate"] = self.unreadable_rows_estimate
+        d["quarantine_ratio"] = self.quarantine_ratio
         return d
 
 

@@ -90,9 +90,17 @@ def load_parquet_info(entry: DatasetEntry) -> dict[str, int]:
                 raise ConfigError(f"{path}: entry {key!r} needs an integer 'num_row_groups'")
             out[key] = value["num_row_groups"]
         return out
+    return {str(p): groups for p in entry.parquet_files() if (groups := readable_row_groups(p)) is not None}
+
+
+def readable_row_groups(path: str | Path) -> int | None:
+    """Row groups from the footer, or None when the file cannot be opened (truncated, not parquet)."""
     import pyarrow.parquet as pq
 
-    return {str(p): pq.ParquetFile(p).num_row_groups for p in entry.parquet_files()}
+    try:
+        return pq.ParquetFile(path).num_row_groups
+    except Exception:  # noqa: BLE001 - any reader error: the index quarantines such a file as file_unreadable
+        return None
 
 
 def list_group_units(group: GroupConfig, registry: Registry) -> GroupUnits:
@@ -110,7 +118,13 @@ def list_group_units(group: GroupConfig, registry: Registry) -> GroupUnits:
             elif num_used < len(files):
                 notes.append(f"{where}: num_used_data {num_used} < {len(files)} files: {len(files) - num_used} unused")
             if group.task == "t2i":
-                units += [DataUnit(group.group, name, f, sort_key=(f,)) for f in chosen]
+                unreadable = sorted({f for f in chosen if readable_row_groups(f) is None})
+                if unreadable:
+                    notes.append(
+                        f"{where}: {len(unreadable)} unreadable file(s) left out (the index quarantines them as "
+                        f"file_unreadable), e.g. {unreadable[0]}"
+                    )
+                units += [DataUnit(group.group, name, f, sort_key=(f,)) for f in chosen if f not in unreadable]
                 continue
             info = load_parquet_info(entry)
             if entry.parquet_info_path is None:

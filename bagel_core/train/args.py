@@ -359,7 +359,8 @@ def _unknown_error(parser: HfArgumentParser, remaining: list[str]) -> ConfigErro
         if tok.startswith("-") and tok != "--":
             name = tok.partition("=")[0]
             key = "--" + name.lstrip("-").replace("-", "_")
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in names else []
+            close = close or difflib.get_close_matches(key, names, n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see `{PROG} --help`)"
             problems.append(f"unknown argument {name}{hint}")
             after_option = "=" not in tok
@@ -416,6 +417,22 @@ def parse_args(
 
 # ---------------------------------------------------------------------------------------------- checks
 LR_SCHEDULERS = ("constant", "cosine")
+MAX_PACK_TOKENS = 1 << 20  # 1M tokens in one pack: ~28x upstream's largest recipe, far past any GPU today
+# Names people bring from other trainers, mapped to upstream's (the spelling check alone suggests nonsense for them).
+SYNONYMS = {
+    "--learning_rate": "--lr",
+    "--max_steps": "--total_steps",
+    "--num_train_steps": "--total_steps",
+    "--train_steps": "--total_steps",
+    "--seed": "--global_seed",
+    "--output_dir": "--results_dir",
+    "--save_steps": "--save_every",
+    "--logging_steps": "--log_every",
+    "--save_total_limit": "--keep_last_k",
+    "--resume": "--auto_resume",
+    "--resume_from_checkpoint": "--resume_from",
+    "--gradient_clipping": "--max_grad_norm",
+}
 NONFINITE_LOSS = ("stop", "skip")
 # torch's ShardingStrategy names upstream passes through; upstream's checkpoint save raises
 # NotImplementedError for all but FULL_SHARD and HYBRID_SHARD (training.md 9.1), i.e. at the first save.
@@ -500,6 +517,11 @@ def validate(cfg: TrainConfig) -> None:
         at_least("prefetch_factor", d.prefetch_factor, 1)
     for flag in ("max_num_tokens", "max_num_tokens_per_sample", "max_buffer_size"):
         at_least(flag, getattr(d, flag), 1)
+    if d.max_num_tokens > MAX_PACK_TOKENS:
+        p.append(
+            f"--max_num_tokens {d.max_num_tokens} is beyond any device: one pack's activations and attention grow "
+            f"with it (BAGEL's recipes use 10240-36864); use at most {MAX_PACK_TOKENS}"
+        )
     for flag in ("max_latent_size", "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side"):
         at_least(flag, getattr(m, flag), 1)
     positive("expected_num_tokens", t.expected_num_tokens)

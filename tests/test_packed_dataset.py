@@ -323,9 +323,9 @@ def _corrupt_first_image(path) -> None:
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     fx = small_fixture(tmp_path / "data")
-    manifest = make_manifest(fx, tmp_path / "manifest")
     _corrupt_first_image(fx.t2i_files[0])
     fx.edit_files[1].write_bytes(b"garbage, not parquet")
+    manifest = make_manifest(fx, tmp_path / "manifest")  # planned on the data as it is (bad parts included)
     ds = make_dataset(fx, manifest)
     batches = list(itertools.islice(iter(ds), 10))
     for batch in batches:

@@ -149,6 +149,8 @@ STATE_VERSION = 1
 #: Consecutive passes over a group's units without one usable sample before the worker gives up
 #: (upstream would loop forever; one bad pass can be chance when only some edit spans exceed the cap).
 MAX_EMPTY_PASSES = 3
+#: files of one worker that may be unreadable, or changed or gone since planning, before training stops
+DEFAULT_MAX_BAD_FILES = 10
 #: Keys of a batch that are not model inputs.
 NON_MODEL_KEYS = ("data_state",)
 #: Skip reason of a sample that fits beside no pack's mandatory samples (``carry``).
@@ -429,7 +431,7 @@ class _Worker:
             if g.group not in units:
                 raise ConfigError(f"{ds.manifest_dir}: the manifest has no group {g.group!r}; rebuild it")
             roots = {name: str(ds.registry.get(g.group, name).data_dir) for name in g.dataset_names}
-            self.streams.append(UnitStream(g.group, g.task, units[g.group], roots))
+            self.streams.append(UnitStream(g.group, g.task, units[g.group], roots, max_bad_files=ds.max_bad_files))
         self.rng = random.Random(f"bagel-packer|{ds.seed}|{ds.rank}|{worker_id}")
         self.buffer: deque[tuple[LoadedSample, int]] = deque()
         self.counters = _new_counters()
@@ -704,6 +706,7 @@ class PackedDataset(IterableDataset):
         nested_masks: bool = False,
         flex_padding: bool = False,
         quarantine: str | Path | None = None,
+        max_bad_files: int = DEFAULT_MAX_BAD_FILES,
     ) -> None:
         super().__init__()
         dataset_config.check_against(registry)
@@ -725,6 +728,7 @@ class PackedDataset(IterableDataset):
         }
         self.params = params or PackingParams()
         self.quarantine = self._quarantine(quarantine)
+        self.max_bad_files = max_bad_files
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
         self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class UnitStream:
     position: Position = (0, 0, 0)
     passes: int = 0
     reads: int = 0
+    # how many of this worker's files may be unreadable or changed since planning before the run stops (0: no limit)
+    max_bad_files: int = 0
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -132,6 +135,9 @@ class UnitStream:
             return self._block_rows[unit]
         u = self.units[unit]
         rows: list[int] | None
+        changed = self._changed_since_planning(u)
+        if changed:
+            return self._fail(unit, changed)
         try:
             if self.task == "vlm":
                 lines = self._jsonl(u.source_file)
@@ -151,10 +157,40 @@ class UnitStream:
                         f"row group {u.row_group} (stale parquet_info?)"
                     )
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
-            rows = None
-            self._failures[unit] = f"cannot open {type(exc).__name__}: {exc}"
+            return self._fail(unit, f"cannot open {type(exc).__name__}: {exc}")
         self._block_rows[unit] = rows
         return rows
+
+    @staticmethod
+    def _changed_since_planning(u: DataUnit) -> str:
+        """Why ``u``'s file is not the one the plan saw (size or mtime differ, or it is gone); "" when it is."""
+        if u.identity is None:
+            return ""
+        try:
+            st = os.stat(u.source_file)
+        except OSError as exc:
+            return f"{u.source_file} is gone since planning ({exc.strerror})"
+        size, mtime = u.identity
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return (
+                f"{u.source_file} changed since planning (size {size} -> {st.st_size} bytes, mtime "
+                f"{'changed' if st.st_mtime_ns != mtime else 'same'}); re-run the index and the plan"
+            )
+        return ""
+
+    def _fail(self, unit: int, reason: str) -> None:
+        """Remember why ``unit`` cannot be read (it is then skipped, counted by the caller) and stop the run once
+        more files than ``max_bad_files`` failed: a few bad files are tolerable, many mean stale data."""
+        self._failures[unit] = reason
+        self._block_rows[unit] = None
+        bad_files = sorted({self.units[u].source_file for u in self._failures})
+        if self.max_bad_files and len(bad_files) > self.max_bad_files:
+            raise DataError(
+                f"{self.group}: {len(bad_files)} files of this worker are unreadable or changed since planning "
+                f"(more than --max_bad_files {self.max_bad_files}), e.g. {self._failures[unit]}; re-run "
+                "`bagel data index` and `bagel data plan` (or the data assets), or raise --max_bad_files"
+            )
+        log.warning("%s: skipping a unit: %s", self.group, reason)
 
     def _normalise(self, pos: Position) -> tuple[Position, bool]:
         """First readable position at or after ``pos`` (a failing unit is one position); wraps."""

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ def build_manifest(
         raise ConfigError(f"packing mode {packing!r} is unknown: use one of {', '.join(PACKING_MODES)}")
     dataset_config.check_against(registry)
     listings: dict[str, GroupUnits] = {name: list_group_units(g, registry) for name, g in dataset_config.groups.items()}
+    _stamp_identities(listings)
     problems = check_capacity(dataset_config, listings, world_size, num_workers)
     if problems and strict:
         raise ManifestCapacityError("some workers would get no data:\n  " + "\n  ".join(problems))
@@ -164,6 +165,25 @@ def build_manifest(
     return Manifest(world_size, num_workers, seed, assignments, groups, problems, inputs, packing, quarantine)
 
 
+def file_identity(path: str | Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _stamp_identities(listings: dict[str, GroupUnits]) -> None:
+    """Record each unit's file identity now, so training can tell a file rewritten, truncated or deleted since."""
+    seen: dict[str, tuple[int, int] | None] = {}
+    for listing in listings.values():
+        for i, unit in enumerate(listing.units):
+            if unit.source_file not in seen:
+                seen[unit.source_file] = file_identity(unit.source_file)
+            listing.units[i] = replace(unit, identity=seen[unit.source_file])
+
+
 def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``manifest.parquet``, ``manifest.json`` and, planned with an index, ``quarantine.parquet``
     (deterministic bytes for the same inputs; a quarantine list of an earlier plan is removed)."""
@@ -186,6 +206,8 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]
                 ("source_file", unit.source_file),
                 ("row_group", unit.row_group),
                 ("line", unit.line),
+                ("file_size", unit.identity[0] if unit.identity else -1),
+                ("file_mtime_ns", unit.identity[1] if unit.identity else -1),
             ):
                 cols[key].append(value)
     schema = pa.schema(
@@ -199,6 +221,8 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> tuple[Path, Path]
             ("source_file", pa.string()),
             ("row_group", pa.int32()),
             ("line", pa.int64()),
+            ("file_size", pa.int64()),
+            ("file_mtime_ns", pa.int64()),
         ]
     )
     table = pa.table({name: cols.get(name, []) for name in schema.names}, schema=schema)
@@ -275,8 +299,10 @@ def read_manifest(
     )
     out: dict[str, list[DataUnit]] = {g: [] for g in meta["groups"]}
     for rec in frame.iter_rows(named=True):
+        size, mtime = rec.get("file_size", -1), rec.get("file_mtime_ns", -1)  # absent in older manifests
+        identity = (size, mtime) if size is not None and size >= 0 else None
         out[rec["group"]].append(
-            DataUnit(rec["group"], rec["dataset"], rec["source_file"], rec["row_group"], rec["line"])
+            DataUnit(rec["group"], rec["dataset"], rec["source_file"], rec["row_group"], rec["line"], identity=identity)
         )
     return out
 

@@ -50,6 +50,8 @@ class DataUnit:
     row_group: int = -1
     line: int = -1
     sort_key: tuple = field(default=(), compare=False, repr=False)
+    # (size in bytes, mtime in ns) of source_file when the plan was made: the loader notices a file changed since
+    identity: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -131,6 +131,11 @@ class DataArguments:
         "Sampling manifest directory (`bagel data plan`): which files/row groups each rank and worker reads. Optional.",
         aliases=("--manifest_dir", "--manifest-dir"),
     )
+    max_bad_files: int = _ours(
+        10,
+        "Files of one DataLoader worker that may turn out unreadable, or changed or deleted since planning, before "
+        "training stops with a message (each is skipped and counted until then; 0: no limit).",
+    )
     packing: str = _ours(
         "carry",
         "Packing mode: carry (a sample that does not fit the pack opens the next one; no sample read is "
@@ -255,6 +260,7 @@ OURS: frozenset[str] = frozenset(
         "dataset_info",
         "manifest",
         "packing",
+        "max_bad_files",
         "activation_checkpointing",
         "keep_last_k",
         "nonfinite_loss",
@@ -513,6 +519,7 @@ def validate(cfg: TrainConfig) -> None:
         if not 0 <= getattr(m, flag) <= 1:
             p.append(f"--{flag} {getattr(m, flag)} is a probability: use a value between 0 and 1")
     at_least("num_workers", d.num_workers, 0, " (0 loads data in the training process)")
+    at_least("max_bad_files", d.max_bad_files, 0, " (0: no limit)")
     if d.num_workers > 0:
         at_least("prefetch_factor", d.prefetch_factor, 1)
     for flag in ("max_num_tokens", "max_num_tokens_per_sample", "max_buffer_size"):

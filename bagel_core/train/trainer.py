@@ -159,6 +159,7 @@ class Trainer:
             max_latent_size=self.model_cfg.max_latent_size,
             interpolate_pos=m.interpolate_pos,
             flex_padding=m.attn_backend == "flex",
+            max_bad_files=d.max_bad_files,
         )
 
     def _batches(self) -> Iterator[dict[str, Any]]:

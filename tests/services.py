@@ -7,6 +7,7 @@ helper modules). Nothing here is a pytest fixture, so the helpers can also be dr
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -344,3 +346,73 @@ def lineage_node_colours(dom: str) -> dict[str, str]:
     """Asset name -> background colour name of its node in the zoomed-out lineage graph (Dagster 1.13's DOM):
     ``green`` materialised, ``red`` failed, ``light`` never materialised or its status not loaded yet."""
     return {name: colour for colour, name in _MINIMAL_NODE.findall(dom)}
+
+
+# ---------------------------------------------------------------- Dagster runs through GraphQL
+
+LAUNCH_RUN = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+  ... on RunConfigValidationInvalid { errors { message } } ... on InvalidSubsetError { message } } }"""
+TERMINATE_RUN = """mutation($id: String!) { terminateRun(runId: $id) { __typename ... on PythonError { message } } }"""
+RUN_STATUS = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
+RUN_MESSAGES = """query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events { __typename
+  ... on MessageEvent { message } } } } }"""
+
+
+@contextlib.contextmanager
+def dagster_ui(home: Path, env: dict[str, str], log_path: Path, cwd: Path, with_daemon: bool = False):
+    """``dagster-webserver`` (or ``dagster dev``, webserver + daemon, when runs must be dequeued) for
+    ``-m pipelines`` on 127.0.0.1; yields its base URL once the code location is loaded."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    command = (
+        [str(bin_dir / "dagster"), "dev", "-m", "pipelines", "-h", "127.0.0.1", "-p", str(port)]
+        if with_daemon
+        else [str(bin_dir / "dagster-webserver"), "-m", "pipelines", "-h", "127.0.0.1", "-p", str(port)]
+    )
+    server = start_process_group(command, {**env, "DAGSTER_HOME": str(home)}, log_path, cwd=cwd)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_webserver(url, server, log_path)
+        yield url
+    finally:
+        stop_process_group(server)
+
+
+def launch_asset_run(url: str, assets: list[str], run_config: dict) -> str:
+    selector = {
+        "repositoryLocationName": "pipelines",
+        "repositoryName": "__repository__",
+        "pipelineName": "__ASSET_JOB",
+        "assetSelection": [{"path": [name]} for name in assets],
+    }
+    params = {"selector": selector, "runConfigData": run_config, "mode": "default"}
+    launched = graphql(url, LAUNCH_RUN, {"params": params})["launchRun"]
+    if launched["__typename"] != "LaunchRunSuccess":
+        raise AssertionError(f"launchRun failed: {launched}")
+    return launched["run"]["runId"]
+
+
+def run_status(url: str, run_id: str) -> str:
+    return graphql(url, RUN_STATUS, {"id": run_id})["runOrError"]["status"]
+
+
+def terminate_run(url: str, run_id: str) -> None:
+    terminated = graphql(url, TERMINATE_RUN, {"id": run_id})["terminateRun"]
+    if terminated["__typename"] != "TerminateRunSuccess":
+        raise AssertionError(f"terminateRun failed: {terminated}")
+
+
+def wait_for_status(url: str, run_id: str, wanted: tuple[str, ...], timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_status(url, run_id)
+        if status in wanted:
+            return status
+        time.sleep(0.5)
+    return run_status(url, run_id)
+
+
+def run_messages(url: str, run_id: str) -> list[str]:
+    events = graphql(url, RUN_MESSAGES, {"id": run_id})["logsForRun"]["events"]
+    return [e.get("message") or "" for e in events]

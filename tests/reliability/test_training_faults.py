@@ -181,3 +181,47 @@ def test_checkpoint_json_state_is_plain_data(saved):
     """train_state.json is parsed as JSON (no code), and a complete step has its marker."""
     step = saved / "ckpt" / "step_1"
     assert (step / MARKER).is_file() and json.loads((step / "train_state.json").read_text())["step"] == 1
+
+
+def _crash_at(monkeypatch, point: str) -> None:
+    """Make the save of step 2 die at ``point``, leaving the disk as a SIGKILL there would (no clean-up runs:
+    the exception is not a disk-space error)."""
+
+    def die(*_args, **_kwargs):
+        raise RuntimeError(f"killed {point}")
+
+    if point == "inside the DCP shard write":
+        monkeypatch.setattr(ckpt_module.dcp, "save", die)
+    elif point == "after the shards, before the per-rank state":
+        real = ckpt_module._save_local
+        monkeypatch.setattr(ckpt_module, "_save_local", lambda obj, p: die() if "rank_" in str(p) else real(obj, p))
+    elif point == "after the marker, before the rename":
+        real_replace = os.replace
+        monkeypatch.setattr(
+            ckpt_module.os, "replace", lambda a, b: die() if str(a).endswith(".step_2.tmp") else real_replace(a, b)
+        )
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "inside the DCP shard write",
+        "after the shards, before the per-rank state",
+        "after the marker, before the rename",
+    ],
+)
+def test_a_save_killed_at_any_point_is_never_used_and_the_previous_step_is(
+    fx, saved, tmp_path, monkeypatch, point, fault
+):
+    ckpt = _copy_checkpoint(saved, tmp_path)
+    argv = [*train_args(fx, tmp_path, total_steps=2, save_every=1, checkpoint_dir=ckpt), "--auto_resume", "True"]
+    _crash_at(monkeypatch, point)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli(argv)
+    monkeypatch.undo()
+    assert complete_steps(ckpt) == [1] and (ckpt / ".step_2.tmp").is_dir()  # the partial save is left, unused
+    assert cli(argv) == 0  # auto_resume takes step_1 and redoes step 2
+    assert complete_steps(ckpt) == [1, 2] and not (ckpt / ".step_2.tmp").exists()
+    assert json.loads((ckpt / "step_2" / "train_state.json").read_text())["step"] == 2
+    fault(f"save of step 2 killed {point}", "step_2 never appears; auto_resume continues from step_1, redoes step 2 "
+          "and replaces the partial folder")  # fmt: skip

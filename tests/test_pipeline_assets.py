@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from assets.example import dataset_registry, example_dataset, example_zip
 from assets.resources import PipelineWorkspace
@@ -76,8 +77,9 @@ def test_a_dataset_with_no_readable_shard_fails_the_blocking_registry_check(tmp_
         assert "cannot read the parquet footer" in str(check.metadata["errors"].value)
 
 
+@pytest.mark.slow  # CI runs this same command, against PostgreSQL, in tests/test_production_instance.py
 def test_job_execute_cli_runs_the_main_job(tmp_path):
-    """README command 1 ends in this command; run it for real (each step in its own process)."""
+    """README command 1 ends in this command; run it for real (SQLite instance in an empty DAGSTER_HOME)."""
     env = dict(os.environ, BAGEL_WORKSPACE=str(tmp_path / "ws"), DAGSTER_HOME=str(tmp_path / "home"))
     Path(env["DAGSTER_HOME"]).mkdir()
     config = tmp_path / "run.yaml"

@@ -85,6 +85,7 @@ def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: 
     return proc.wait(timeout=60)
 
 
+@pytest.mark.slow  # CI runs tests/reliability/test_rank_kill.py (one rank killed) and the secrets canary instead
 def test_sigkill_then_auto_resume_reproduces_the_straight_run_and_wandb_offline(fx, tmp_path, monkeypatch):
     fake_key = "local-" + "5e1f0a9b" * 5
     common = {"num_workers": 2, "total_steps": 6, "log_every": 1, "wandb_offline": True}

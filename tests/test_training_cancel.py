@@ -102,7 +102,7 @@ def test_the_gpu_pool_keeps_a_second_training_waiting_until_the_first_ends(tmp_p
         first = services.launch_asset_run(url, ["training_run"], RUN_CONFIG)
         first_log = _wait_for_training(url, first, [], log)
         second = services.launch_asset_run(url, ["training_run"], RUN_CONFIG)
-        time.sleep(20)  # the daemon has had many ticks to start it, if the pool let it
+        time.sleep(10)  # the daemon has had several ticks to start it, if the pool let it
         assert services.run_status(url, first) == "STARTED"
         assert [p for p in ws.glob("runs/*/torchrun.log") if p != first_log] == []  # no second training started
         assert services.run_status(url, second) in ("QUEUED", "STARTING", "STARTED")

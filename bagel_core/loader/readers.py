@@ -134,16 +134,16 @@ class UnitStream:
         if unit in self._block_rows:
             return self._block_rows[unit]
         u = self.units[unit]
-        rows: list[int] | None
+        rows: list[int]
         changed = self._changed_since_planning(u)
         if changed:
             return self._fail(unit, changed)
         try:
             if self.task == "vlm":
                 lines = self._jsonl(u.source_file)
-                rows = [1] if 0 <= u.line < len(lines) else None
-                if rows is None:
-                    self._failures[unit] = f"JSONL has {len(lines)} lines, the manifest names line {u.line}"
+                if not 0 <= u.line < len(lines):
+                    return self._fail(unit, f"JSONL has {len(lines)} lines, the manifest names line {u.line}")
+                rows = [1]
             else:
                 meta = pq.ParquetFile(u.source_file).metadata
                 if self.task == "t2i":
@@ -151,10 +151,10 @@ class UnitStream:
                 elif 0 <= u.row_group < meta.num_row_groups:
                     rows = [meta.row_group(u.row_group).num_rows]
                 else:
-                    rows = None
-                    self._failures[unit] = (
-                        f"file has {meta.num_row_groups} row groups, the manifest names "
-                        f"row group {u.row_group} (stale parquet_info?)"
+                    return self._fail(
+                        unit,
+                        f"file has {meta.num_row_groups} row groups, the manifest names row group {u.row_group} "
+                        "(stale parquet_info?)",
                     )
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
             return self._fail(unit, f"cannot open {type(exc).__name__}: {exc}")

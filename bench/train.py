@@ -1,6 +1,7 @@
 """End-to-end training throughput: ``torchrun -m bagel_core.train`` on the built-in example data.
 
     python bench/train.py                                   # CPU: tiny and small, 1 and 2 processes
+    python bench/train.py --presets tiny --nprocs 1 --latent-cache both   # the step with and without the cache
     python bench/train.py --device cuda --presets 7b-layers --nprocs 1 \\
         --budgets 10240,11520,10240                          # a GPU: the seed guides' fine-tune budgets
 
@@ -27,14 +28,14 @@ from bagel_core.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prepare_example(root: Path, t2i_files: int) -> tuple[Path, Path]:
+def prepare_example(root: Path, t2i_files: int, edit_files: int = 10) -> tuple[Path, Path]:
     """The built-in example written once under ``root``: (registry YAML, dataset-group YAML)."""
     from bagel_core.config.discover import default_dataset_config, discover_registry
     from bagel_core.data.example_generator import ExampleConfig, write_example_dataset
 
     registry_path, groups_path = root / "registry" / "dataset_info.yaml", root / "registry" / "example.yaml"
     if not registry_path.is_file():
-        data = write_example_dataset(root / "data", ExampleConfig(t2i_files=t2i_files))
+        data = write_example_dataset(root / "data", ExampleConfig(t2i_files=t2i_files, edit_files=edit_files))
         registry = discover_registry(data, parquet_info_dir=root / "registry" / "parquet_info")
         registry.source = registry_path
         registry.save(registry_path)
@@ -42,7 +43,27 @@ def prepare_example(root: Path, t2i_files: int) -> tuple[Path, Path]:
     return registry_path, groups_path
 
 
-def run_one(preset: str, nproc: int, args: argparse.Namespace, registry: Path, groups: Path, out: Path) -> dict:
+def latent_cache(preset: str, registry: Path, groups: Path, root: Path, workers: int) -> tuple[Path, float]:
+    """Index the example and encode its VAE images once with ``preset``'s VAE (the trainer's default seed);
+    returns the cache folder and the seconds the encode took (0 when it was already there)."""
+    from bagel_core.config.dataset_config import load_dataset_config
+    from bagel_core.config.registry import Registry
+    from bagel_core.index.indexer import index_registry
+    from bagel_core.loader.latent_cache import build_latent_cache
+    from bagel_core.train.latents import training_vae
+
+    index = root / "index"
+    if not (index / "index.parquet").is_file():
+        index_registry(Registry.load(registry), index)
+    vae = training_vae("", preset, 4396)
+    result = build_latent_cache(vae, load_dataset_config(groups), index, root / f"latents-{preset}", workers=workers)
+    print(f"  {result.summary()}", flush=True)
+    return root / f"latents-{preset}", result.seconds if result.shards_written else 0.0
+
+
+def run_one(
+    preset: str, nproc: int, args: argparse.Namespace, registry: Path, groups: Path, out: Path, cache: Path | None
+) -> dict:
     expected, maximum, per_sample = args.budgets
     argv = [
         "--dataset_info", registry, "--dataset_config_file", groups, "--model_preset", preset,
@@ -53,6 +74,8 @@ def run_one(preset: str, nproc: int, args: argparse.Namespace, registry: Path, g
     ]  # fmt: skip
     if args.device == "cuda":
         argv += ["--attn_backend", args.attn_backend]
+    if cache is not None:
+        argv += ["--latent_cache", cache]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command += ["-m", "bagel_core.train", *map(str, argv)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), WANDB_MODE="disabled")
@@ -91,25 +114,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", type=int, default=2, help="leading steps left out of the medians")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--t2i-files", type=int, default=10)
+    p.add_argument("--edit-files", type=int, default=10)
+    p.add_argument(
+        "--latent-cache",
+        default="both",
+        choices=["off", "on", "both"],
+        help="VAE images encoded in every step (off), read from a cache built first with `bagel data latents`'s "
+        "code (on), or both side by side",
+    )
+    p.add_argument("--cache-workers", type=int, default=2, help="processes encoding the cache")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args(argv)
     args.budgets = [int(x) for x in args.budgets.split(",")]
     work = Path(args.dir or tempfile.mkdtemp(prefix="bagel-bench-train-"))
-    registry, groups = prepare_example(work / "example", args.t2i_files)
+    registry, groups = prepare_example(work / "example", args.t2i_files, args.edit_files)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.latent_cache]
     print(f"device={args.device} budgets={args.budgets} steps={args.steps} (median over steps > {args.skip})")
-    header = f"{'preset':<10} {'procs':>5} {'s/step':>8} {'tokens/s':>10} {'tok/s/proc':>10} {'MFU':>6} {'peak MiB':>9}"
+    header = (
+        f"{'preset':<10} {'procs':>5} {'latents':>8} {'s/step':>8} {'tokens/s':>10} {'tok/s/proc':>10} {'MFU':>6} "
+        f"{'peak MiB':>9}"
+    )
     print(header)
     for preset in args.presets.split(","):
+        cache = None
+        if True in modes:
+            cache, seconds = latent_cache(preset, registry, groups, work / "example", args.cache_workers)
+            if seconds:
+                print(f"  (latent cache of {preset!r} encoded once in {seconds:.1f}s)")
         for nproc in (int(n) for n in args.nprocs.split(",")):
-            r = run_one(preset, nproc, args, registry, groups, work / f"{preset}-{nproc}")
-            if "error" in r:
-                print(f"{preset:<10} {nproc:>5} failed: {r['error']}")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-            print(
-                f"{preset:<10} {nproc:>5} {r['sec_per_step']:>8.3f} {r['tokens_per_s']:>10.0f} "
-                f"{r['tokens_per_s_per_proc']:>10.0f} {mfu:>6} {r['peak_mem_mib']:>9.0f}"
-            )
+            for cached in modes:
+                label = "cache" if cached else "live"
+                out = work / f"{preset}-{nproc}-{label}"
+                r = run_one(preset, nproc, args, registry, groups, out, cache if cached else None)
+                if "error" in r:
+                    print(f"{preset:<10} {nproc:>5} {label:>8} failed: {r['error']}")
+                    continue
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+                print(
+                    f"{preset:<10} {nproc:>5} {label:>8} {r['sec_per_step']:>8.3f} {r['tokens_per_s']:>10.0f} "
+                    f"{r['tokens_per_s_per_proc']:>10.0f} {mfu:>6} {r['peak_mem_mib']:>9.0f}"
+                )
 
 
 if __name__ == "__main__":

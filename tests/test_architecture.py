@@ -92,4 +92,4 @@ def test_cli_registers_every_subcommand() -> None:
     top = next(a for a in parser._actions if a.dest == "command")
     data = next(a for a in top.choices["data"]._actions if a.dest == "data_command")
     assert {"example", "data", "infer", "export"} <= set(top.choices)
-    assert set(data.choices) == {"download", "registry", "check", "index", "stats", "plan"}
+    assert set(data.choices) == {"download", "registry", "check", "index", "stats", "plan", "latents"}

@@ -15,8 +15,15 @@ from pipelines import defs
 SMALL_RUN_CONFIG = {
     "ops": {"example_zip": {"config": {"t2i_files": 2, "t2i_rows_per_file": 3, "edit_files": 2, "vlm_lines": 6}}}
 }
-# the whole job: the same small example, and a 2-step training run
-JOB_RUN_CONFIG = {"ops": {**SMALL_RUN_CONFIG["ops"], "training_run": {"config": {"total_steps": 2, "save_every": 1}}}}
+# the whole job: the same small example, and a 2-step training run; its images are encoded live (the latent
+# cache's asset and the trainer's use of it are tested in test_training_assets on 64 px images: far cheaper on CPU)
+JOB_RUN_CONFIG = {
+    "ops": {
+        **SMALL_RUN_CONFIG["ops"],
+        "vae_latents": {"config": {"enabled": False}},
+        "training_run": {"config": {"total_steps": 2, "save_every": 1}},
+    }
+}
 
 
 def test_definitions_load_and_job_exists():

@@ -42,6 +42,7 @@ class ImageTransform:
         self.stride = image_stride
         self._mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+        self._per_patch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_args(cls, args: ImageTransformArgs) -> ImageTransform:
@@ -62,6 +63,54 @@ class ImageTransform:
         return image.resize(size, resample=Image.Resampling.BICUBIC)
 
     def __call__(self, image: Image.Image, img_num: int = 1) -> torch.Tensor:
-        resized = self.resize(image, img_num)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (pixels - self._mean) / self._std
+        return self.normalise(self.resize(image, img_num))
+
+    def normalise(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> contiguous float32 ``[3, H, W]`` holding ``(float32(u8) / 255 - mean) / std``."""
+        return self.normalise_into(image, torch.empty(3, image.height, image.width, dtype=torch.float32))
+
+    def normalise_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
+        """Write :meth:`normalise` of ``image`` into ``out`` (a float32 ``[3, H, W]`` view, any strides).
+
+        The same IEEE float32 operations in the same order as the plain version (``np.asarray(image,
+        float32) / 255``, then ``- mean``, then ``/ std``), so every value is bit-identical (a test checks all
+        256 byte values); but the bytes become floats once, straight in the destination (the packed
+        dataset's ``padded_images``), and the three steps run in place there: no float HWC array, copy or
+        intermediate tensors, which made this the loader's costliest step after the resize.
+        """
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        rgb, planes = np.asarray(image), out.numpy()  # HWC bytes; out's memory (CHW) as numpy
+        mean, std = self._mean.view(3), self._std.view(3)
+        for c in range(3):  # one channel plane at a time: converted by numpy (faster than torch's permuted
+            np.copyto(planes[c], rgb[:, :, c], casting="unsafe")  # copy), then scaled while still in cache
+            out[c].div_(255.0).sub_(mean[c]).div_(std[c])
+        return out
+
+    def patches_into(self, image: Image.Image, patch: int, out: torch.Tensor) -> torch.Tensor:
+        """Write ``patchify(normalise(image), patch)`` (``bagel_core.sequence.grid``) into ``out``, a contiguous
+        float32 ``[(H/p)(W/p), p*p*3]`` tensor: patches row-major, each vector (row, col, channel), channel
+        fastest. The bytes are put in patch order first (one byte each, cheaper than moving floats), then
+        normalised in place with per-channel mean/std repeated along the vector: the same operation on
+        every value as :meth:`normalise`, so the patches are bit-identical to patchifying its result."""
+        rows, cols = image.height // patch, image.width // patch
+        grid = _rgb_bytes(image).view(rows, patch, cols, patch, 3).permute(0, 2, 1, 3, 4)
+        out.view(rows, cols, patch, patch, 3).copy_(grid)
+        mean, std = self._patch_moments(patch)
+        return out.div_(255.0).sub_(mean).div_(std)
+
+    def _patch_moments(self, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std laid out like one patch vector (channel fastest), made once per patch size."""
+        cached = self._per_patch.get(patch)
+        if cached is None:
+            cached = (self._mean.view(3).repeat(patch * patch), self._std.view(3).repeat(patch * patch))
+            self._per_patch[patch] = cached
+        return cached
+
+
+def _rgb_bytes(image: Image.Image) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 tensor of an RGB image's pixels (one copy of its bytes)."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode}")
+    # a bytearray, not the bytes object: torch wants a writable buffer (it is only read)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)

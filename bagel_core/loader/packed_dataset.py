@@ -25,6 +25,13 @@ Packing mode (``params.mode``, the trainer's ``--packing``): ``carry`` (default)
 does not fit into the next pack, ``upstream`` discards it as upstream does (8.2 step 4); see
 :mod:`bagel_core.plan.packing`.
 
+Speed (issue #13.4, ``bench/loader.py``; every output value unchanged, pinned by
+``tests/test_loader_pack_digests.py``): a worker's time goes to the bicubic resize, handing the pack's
+large tensors to the main process through shared memory, and PNG/JPEG decoding. Images are therefore
+resized when added but normalised only by :meth:`PackBuilder.finish`, straight into ``padded_images`` /
+``packed_vit_tokens`` (no per-image float tensor, patchify or padding copy), and those two tensors are
+allocated in shared memory inside a DataLoader worker, so the pickler does not copy them again.
+
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
 rejections (:class:`~bagel_core.sequence.tokens.SampleRejected`) are skipped, logged and counted per group
 and reason, as are over-cap skips, samples that fit beside no pack's mandatory samples (``carry``),
@@ -91,15 +98,19 @@ fresh loader after :meth:`PackedDataset.load_state_dict` is exact.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import random
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
@@ -107,6 +118,7 @@ from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer, special_token_ids
 from bagel_core.data.transforms import ImageTransform
+from bagel_core.loader.latent_cache import VAE_STRIDE, LatentCache
 from bagel_core.loader.readers import (
     LoadedSample,
     ReadFailure,
@@ -128,7 +140,7 @@ from bagel_core.plan.packing import (
     pack_events,
 )
 from bagel_core.plan.quarantine import Quarantine, read_index_quarantine
-from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids, patchify
+from bagel_core.sequence.grid import grid_position_ids, interpolated_position_ids
 from bagel_core.sequence.layout import PackedLayout, dense_mask
 from bagel_core.sequence.tokens import (
     DEFAULT_MAX_LATENT_SIZE,
@@ -157,8 +169,74 @@ NON_MODEL_KEYS = ("data_state",)
 UNFIT_REASON = "estimate + the pack's mandatory samples > max_num_tokens (fits no pack)"
 
 
+def _output_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for one of a pack's large fields (the caller writes every element).
+
+    Inside a DataLoader worker it is allocated in shared memory, as torch's own ``default_collate`` does
+    there: a worker hands each tensor of a pack to the main process through shared memory, and one in
+    ordinary memory is first copied into a new shared segment, a whole extra pass over the padded images
+    (the largest field). The values are the same either way.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    like = torch.empty(0, dtype=dtype)
+    return like.new(like._typed_storage()._new_shared(numel)).view(shape)
+
+
+@dataclass(frozen=True)
+class _Resized:
+    """An image resized by its transform and not normalised yet: it is normalised when the pack is finished,
+    straight into ``padded_images`` / ``packed_vit_tokens``, so its float pixels are written once (no per-image
+    float tensor, patchify copy or padding copy). ``shape`` / ``dtype`` are those of the normalised tensor."""
+
+    image: Image.Image
+    transform: ImageTransform
+    dtype = torch.float32
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.image.height, self.image.width)
+
+
+def _pad(tensors: list[torch.Tensor | _Resized]) -> torch.Tensor:
+    """[C, H_i, W_i] tensors (or resized images, normalised here) -> one zero-padded [N, C, max H, max W] batch
+    (their dtype).
+
+    Only the margins are zeroed (each image is written over its corner), not the whole batch first.
+    """
+    hmax = max(t.shape[1] for t in tensors)
+    wmax = max(t.shape[2] for t in tensors)
+    padded = _output_tensor((len(tensors), tensors[0].shape[0], hmax, wmax), tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        h, w = t.shape[1], t.shape[2]
+        if isinstance(t, _Resized):
+            t.transform.normalise_into(t.image, padded[i, :, :h, :w])
+        else:
+            padded[i, :, :h, :w] = t
+        padded[i, :, :h, w:] = 0
+        padded[i, :, h:, :] = 0
+    return padded
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.long)``, the same tensor, built through numpy: ~3x faster on the
+    pack's long index lists (numpy converts the Python ints in one C loop)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
+def _floats(values: list[float]) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.float32)`` through numpy (each double rounded to float32 as torch does)."""
+    return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=4096)
 def _grid_ids(rows: int, cols: int, side: int, interpolate: bool) -> torch.Tensor:
-    """2-D ids of a grid, extrapolated or interpolated (data-format.md 9.2)."""
+    """2-D ids of a grid, extrapolated or interpolated (data-format.md 9.2).
+
+    Cached: a dataset has few distinct grids and every image needs one. Callers only read the tensor
+    (``finish`` concatenates them into a new one), never write it.
+    """
     return interpolated_position_ids(rows, cols, side) if interpolate else grid_position_ids(rows, cols, side)
 
 
@@ -174,12 +252,14 @@ class PackBuilder:
         interpolate_pos: bool,
         transforms: dict[tuple[str, str], ImageTransform],
         multi_image_groups: set[str],
+        latents: LatentCache | None = None,
     ) -> None:
         self.bos, self.eos = token_ids["bos_token_id"], token_ids["eos_token_id"]
         self.soi, self.eoi = token_ids["start_of_image"], token_ids["end_of_image"]
         self.max_latent_size, self.vit_side, self.interpolate = max_latent_size, vit_side, interpolate_pos
         self.transforms = transforms
         self.multi_image_groups = multi_image_groups  # VLM: the pixel budget is split over the images
+        self.latents = latents  # VAE moments encoded once (latent_cache.py); None: every image goes to the VAE live
         self.reset()
 
     def reset(self) -> None:
@@ -190,13 +270,15 @@ class PackBuilder:
         self.pos_ids: list[int] = []
         self.split_lens: list[int] = []
         self.attn_modes: list[str] = []
-        self.vae_images: list[torch.Tensor] = []
+        self.vae_images: list[_Resized] = []
+        self.vae_moments: list[torch.Tensor] = []
+        self.vae_from_cache: list[bool] = []
         self.vae_shapes: list[tuple[int, int]] = []
         self.lat_pos: list[torch.Tensor] = []
         self.vae_idx: list[int] = []
         self.taus: list[float] = []
         self.mse_idx: list[int] = []
-        self.vit_tokens: list[torch.Tensor] = []
+        self.vit_tokens: list[_Resized] = []
         self.vit_pos: list[torch.Tensor] = []
         self.vit_idx: list[int] = []
         self.vit_lens: list[int] = []
@@ -209,12 +291,13 @@ class PackBuilder:
     def empty(self) -> bool:
         return not self.sample_lens
 
-    def _pixels(self, sample: LoadedSample, item, cache: dict) -> torch.Tensor:
+    def _pixels(self, sample: LoadedSample, item, cache: dict) -> _Resized:
+        """The item's image resized by its transform (once per sample), normalised later by :meth:`finish`."""
         key = (item.kind, item.image_index)
         if key not in cache:
             transform = self.transforms[(sample.group, item.kind)]
             img_num = len(sample.images) if sample.group in self.multi_image_groups else 1
-            pixels = transform(sample.images[item.image_index], img_num)
+            pixels = _Resized(transform.resize(sample.images[item.image_index], img_num), transform)
             if (pixels.shape[2], pixels.shape[1]) != tuple(item.image_size):
                 raise DataError(
                     f"{sample.group}: resized to {tuple(pixels.shape[1:])} but the plan says "
@@ -222,6 +305,17 @@ class PackBuilder:
                 )
             cache[key] = pixels
         return cache[key]
+
+    def _cached_moments(self, sample: LoadedSample, item) -> torch.Tensor | None:
+        """The image's moments from the latent cache, when it holds them at the plan's size."""
+        if self.latents is None:
+            return None
+        moments = self.latents.lookup(
+            sample.group, sample.source_file, sample.row_group, sample.row_index, item.image_index
+        )
+        if moments is None or (moments.shape[2] * VAE_STRIDE, moments.shape[1] * VAE_STRIDE) != tuple(item.image_size):
+            return None  # not cached (or at another size: the transform changed) -> encoded live
+        return moments
 
     def add(self, sample: LoadedSample, dropped: set[int], rng: random.Random, worker_id: int = 0) -> int:
         """Append one sample with the items ``dropped`` (CFG) left out; returns the tokens it occupies.
@@ -251,23 +345,34 @@ class PackBuilder:
                 self.cur += n + 2
                 rope += n + 2
                 continue
-            pixels = self._pixels(sample, item, cache)
-            patch = VIT_PATCH_SIZE if item.kind == VIT_IMAGE else VAE_DOWNSAMPLE
-            rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
+            moments = self._cached_moments(sample, item) if item.kind == VAE_IMAGE else None
+            if moments is not None:
+                rows, cols = (
+                    (moments.shape[1] * VAE_STRIDE) // VAE_DOWNSAMPLE,
+                    (moments.shape[2] * VAE_STRIDE) // VAE_DOWNSAMPLE,
+                )
+            else:
+                pixels = self._pixels(sample, item, cache)
+                patch = VIT_PATCH_SIZE if item.kind == VIT_IMAGE else VAE_DOWNSAMPLE
+                rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
             n = rows * cols
             self.text_ids += [self.soi, self.eoi]
             self.text_idx += [cur, cur + n + 1]
             self.pos_ids += [rope] * (n + 2)
             inner = range(cur + 1, cur + 1 + n)
             if item.kind == VIT_IMAGE:
-                self.vit_tokens.append(patchify(pixels, VIT_PATCH_SIZE))
+                self.vit_tokens.append(pixels)  # patchified and normalised by finish, into packed_vit_tokens
                 self.vit_pos.append(_grid_ids(rows, cols, self.vit_side, self.interpolate))
                 self.vit_idx += inner
                 self.vit_lens.append(n)
                 self.attn_modes.append("full")
                 rope += 1
             elif item.kind == VAE_IMAGE:
-                self.vae_images.append(pixels)
+                if moments is not None:
+                    self.vae_moments.append(moments)
+                else:
+                    self.vae_images.append(pixels)
+                self.vae_from_cache.append(moments is not None)
                 self.vae_shapes.append((rows, cols))
                 self.lat_pos.append(_grid_ids(rows, cols, self.max_latent_size, self.interpolate))
                 self.vae_idx += inner
@@ -302,14 +407,24 @@ class PackBuilder:
         )
         return length
 
+    def _vit_tokens(self) -> torch.Tensor:
+        """All ViT patches of the pack, float32 ``[sum n, p*p*3]``: each image patchified and normalised straight
+        into its rows of one output tensor (see ``_output_tensor``)."""
+        out = _output_tensor((sum(self.vit_lens), VIT_PATCH_SIZE * VIT_PATCH_SIZE * 3), torch.float32)
+        start = 0
+        for image, n in zip(self.vit_tokens, self.vit_lens):
+            image.transform.patches_into(image.image, VIT_PATCH_SIZE, out[start : start + n])
+            start += n
+        return out
+
     def finish(self, nested_masks: bool, pad_to: int | None) -> dict[str, Any]:
         long = torch.long
         batch: dict[str, Any] = {
             "sequence_length": self.cur,
             "sample_lens": list(self.sample_lens),
-            "packed_text_ids": torch.tensor(self.text_ids, dtype=long),
-            "packed_text_indexes": torch.tensor(self.text_idx, dtype=long),
-            "packed_position_ids": torch.tensor(self.pos_ids, dtype=long),
+            "packed_text_ids": _longs(self.text_ids),
+            "packed_text_indexes": _longs(self.text_idx),
+            "packed_position_ids": _longs(self.pos_ids),
             "split_lens": list(self.split_lens),
             "attn_modes": list(self.attn_modes),
         }
@@ -325,32 +440,30 @@ class PackBuilder:
             batch["sample_lens"].append(pad_to - self.cur)
             batch["split_lens"].append(pad_to - self.cur)
             batch["attn_modes"].append("causal")
-        if self.vae_images:
-            hmax = max(t.shape[1] for t in self.vae_images)
-            wmax = max(t.shape[2] for t in self.vae_images)
-            padded = torch.zeros(len(self.vae_images), 3, hmax, wmax)
-            for i, t in enumerate(self.vae_images):
-                padded[i, :, : t.shape[1], : t.shape[2]] = t
+        if self.vae_shapes:
+            if self.vae_images:
+                batch["padded_images"] = _pad(self.vae_images)
+            if self.vae_moments:  # only with a latent cache: which VAE images (in order) are moments
+                batch.update(padded_moments=_pad(self.vae_moments), vae_from_cache=list(self.vae_from_cache))
             batch.update(
-                padded_images=padded,
                 patchified_vae_latent_shapes=list(self.vae_shapes),
                 packed_latent_position_ids=torch.cat(self.lat_pos).to(long),
-                packed_vae_token_indexes=torch.tensor(self.vae_idx, dtype=long),
-                packed_timesteps=torch.tensor(self.taus, dtype=torch.float32),
-                mse_loss_indexes=torch.tensor(self.mse_idx, dtype=long),
+                packed_vae_token_indexes=_longs(self.vae_idx),
+                packed_timesteps=_floats(self.taus),
+                mse_loss_indexes=_longs(self.mse_idx),
             )
         if self.vit_tokens:
             batch.update(
-                packed_vit_tokens=torch.cat(self.vit_tokens).to(torch.float32),
+                packed_vit_tokens=self._vit_tokens(),
                 packed_vit_position_ids=torch.cat(self.vit_pos).to(long),
-                packed_vit_token_indexes=torch.tensor(self.vit_idx, dtype=long),
-                vit_token_seqlens=torch.tensor(self.vit_lens, dtype=long),
+                packed_vit_token_indexes=_longs(self.vit_idx),
+                vit_token_seqlens=_longs(self.vit_lens),
             )
         if self.ce_idx:
             batch.update(
-                packed_label_ids=torch.tensor(self.labels, dtype=long),
-                ce_loss_indexes=torch.tensor(self.ce_idx, dtype=long),
-                ce_loss_weights=torch.tensor(self.ce_weights, dtype=torch.float32),
+                packed_label_ids=_longs(self.labels),
+                ce_loss_indexes=_longs(self.ce_idx),
+                ce_loss_weights=_floats(self.ce_weights),
             )
         batch["batch_data_indexes"] = list(self.data_indexes)
         self.reset()
@@ -446,6 +559,7 @@ class _Worker:
             ds.interpolate_pos,
             ds.transforms,
             ds.multi_image_groups,
+            ds.latent_cache,
         )
         if state is not None:
             self._load(state)
@@ -686,6 +800,8 @@ class PackedDataset(IterableDataset):
     build the dense per-sample masks of the non-flex path. ``quarantine``: an index (directory or
     file) whose quarantined samples are passed over unread; default: the list the manifest carries
     (planned with ``--index``), else none. ``params.mode``: the packing mode (``carry`` by default).
+    ``latent_cache``: VAE images found there travel as moments (``padded_moments``, ``vae_from_cache``)
+    instead of pixels; the trainer samples their latents (:func:`~bagel_core.loader.latent_cache.pack_latents`).
     """
 
     def __init__(
@@ -707,6 +823,7 @@ class PackedDataset(IterableDataset):
         flex_padding: bool = False,
         quarantine: str | Path | None = None,
         max_bad_files: int = DEFAULT_MAX_BAD_FILES,
+        latent_cache: LatentCache | None = None,
     ) -> None:
         super().__init__()
         dataset_config.check_against(registry)
@@ -729,6 +846,7 @@ class PackedDataset(IterableDataset):
         self.params = params or PackingParams()
         self.quarantine = self._quarantine(quarantine)
         self.max_bad_files = max_bad_files
+        self.latent_cache = latent_cache
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
         self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side

@@ -319,26 +319,30 @@ class UnitStream:
 
 # ---- decoding ------------------------------------------------------------------------------------
 def decode_image(data: Any, what: str) -> Image.Image:
-    """Encoded bytes -> fully decoded RGB image; any failure is a :class:`SampleRejected`."""
+    """Encoded bytes -> fully decoded RGB image; any failure is a :class:`SampleRejected`.
+
+    The image is decoded from an in-memory buffer and not closed: closing would discard the decoded
+    pixels, so an RGB image (most of them) would need a full copy to survive it; a buffer holds no file.
+    """
     if not isinstance(data, (bytes, bytearray)):
         raise SampleRejected(f"{what}: not binary image bytes ({type(data).__name__})")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img).copy() if img.mode == "RGB" else to_rgb(img)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
 
 
 def open_image_file(path: Path) -> Image.Image:
+    """An image file -> fully decoded RGB image (read whole, then decoded as :func:`decode_image` does)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img).copy() if img.mode == "RGB" else to_rgb(img)
+        data = Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise SampleRejected("image file not found") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
         raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
+    return decode_image(data, str(path))
 
 
 def plan_rng(seed: int, rank: int, worker: int, group: str, visit: int, purpose: str) -> random.Random:

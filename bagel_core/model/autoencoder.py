@@ -175,13 +175,23 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/8, W/8] (posterior *sampled*)."""
-        moments = self.encoder(x.to(self.dtype))
-        mean, logvar = moments.chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu").to(mean)
+    def moments(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> the posterior's moments [B, 2z, H/8, W/8] (mean, then log-variance)."""
+        return self.encoder(x.to(self.dtype))
+
+    def sample_latent(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Moments [..., 2z, h, w] -> a scaled latent sample [..., z, h, w]; the noise is drawn in float32 on the
+        generator's device (the CPU without one), so the same generator state gives the same sample whether the
+        moments were just encoded or read from a latent cache."""
+        mean, logvar = moments.chunk(2, dim=-3)
+        device = generator.device if generator is not None else torch.device("cpu")
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=device).to(mean)
         z = mean + torch.exp(0.5 * logvar) * eps
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/8, W/8] (posterior *sampled*)."""
+        return self.sample_latent(self.moments(x), generator)
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents -> images in about [-1, 1]."""

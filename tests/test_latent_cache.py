@@ -1,0 +1,145 @@
+"""The VAE latent cache: built once, resumable, refused when stale, and the same loss as the live encode."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from packed_fixtures import NO_DROPOUT, make_dataset, make_manifest, small_fixture
+from train_fixtures import records, train_args
+
+from bagel_core.config.dataset_config import load_dataset_config
+from bagel_core.config.errors import ConfigError
+from bagel_core.loader.latent_cache import (
+    MANIFEST,
+    SHARDS,
+    build_latent_cache,
+    open_latent_cache,
+    pack_latents,
+    vae_identity,
+    vae_transforms,
+)
+from bagel_core.train.__main__ import cli
+from bagel_core.train.latents import training_vae
+
+SEED = 7  # train_args' global_seed: the random tiny VAE the trainer builds
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return small_fixture(tmp_path_factory.mktemp("latents") / "data")
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return training_vae("", "tiny", SEED)
+
+
+@pytest.fixture(scope="module")
+def cache(fx, vae, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "latents"
+    result = build_latent_cache(vae, load_dataset_config(fx.groups), fx.index_dir, out)
+    assert result.shards_written > 0 and result.images > 0 and not result.rejected
+    return out
+
+
+def _open(folder: Path, vae, groups_yaml: Path):
+    transforms = vae_transforms(load_dataset_config(groups_yaml))
+    return open_latent_cache(folder, vae_identity(vae), transforms, transforms)
+
+
+def test_packs_carry_cached_moments_whose_latents_equal_the_live_encode(fx, vae, cache, tmp_path):
+    manifest = make_manifest(fx, tmp_path / "manifest")
+    latents, note = _open(cache, vae, fx.groups)
+    assert latents is not None and "shard(s) used" in note
+    # the index's quarantined rows are not cached (they are never trained): pass them over in both
+    live = iter(make_dataset(fx, manifest, dropout=NO_DROPOUT, seed=3, quarantine=fx.index_dir))
+    cached = iter(make_dataset(fx, manifest, dropout=NO_DROPOUT, seed=3, quarantine=fx.index_dir, latent_cache=latents))
+    seen = 0
+    for _ in range(6):
+        a, b = next(live), next(cached)
+        assert torch.equal(a["packed_text_ids"], b["packed_text_ids"])
+        if "patchified_vae_latent_shapes" not in a:
+            continue
+        assert a["patchified_vae_latent_shapes"] == b["patchified_vae_latent_shapes"]
+        assert "padded_images" not in b and all(b["vae_from_cache"])  # every fixture image was cached
+        shapes = a["patchified_vae_latent_shapes"]
+        z_live = pack_latents(vae, shapes, torch.Generator().manual_seed(11), 2, padded_images=a["padded_images"])
+        z_cached = pack_latents(
+            vae,
+            shapes,
+            torch.Generator().manual_seed(11),
+            2,
+            padded_moments=b["padded_moments"],
+            from_cache=b["vae_from_cache"],
+        )
+        torch.testing.assert_close(z_cached, z_live, rtol=0, atol=0)
+        seen += len(shapes)
+    assert seen > 0
+
+
+def test_training_on_the_cache_gives_the_live_losses(fx, cache, tmp_path, capsys):
+    assert cli(train_args(fx, tmp_path / "live", total_steps=2)) == 0
+    assert cli(train_args(fx, tmp_path / "cached", total_steps=2, latent_cache=cache)) == 0
+    used = re.search(r"(\d+) VAE image\(s\) from the latent cache, (\d+) encoded live", capsys.readouterr().out)
+    assert used is not None and int(used[1]) > 0, used
+    live, cached = records(tmp_path / "live" / "results"), records(tmp_path / "cached" / "results")
+    for step in (1, 2):
+        for key in ("loss", "ce", "mse"):
+            assert cached[step][key] == pytest.approx(live[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+def test_a_stale_cache_is_refused_naming_what_differs(fx, vae, cache, tmp_path, capsys):
+    other = training_vae("", "tiny", SEED + 1)
+    latents, why = _open(cache, other, fx.groups)
+    assert latents is None and "sha256" in why and "bagel data latents" in why
+    groups = yaml.safe_load(fx.groups.read_text())
+    groups["t2i_pretrain"]["image_transform_args"]["max_image_size"] = 48
+    changed = tmp_path / "groups.yaml"
+    changed.write_text(yaml.safe_dump(groups, sort_keys=False))
+    latents, why = _open(cache, vae, changed)
+    assert latents is None and "t2i_pretrain" in why and "image_transform_args" in why
+    with pytest.raises(ConfigError, match="does not fit"):
+        build_latent_cache(other, load_dataset_config(fx.groups), fx.index_dir, cache)
+    # the trainer says so and trains live
+    assert cli(train_args(fx, tmp_path / "run", total_steps=1, global_seed=SEED + 5, latent_cache=cache)) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "latent cache refused" in out and "encoded live" in out
+
+
+def test_build_resumes_after_a_kill_and_re_encodes_changed_files(fx, vae, tmp_path):
+    config = load_dataset_config(fx.groups)
+    out = tmp_path / "latents"
+    first = build_latent_cache(vae, config, fx.index_dir, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    # a kill after one shard's rename but before the manifest listed it, and one mid-write
+    name = min(manifest["shards"])
+    del manifest["shards"][name]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / SHARDS / "partial.safetensors.tmp123").write_bytes(b"torn")
+    again = build_latent_cache(vae, config, fx.index_dir, out)
+    assert (again.shards_written, again.shards_kept) == (1, first.shards_written - 1)
+    assert not list((out / SHARDS).glob("*.tmp*"))
+    source = fx.t2i_files[0]
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    latents, note = _open(out, vae, fx.groups)
+    assert latents is not None and "1 left out (source file changed" in note
+    third = build_latent_cache(vae, config, fx.index_dir, out)
+    assert third.shards_written == 1 and third.shards_kept == first.shards_written - 1
+
+
+def test_cli_writes_a_cache_the_trainer_accepts(fx, tmp_path):
+    from bagel_core.cli import main
+
+    out = tmp_path / "latents"
+    argv = ["data", "latents", "--registry", str(fx.registry), "--index", str(fx.index_dir)]
+    argv += ["--dataset-config", str(fx.groups), "--out", str(out), "--global-seed", str(SEED), "--quiet"]
+    assert main([*argv, "--workers", "2"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["vae"]["sha256"] == vae_identity(training_vae("", "tiny", SEED))["sha256"]
+    assert {e["group"] for e in manifest["shards"].values()} == {"t2i_pretrain", "unified_edit"}

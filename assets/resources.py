@@ -48,6 +48,11 @@ class PipelineWorkspace(dg.ConfigurableResource):
         return self.path("manifest")
 
     @property
+    def latents_dir(self) -> Path:
+        """The VAE latent cache (``latents.json`` + ``shards/``) the training run reads."""
+        return self.path("latents")
+
+    @property
     def runs_dir(self) -> Path:
         return self.path("runs")
 
@@ -68,6 +73,10 @@ class TrainingLaunch(dg.ConfigurableResource):
     prefer_buffer_before: int = 16384
     max_buffer_size: int = 50
     packing: str = "carry"  # "carry": no sample read is discarded; "upstream": upstream's rule, exactly
+    # memory plan budgets (`bagel plan-memory`): GiB per GPU and of host RAM per node; 0: the machine that runs
+    # the asset (its GPU, else its CPU and RAM). A k8s launch needs device_memory_gb to be checked.
+    device_memory_gb: float = 0.0
+    host_memory_gb: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -81,4 +90,9 @@ class TrainingLaunch(dg.ConfigurableResource):
             "--max_num_tokens_per_sample", str(self.max_num_tokens_per_sample),
             "--prefer_buffer_before", str(self.prefer_buffer_before), "--max_buffer_size", str(self.max_buffer_size),
             "--packing", self.packing,
-        ]  # fmt: skip
+        ] + self.memory_args()  # fmt: skip
+
+    def memory_args(self) -> list[str]:
+        """The memory plan's budgets, when configured (the trainer and the ``memory_plan_fits`` check use them)."""
+        budgets = (("--device_memory_gb", self.device_memory_gb), ("--host_memory_gb", self.host_memory_gb))
+        return [arg for flag, gb in budgets if gb > 0 for arg in (flag, str(gb))]

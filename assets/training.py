@@ -28,7 +28,9 @@ from assets.k8s_launcher import K8sTorchrunLauncher
 from assets.launcher import LocalTorchrunLauncher
 from assets.resources import PipelineWorkspace, TrainingLaunch
 from assets.sampling_manifest import manifest_mismatches, sampling_manifest
+from assets.vae_latents import vae_latents
 from bagel_core.config.errors import ConfigError
+from bagel_core.loader.latent_cache import MANIFEST as LATENTS_MANIFEST
 from bagel_core.train.checkpoint import TRAIN_STATE, complete_steps, step_dir
 from bagel_core.train.export import verify_checkpoint
 from bagel_core.train.metrics import read_metrics
@@ -67,6 +69,9 @@ class TrainingRunConfig(dg.Config):
     # empty: a fresh folder per Dagster run (runs/<run>/checkpoints). Set a fixed folder to continue one training
     # across runs (with extra_args ["--auto_resume", "True"]); its lock keeps a second training out of it.
     checkpoint_dir: str = ""
+    # read VAE moments from the vae_latents asset's cache when it exists (the trainer refuses, loudly, a cache
+    # made with another VAE or other transforms and encodes live)
+    latent_cache: bool = True
     extra_args: list[str] = Field(default_factory=list)
 
 
@@ -90,6 +95,8 @@ def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: 
     elif config.start_from not in ("base", "latest_export"):
         raise dg.Failure(f"training_run: start_from {config.start_from!r} must be 'base' or 'latest_export'")
     args += ["--model_path", model_path] if model_path else ["--model_preset", config.model_preset]
+    if config.latent_cache and (workspace.latents_dir / LATENTS_MANIFEST).is_file():
+        args += ["--latent_cache", str(workspace.latents_dir)]  # the trainer checks it against its own VAE
     return args + list(config.extra_args)
 
 
@@ -138,10 +145,13 @@ def _draw_losses(records: dict[int, dict]):
 
 
 PREFLIGHT_CHECK = "launch_preflight"
+MEMORY_CHECK = "memory_plan_fits"
 CHECKPOINTS_CHECK = "checkpoints_load_and_losses_finite"
 
 
-def launch_preflight(args: list[str], world_size: int, checkpoint_dir: Path) -> dg.AssetCheckResult:
+def launch_preflight(
+    args: list[str], world_size: int, checkpoint_dir: Path, local_world_size: int | None = None
+) -> dg.AssetCheckResult:
     """The trainer's own start-up checks, run here before any process starts: registry and dataset YAML, the
     branches the data needs, the manifest against this world size (and no empty worker), the starting weights,
     ``max_latent_size`` against the data and the starting checkpoint, ``checkpoint_dir`` writable and not held
@@ -151,7 +161,7 @@ def launch_preflight(args: list[str], world_size: int, checkpoint_dir: Path) -> 
 
     problem = ""
     try:
-        plan = preflight(parse_args(args), world_size)
+        plan = preflight(parse_args(args), world_size, local_world_size)
     except ConfigError as exc:
         problem = str(exc)
     metadata: dict[str, Any] = {"checkpoint_dir": dg.MetadataValue.path(str(checkpoint_dir))}
@@ -162,6 +172,47 @@ def launch_preflight(args: list[str], world_size: int, checkpoint_dir: Path) -> 
         metadata["max_latent_size"] = plan.model.max_latent_size
     return dg.AssetCheckResult(
         check_name=PREFLIGHT_CHECK, passed=not problem, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+    )
+
+
+def plan_ce_tokens(workspace: PipelineWorkspace, launch: TrainingLaunch) -> list[str]:
+    """``--plan_ce_tokens N`` from the token statistics (the most CE tokens a pack of this data can hold), so the
+    memory plan sizes the CE logits for this data instead of a pack of nothing but CE tokens; [] without them."""
+    from bagel_core.stats.token_stats import STATS_FILE
+    from bagel_core.train.memory import ce_tokens_bound
+
+    stats = workspace.stats_dir / STATS_FILE
+    bound = ce_tokens_bound(stats, launch.max_num_tokens) if stats.is_file() else None
+    return [] if bound is None else ["--plan_ce_tokens", str(bound)]
+
+
+def memory_plan_check(args: list[str], launch: TrainingLaunch) -> dg.AssetCheckResult:
+    """The memory plan of this launch (``bagel plan-memory``): bytes per GPU or rank and per node, blocking when
+    it does not fit, with the smallest change that fits. Budgets: the launch resource's ``device_memory_gb`` /
+    ``host_memory_gb``, else this machine's GPU, else its host RAM (a local CPU run). A k8s launch without
+    ``device_memory_gb`` is planned but not judged: this machine says nothing about the pod's GPUs."""
+    from bagel_core.train.preflight import plan_for_arguments
+
+    metadata: dict[str, Any] = {}
+    passed = False
+    try:
+        plan = plan_for_arguments(args, launch.nnodes, launch.nproc_per_node)
+    except ConfigError as exc:
+        metadata["problem"] = dg.MetadataValue.text(str(exc))
+    else:
+        unjudged = launch.backend == "k8s" and launch.device_memory_gb <= 0
+        passed = plan.fits or unjudged
+        metadata.update(
+            verdict="not judged: set launch.device_memory_gb for a k8s launch" if unjudged else plan.verdict,
+            device_peak_gib=round(plan.device_peak / 2**30, 2),
+            host_peak_gib=round(plan.host_peak / 2**30, 2),
+            device=plan.inputs.device,
+            plan=dg.MetadataValue.md(f"```\n{plan.table()}\n```"),
+        )
+        if not passed:
+            metadata["problem"] = dg.MetadataValue.text(plan.summary())
+    return dg.AssetCheckResult(
+        check_name=MEMORY_CHECK, passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
     )
 
 
@@ -227,7 +278,7 @@ class LogTail:
 
 @dg.asset(
     group_name="training",
-    deps=[sampling_manifest],
+    deps=[sampling_manifest, vae_latents],
     kinds={"pytorch"},
     pool="gpu",
     check_specs=[
@@ -237,6 +288,14 @@ class LogTail:
             blocking=True,
             description="Before any process starts: the trainer's own checks (registry, dataset YAML, manifest "
             "against the launch, starting weights, max_latent_size, checkpoint_dir writable and not in use).",
+        ),
+        dg.AssetCheckSpec(
+            MEMORY_CHECK,
+            asset="training_run",
+            blocking=True,
+            description="Before any process starts: the memory plan (weights, gradients, AdamW, EMA, gathered "
+            "units, activations of a full pack, CE logits, VAE; host RAM per node) fits the GPUs, or this machine's "
+            "RAM for a CPU run; otherwise it names the smallest change that fits.",
         ),
         dg.AssetCheckSpec(
             CHECKPOINTS_CHECK,
@@ -266,11 +325,16 @@ def training_run(
     run_dir = workspace.runs_dir / run_key
     progress = TrainingProgress(run_key, checkpoint_root(config, run_dir), run_dir / "results")
     args = [*training_args(config, launch, workspace, run_dir), "--observer", OBSERVER]
+    args += plan_ce_tokens(workspace, launch) if "--plan_ce_tokens" not in args else []
+    memory_result = memory_plan_check(args, launch)
+    yield memory_result
+    if not memory_result.passed:
+        raise dg.Failure(f"training_run: {MEMORY_CHECK} failed: {memory_result.metadata['problem'].value}")
     started = time.monotonic()
     if launch.backend == "k8s":
         yield from _train_on_kubernetes(context, k8s_launcher, launch, args, progress)
     elif launch.backend == "local":
-        preflight_result = launch_preflight(args, launch.world_size, progress.checkpoint_dir)
+        preflight_result = launch_preflight(args, launch.world_size, progress.checkpoint_dir, launch.nproc_per_node)
         yield preflight_result
         if not preflight_result.passed:
             raise dg.Failure(f"training_run: {PREFLIGHT_CHECK} failed: {preflight_result.metadata['problem'].value}")

@@ -5,8 +5,10 @@
     bagel data registry                write the dataset registry + dataset-group YAML for a folder
     bagel data check                   validate a registry before anything runs
     bagel data index | stats | plan    validate+index samples, token statistics, sampling manifest
+    bagel data latents                 encode every VAE image once (the training's latent cache)
     bagel infer                        text-to-image / understanding with a BAGEL checkpoint
     bagel export                       a training step directory -> inference-ready released layout
+    bagel plan-memory <training args>  memory per GPU / node of a launch: table, verdict, smallest change
 
 Each stage package owns its subcommand in a ``cli`` module with an ``add_parser`` function,
 registered here explicitly (a missing module is an import error, never a silent skip). Those
@@ -32,6 +34,8 @@ from bagel_core.inference import cli as inference_cli
 from bagel_core.plan import cli as plan_cli
 from bagel_core.stats import cli as stats_cli
 from bagel_core.train import cli as train_cli
+from bagel_core.train import latents as latents_cli
+from bagel_core.train import memory_cli
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -214,15 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset-config", help="also check a dataset-group YAML against the registry")
     check.set_defaults(func=_cmd_check)
 
-    for stage in (index_cli, stats_cli, plan_cli):
+    for stage in (index_cli, stats_cli, plan_cli, latents_cli):
         stage.add_parser(data_sub)
     inference_cli.add_parser(top)
     train_cli.add_parser(top)
+    memory_cli.add_parser(top)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_training_args", False):  # plan-memory: what it does not know are training arguments
+        args.training_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as exc:

@@ -5,6 +5,7 @@ manifest planned for another world size stops training; stopping the launcher le
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -25,6 +26,7 @@ from assets.training import (
     training_args,
     training_run,
 )
+from assets.vae_latents import vae_latents
 from bagel_core.config.processes import pid_alive
 from pipelines import defs
 from pipelines.automation import new_checkpoint_sensor
@@ -81,11 +83,19 @@ def _plan(ws, instance, launch=LAUNCH):
 
 def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
     ws = _workspace(fx, tmp_path)
+    shutil.copytree(fx.index_dir, ws.index_dir)
     with dg.instance_for_test() as instance:
         _plan(ws, instance)
-        result = _materialize(ws, [training_run, model_export, inference_smoke, checkpoint], instance=instance)
+        selection = [vae_latents, training_run, model_export, inference_smoke, checkpoint]
+        result = _materialize(ws, selection, instance=instance)
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         run = result.run_id[:8]
+        latents = result.asset_materializations_for_node("vae_latents")[0].metadata
+        assert latents["images_encoded"].value > 0 and latents["shards_encoded"].value > 0
+        # the training sampled its latents from that cache (same VAE: training_run's preset and global_seed)
+        log = (ws.runs_dir / run / "torchrun.log").read_text()
+        used = re.search(r"(\d+) VAE image\(s\) from the latent cache", log)
+        assert used is not None and int(used[1]) > 0
         assert instance.get_dynamic_partitions(CHECKPOINTS.name) == [f"{run}-step00000001", f"{run}-step00000002"]
         recorded = instance.fetch_materializations(dg.AssetKey("checkpoint"), limit=10).records
         assert sorted(r.asset_materialization.partition for r in recorded) == [

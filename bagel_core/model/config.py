@@ -179,6 +179,22 @@ def _preset_small() -> BagelConfig:
     )
 
 
+def _preset_mid() -> BagelConfig:
+    """Between ``tiny`` and ``small``, cheap enough for CPU tests of memory: every per-layer tensor is large
+    enough that activations and sharding padding show (GQA with 2 KV heads, head dim 64), the real vocabulary."""
+    return BagelConfig(
+        llm=LLMConfig(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vit=ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+    )
+
+
 def _preset_7b_layers() -> BagelConfig:
     """BAGEL-7B-MoT's real per-layer shapes with 4 decoder and 2 ViT layers: one GPU holds it, so
     throughput and memory per layer can be measured (bench/)."""
@@ -188,11 +204,17 @@ def _preset_7b_layers() -> BagelConfig:
     return cfg
 
 
-PRESETS = {"7b-mot": _preset_7b_mot, "7b-layers": _preset_7b_layers, "tiny": _preset_tiny, "small": _preset_small}
+PRESETS = {
+    "7b-mot": _preset_7b_mot,
+    "7b-layers": _preset_7b_layers,
+    "tiny": _preset_tiny,
+    "mid": _preset_mid,
+    "small": _preset_small,
+}
 
 
 def preset(name: str) -> BagelConfig:
-    """Return a fresh configuration for a named preset (``7b-mot``, ``7b-layers``, ``tiny``, ``small``)."""
+    """Return a fresh configuration for a named preset (``7b-mot``, ``7b-layers``, ``tiny``, ``mid``, ``small``)."""
     try:
         return PRESETS[name]()
     except KeyError:

@@ -3,7 +3,8 @@
 Takes the arguments of upstream's ``train/pretrain_unified_navit.py`` (see ``--help``). Every check
 runs before a process group exists; a ConfigError exits with status 2 and ``error: ...`` on
 stderr. ``--dry_run True`` prints the launch plan (mesh, data, where every weight, the EMA, the
-optimizer state and the data position come from) and the resolved arguments, then exits 0.
+optimizer state and the data position come from, the memory plan) and the resolved arguments as JSON, the
+memory plan's table on stderr, then exits 0.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"warning: {note}", file=sys.stderr)
         from bagel_core.train.preflight import preflight  # torch and the data stack load after --help
 
-        launch = preflight(cfg, world_size_from_env() or 1)
+        launch = preflight(cfg, world_size_from_env() or 1, world_size_from_env("LOCAL_WORLD_SIZE"))
         if cfg.training.dry_run:
             print(json.dumps({"plan": launch.describe(cfg), "arguments": cfg.to_dict()}, indent=2, default=str))
+            if launch.memory is not None:  # the table for people; stdout stays one JSON document
+                print(launch.memory.table(), file=sys.stderr)
             return 0
         from bagel_core.train.trainer import main
 

@@ -89,7 +89,7 @@ class ModelArguments:
     # ---- ours
     model_preset: str = _ours(
         "tiny",
-        "Model preset (tiny, small, 7b-mot) built with random weights when "
+        "Model preset (tiny, mid, small, 7b-layers, 7b-mot) built with random weights when "
         "--model_path is not a directory, for runs without a model download.",
     )
     attn_backend: str | None = _ours(
@@ -140,6 +140,12 @@ class DataArguments:
         "carry",
         "Packing mode: carry (a sample that does not fit the pack opens the next one; no sample read is "
         "discarded) or upstream (upstream's rule, which discards it: editing then trains below its weight).",
+    )
+    latent_cache: str = _ours(
+        "",
+        "Folder written by `bagel data latents`: VAE images found there are not encoded again, their stored "
+        "posterior moments are sampled instead (same loss). Used only with freeze_vae and when its VAE hash and "
+        "image transforms match this run; otherwise training says why and encodes live.",
     )
 
 
@@ -240,6 +246,40 @@ class TrainingArguments:
         "module:attribute of a factory whose object rank 0 tells about the run (started, logged step, complete "
         "checkpoint, export); Dagster's training_run passes assets.pipes_observer:PipesObserver.",
     )
+    device_memory_gb: float = _ours(
+        0.0,
+        "GiB of memory per GPU the memory plan checks the launch against (0: this machine's GPU; an '80 GB' "
+        "A100/H100 has 80 GiB). Giving it plans for GPUs even on a machine without one.",
+    )
+    host_memory_gb: float = _ours(
+        0.0,
+        "GiB of host RAM per node the memory plan checks against (0: this machine's, unless --device_memory_gb "
+        "plans for other machines; then host RAM is not checked).",
+    )
+    plan_ce_tokens: int = _ours(
+        -1,
+        "Most CE (text-loss) tokens one pack can hold, for the memory plan's logits (12 bytes x vocabulary each); "
+        "-1: every token of --max_num_tokens.",
+    )
+    memory_check: str = _ours(
+        "auto",
+        "A launch the memory plan says will not fit: 'error' stops before any weight loads, naming the smallest "
+        "change that fits; 'warn' prints that and goes on; 'off'. 'auto': error on GPUs or when a budget is "
+        "given (--device_memory_gb / --host_memory_gb), warn on CPU.",
+    )
+    lora_rank: int = _ours(
+        0,
+        "LoRA rank (0: off, full training). With LoRA every base weight is frozen in bf16 and only fp32 adapters "
+        "(peft) on --lora_target train; checkpoints hold the adapters, step_final and `bagel export` merge them.",
+    )
+    lora_alpha: float = _ours(0.0, "LoRA alpha: the adapters' output is scaled by alpha / rank (0: the rank, scale 1).")
+    lora_dropout: float = _ours(0.0, "Dropout on the adapters' input (0 <= p < 1).")
+    lora_target: str = _ours(
+        "gen_attn,gen_mlp",
+        "Projections that get adapters, comma-separated: gen_attn (generation expert q/k/v/o), gen_mlp (its "
+        "gate/up/down), und_attn, und_mlp (the understanding expert's); gen, und and all are shorthands. The default "
+        "adapts image generation and leaves understanding exactly the base model's.",
+    )
     dry_run: bool = _ours(
         False,
         "Parse and validate the arguments (values, world size), print the resolved configuration "
@@ -261,10 +301,19 @@ OURS: frozenset[str] = frozenset(
         "manifest",
         "packing",
         "max_bad_files",
+        "latent_cache",
         "activation_checkpointing",
         "keep_last_k",
         "nonfinite_loss",
         "observer",
+        "device_memory_gb",
+        "host_memory_gb",
+        "plan_ce_tokens",
+        "memory_check",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target",
         "dry_run",
     ]
 )
@@ -440,6 +489,7 @@ SYNONYMS = {
     "--gradient_clipping": "--max_grad_norm",
 }
 NONFINITE_LOSS = ("stop", "skip")
+MEMORY_CHECK = ("auto", "error", "warn", "off")
 # torch's ShardingStrategy names upstream passes through; upstream's checkpoint save raises
 # NotImplementedError for all but FULL_SHARD and HYBRID_SHARD (training.md 9.1), i.e. at the first save.
 SHARDING_STRATEGIES = ("HYBRID_SHARD", "FULL_SHARD", "NO_SHARD")
@@ -467,6 +517,7 @@ def validate(cfg: TrainConfig) -> None:
     p: list[str] = []
     _choice(p, "lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     _choice(p, "nonfinite_loss", t.nonfinite_loss, NONFINITE_LOSS)
+    _choice(p, "memory_check", t.memory_check, MEMORY_CHECK)
     if t.sharding_strategy in _UPSTREAM_ONLY_STRATEGIES:
         p.append(
             f"--sharding_strategy {t.sharding_strategy} is not supported: upstream accepts it but fails "
@@ -500,6 +551,9 @@ def validate(cfg: TrainConfig) -> None:
             p.append(f"--{flag} {value} must be > 0")
 
     at_least("keep_last_k", t.keep_last_k, 0, " (0 keeps every checkpoint)")
+    at_least("device_memory_gb", t.device_memory_gb, 0, " (0: detect this machine's GPU)")
+    at_least("host_memory_gb", t.host_memory_gb, 0, " (0: this machine's RAM)")
+    at_least("plan_ce_tokens", t.plan_ce_tokens, -1, " (-1: every token of --max_num_tokens)")
     for flag in (
         "save_every",
         "log_every",
@@ -543,10 +597,42 @@ def validate(cfg: TrainConfig) -> None:
             f"{d.max_num_tokens}: samples in between pass the filter but fit no pack; lower "
             f"--max_num_tokens_per_sample or raise --max_num_tokens"
         )
+    _validate_lora(p, t)
     if not (t.visual_gen or t.visual_und):
         p.append("--visual_gen False and --visual_und False leave nothing to train: keep at least one True")
     if p:
         raise ConfigError("invalid training arguments:\n  " + "\n  ".join(p))
+
+
+def _validate_lora(p: list[str], t: TrainingArguments) -> None:
+    """``--lora_*``: rank >= 0; alpha > 0, dropout in [0, 1) and known targets the run can train."""
+    from bagel_core.train.lora import parse_target
+
+    if t.lora_rank < 0:
+        p.append(f"--lora_rank {t.lora_rank} must be >= 0 (0 turns LoRA off)")
+    try:
+        groups = parse_target(t.lora_target)
+    except ConfigError as exc:
+        p.append(str(exc))
+        groups = ()
+    if t.lora_alpha < 0:
+        p.append(f"--lora_alpha {t.lora_alpha} must be >= 0 (the adapters' scale is alpha / rank; 0: the rank)")
+    if not 0 <= t.lora_dropout < 1:
+        p.append(f"--lora_dropout {t.lora_dropout} must be in [0, 1)")
+    if t.lora_rank <= 0:
+        return
+    gen = [g for g in groups if g.startswith("gen_")]
+    und = [g for g in groups if g.startswith("und_")]
+    if gen and not t.visual_gen:
+        p.append(
+            f"--lora_target {','.join(gen)} adapts the generation expert, which --visual_gen False never runs: "
+            "choose und_attn / und_mlp, or keep --visual_gen True"
+        )
+    if und and t.freeze_und:
+        p.append(
+            f"--lora_target {','.join(und)} adapts the understanding expert, whose paths --freeze_und True detaches "
+            "(its adapters would never train): drop --freeze_und or choose gen_attn / gen_mlp"
+        )
 
 
 def check_world_size(cfg: TrainConfig, world_size: int, local_world_size: int | None = None) -> None:

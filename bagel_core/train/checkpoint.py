@@ -45,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -54,6 +55,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bagel_core.config.errors import CheckpointSaveError, ConfigError
 from bagel_core.train.distributed import Distributed, barrier, broadcast_object
+from bagel_core.train.lora import released_sources
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -344,7 +346,12 @@ def load_checkpoint(
     saved = read_train_state(path)
     weights = _weights_state(state, with_optimizer=not model_only)
     dcp.load(weights, checkpoint_id=str(path))
-    set_model_state_dict(state.model, weights["ema" if (model_only and from_ema) else "model"])
+    if model_only and from_ema and weights["ema"].keys() != weights["model"].keys():
+        # LoRA: the EMA holds the adapters only; the frozen base comes from the model
+        set_model_state_dict(state.model, weights["model"])
+        set_model_state_dict(state.model, weights["ema"], options=StateDictOptions(strict=False))
+    else:
+        set_model_state_dict(state.model, weights["ema" if (model_only and from_ema) else "model"])
     set_model_state_dict(state.ema, weights["ema"])
     if model_only:
         source = "EMA" if from_ema else "model"
@@ -371,9 +378,15 @@ def load_full_weights(model: nn.Module, full: dict[str, torch.Tensor] | None, di
 
     Tensor by tensor, rank 0 broadcasts the full tensor and every rank keeps its own shard, so host
     memory holds one full copy (rank 0's), not one per rank (upstream's start-up OOM, training.md 11).
-    Keys must match exactly; the error names the differences.
+    Keys must match exactly; the error names the differences. A model with LoRA adapters takes its base weights
+    under their released names (``q_proj.base_layer.weight`` from ``q_proj.weight``) and keeps its adapters.
     """
     targets = model.state_dict()
+    released = released_sources(targets)
+    if released is not None:
+        targets = {released[k]: v for k, v in targets.items() if released[k] is not None}
+        if not targets:  # the EMA of a LoRA run (adapters only): nothing to take from a full state dict
+            return
     keys = broadcast_object(sorted(full) if dist_info.is_main and full is not None else None, dist_info)
     missing, unexpected = sorted(set(targets) - set(keys)), sorted(set(keys) - set(targets))
     if missing or unexpected:

@@ -65,6 +65,15 @@ from bagel_core.model.checkpoint_io import (
 )
 from bagel_core.model.config import BagelConfig
 from bagel_core.train.checkpoint import DCP_METADATA, MARKER, TRAIN_STATE, check_checkpoint_files, latest_checkpoint
+from bagel_core.train.lora import (
+    ADAPTER,
+    ADAPTER_WEIGHTS,
+    LoRA,
+    adapter_file_key,
+    is_adapter_key,
+    merge,
+    saved_lora,
+)
 
 Weights = Literal["ema", "model"]
 
@@ -97,6 +106,7 @@ def export_checkpoint(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    adapter_only: bool = False,
 ) -> Path:
     """Write ``out`` (released layout) from a training checkpoint; returns ``out``.
 
@@ -109,6 +119,9 @@ def export_checkpoint(
     ``ae.safetensors`` and optional tokenizer files, used instead of the checkpoint's own.
     ``overwrite``: replace an existing non-empty ``out`` (otherwise a ConfigError).
     ``progress``: called as ``progress(bytes_done, bytes_total)`` after each chunk.
+    ``adapter_only``: a LoRA checkpoint's adapters alone, in peft's format (``adapter_model.safetensors`` +
+    ``adapter_config.json``) instead of the merged model; a LoRA checkpoint otherwise exports merged weights
+    (``W + alpha / rank * B @ A`` in fp32, then ``dtype``) under the released names.
     Errors are :class:`ConfigError` naming the path and the fix.
     """
     checkpoint = Path(checkpoint)
@@ -131,7 +144,16 @@ def export_checkpoint(
     expected = _expected(cfg)
     _check_vae(source_dir, cfg)
     step = _step_of(checkpoint)
-    if is_dcp:
+    lora = _lora_of(checkpoint) if is_dcp else LoRA()
+    if adapter_only and not lora.enabled:
+        raise ConfigError(
+            f"{checkpoint} was not trained with LoRA (--lora_rank 0): it has no adapter to export; drop --adapter-only"
+        )
+    if adapter_only:
+        return _export_adapter(checkpoint, out, weights, dtype, lora, source_dir, step, overwrite)
+    if lora.enabled:
+        read = _LoraDcpWeights(checkpoint, weights, expected, lora)
+    elif is_dcp:
         read = _DcpWeights(checkpoint, weights, expected)
     else:
         read = _SafetensorsWeights(checkpoint, weights, expected)
@@ -169,8 +191,12 @@ def verify_checkpoint(checkpoint: str | Path) -> int:
     cfg = _read_source_config(checkpoint)
     expected = _expected(cfg)
     _check_vae(checkpoint, cfg)
+    lora = _lora_of(checkpoint)
     for weights in ("model", "ema"):
-        _DcpWeights(checkpoint, weights, expected)
+        if lora.enabled:
+            _LoraDcpWeights(checkpoint, weights, expected, lora)
+        else:
+            _DcpWeights(checkpoint, weights, expected)
     return len(expected)
 
 
@@ -405,6 +431,188 @@ class _SafetensorsWeights:
         if progress is not None:
             progress(total, total)
         return result
+
+
+def _dcp_entries(path: Path) -> dict:
+    """DCP metadata entries of a step directory (checked before torch unpickles it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    check_checkpoint_files(path)
+    try:
+        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:  # a truncated / foreign .metadata: pickle or attribute errors
+        raise ConfigError(
+            f"{path / DCP_METADATA}: unreadable torch.distributed.checkpoint metadata ({exc}); "
+            "export another complete step"
+        ) from exc
+
+
+def _lora_of(checkpoint: Path) -> LoRA:
+    """The LoRA settings of a DCP step directory: adapters in its metadata and the run's ``--lora_*`` arguments in
+    ``train_state.json`` (both or neither)."""
+    lora = saved_lora(checkpoint)
+    if not (checkpoint / DCP_METADATA).is_file():
+        return lora
+    has_adapters = any(k.startswith("model.") and is_adapter_key(k) for k in _dcp_entries(checkpoint))
+    if has_adapters != lora.enabled:
+        raise ConfigError(
+            f"{checkpoint}: its DCP files {'hold' if has_adapters else 'hold no'} LoRA adapters but {TRAIN_STATE} "
+            f"says {'no --lora_rank' if not lora.enabled else lora.describe()}; the folder is inconsistent: export "
+            "another step"
+        )
+    return lora
+
+
+class _LoraDcpWeights:
+    """The merged weights of a LoRA step directory, read single-process in chunks: the frozen base from ``model``
+    (the ``ema`` entry of a LoRA run holds the adapters only; the base never changes) and the adapters from
+    ``weights``; released keys out."""
+
+    def __init__(
+        self, path: Path, weights: Weights, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], lora: LoRA
+    ):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path, self.weights, self.expected, self.lora = path, weights, expected, lora
+        entries = _dcp_entries(path)
+        wrapped = {
+            k[len("model.") : -len(f".lora_A.{ADAPTER}.weight")]
+            for k in entries
+            if k.startswith("model.") and k.endswith(f".lora_A.{ADAPTER}.weight")
+        }
+        self.adapters = sorted(wrapped)
+        self.sources: dict[str, list[tuple[str, str]]] = {}
+        for key in expected:
+            module, _, leaf = key.rpartition(".")
+            if module in wrapped and leaf == "weight":
+                self.sources[key] = [
+                    ("model", f"{module}.base_layer.weight"),
+                    (weights, f"{module}.lora_A.{ADAPTER}.weight"),
+                    (weights, f"{module}.lora_B.{ADAPTER}.weight"),
+                ]
+            elif module in wrapped:
+                self.sources[key] = [("model", f"{module}.base_layer.{leaf}")]
+            else:
+                self.sources[key] = [("model", key)]
+        needed = {f"{top}.{name}" for srcs in self.sources.values() for top, name in srcs}
+        missing = sorted(needed - set(entries))
+        if missing:
+            raise ConfigError(
+                f"{path}: a LoRA checkpoint without {key_listing(missing)} ({weights!r} weights); the folder does not "
+                "belong to these configs or is damaged: export another step"
+            )
+        not_tensors = sorted(k for k in needed if not isinstance(entries[k], TensorStorageMetadata))
+        if not_tensors:
+            raise ConfigError(f"{path}: entries that are not tensors: {key_listing(not_tensors)}")
+        found = {k: tuple(entries[f"{srcs[0][0]}.{srcs[0][1]}"].size) for k, srcs in self.sources.items()}
+        _compare(f"{path} ({weights!r} weights, LoRA)", path, {k: s for k, (s, _) in expected.items()}, found)
+        for module in self.adapters:
+            a = tuple(entries[f"{weights}.{module}.lora_A.{ADAPTER}.weight"].size)
+            b = tuple(entries[f"{weights}.{module}.lora_B.{ADAPTER}.weight"].size)
+            out_f, in_f = found[f"{module}.weight"]
+            if a != (lora.rank, in_f) or b != (out_f, lora.rank):
+                raise ConfigError(
+                    f"{path}: adapter {module} has shapes {a}, {b}, not rank {lora.rank} of {(out_f, in_f)} as "
+                    f"{TRAIN_STATE} says; the folder is inconsistent: export another step"
+                )
+        self.stored = {name: entries[name].properties.dtype for name in needed}
+        self.shapes = {name: tuple(entries[name].size) for name in needed}
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{"top.key": tensor}`` for the given DCP names (one ``dcp.load``)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for name in names:
+            top, _, key = name.partition(".")
+            state.setdefault(top, {})[key] = torch.empty(self.shapes[name], dtype=self.stored[name])
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+                dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+        except (CheckpointException, Exception) as exc:  # a BaseException wrapping per-rank errors
+            raise ConfigError(
+                f"{self.path}: reading the LoRA checkpoint's tensors failed ({_short(exc)}); the checkpoint is damaged "
+                "or incomplete (are all __<rank>_<i>.distcp files present?): export another step"
+            ) from exc
+        return {f"{top}.{key}": v for top, d in state.items() for key, v in d.items()}
+
+    def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
+        def nbytes(key: str) -> int:
+            return sum(_numel(self.shapes[f"{t}.{n}"]) * self.stored[f"{t}.{n}"].itemsize for t, n in self.sources[key])
+
+        sizes = [(k, nbytes(k)) for k in self.expected]
+        total = sum(n for _, n in sizes)
+        done = 0
+        result: dict[str, torch.Tensor] = {}
+        for keys in _chunks(sizes, chunk_bytes):
+            read = self._read(sorted({f"{t}.{n}" for k in keys for t, n in self.sources[k]}))
+            for k in keys:
+                srcs = [read[f"{t}.{n}"] for t, n in self.sources[k]]
+                value = merge(srcs[0], srcs[1], srcs[2], self.lora.scaling) if len(srcs) == 3 else srcs[0]
+                result[k] = _cast(value, dtype)
+            del read
+            chunk = set(keys)
+            done += sum(n for k, n in sizes if k in chunk)
+            if progress is not None:
+                progress(done, total)
+        return result
+
+    def adapter_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The adapters of ``weights`` under peft's saved names (``base_model.model.<module>.lora_A.weight``)."""
+        names = [f"{self.weights}.{m}.{ab}.{ADAPTER}.weight" for m in self.adapters for ab in ("lora_A", "lora_B")]
+        read = self._read(names)
+        return {
+            adapter_file_key(m, ab): _cast(read[f"{self.weights}.{m}.{ab}.{ADAPTER}.weight"], dtype)
+            for m in self.adapters
+            for ab in ("lora_A", "lora_B")
+        }
+
+
+def _export_adapter(
+    checkpoint: Path,
+    out: Path,
+    weights: Weights,
+    dtype: torch.dtype,
+    lora: LoRA,
+    source_dir: Path,
+    step: int | None,
+    overwrite: bool,
+) -> Path:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` (peft's format) of a LoRA step directory."""
+    cfg = _read_source_config(source_dir)
+    read = _LoraDcpWeights(checkpoint, weights, _expected(cfg), lora)
+    config = lora.peft_config()
+    config.base_model_name_or_path = _base_model_of(checkpoint)
+    tmp = out.parent / f".{out.name}.tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        metadata = {"format": "pt", "source": str(checkpoint.resolve()), "weights": weights}
+        if step is not None:
+            metadata["step"] = str(step)
+        _save(tmp / ADAPTER_WEIGHTS, read.adapter_tensors(dtype), metadata)
+        config.save_pretrained(str(tmp))
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _base_model_of(checkpoint: Path) -> str | None:
+    """The model directory the LoRA run started from (``--model_path``), when the checkpoint's config names one
+    that exists here: where the adapter's base weights live in the released layout."""
+    try:
+        model_path = json.loads((checkpoint / TRAIN_STATE).read_text())["config"]["model"]["model_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = Path(model_path)
+    return str(path.resolve()) if (path / LLM_CONFIG).is_file() else None
 
 
 def _numel(shape: tuple[int, ...]) -> int:

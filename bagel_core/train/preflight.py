@@ -23,9 +23,21 @@ from bagel_core.config.validate import require_valid
 from bagel_core.model.config import BagelConfig
 from bagel_core.plan.manifest import Manifest, build_manifest, read_manifest_meta
 from bagel_core.sequence.tokens import VAE_DOWNSAMPLE
-from bagel_core.train.args import TrainConfig
-from bagel_core.train.build import WeightsPlan, check_weights, model_config, plan_weights
+from bagel_core.train.args import TrainConfig, parse_args
+from bagel_core.train.build import (
+    CHECKPOINT,
+    MODEL_DIR,
+    RANDOM,
+    RESUME,
+    WeightsPlan,
+    check_weights,
+    model_config,
+    plan_weights,
+)
 from bagel_core.train.lock import check_free, check_writable
+from bagel_core.train.lora import check_launch as check_lora_launch
+from bagel_core.train.lora import describe_plan as describe_lora
+from bagel_core.train.memory import MemoryPlan, MemoryPlanError, inputs_from_config, plan_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,7 @@ class LaunchPlan:
     model: BagelConfig  # the model's configuration with the run's flags (model_config)
     world_size: int
     manifest: Manifest | None  # built here when --manifest was not given
+    memory: MemoryPlan | None = None  # what every rank will hold (check_memory)
 
     def describe(self, cfg: TrainConfig) -> dict[str, Any]:
         t, d, bcfg = cfg.training, cfg.data, self.model
@@ -62,7 +75,8 @@ class LaunchPlan:
                 "max_latent_size": bcfg.max_latent_size,
                 "attn_backend": cfg.model.attn_backend,
             },
-            "state": self.weights.describe(cfg.model.model_preset),
+            "state": describe_lora(self.weights.describe(cfg.model.model_preset), t),
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
 
 
@@ -166,14 +180,60 @@ def check_device(cfg: TrainConfig) -> None:
             raise ConfigError("--attn_backend flash needs flash-attn: pip install '.[gpu]'") from exc
 
 
+def plan_launch_memory(
+    cfg: TrainConfig, weights: WeightsPlan, bcfg: BagelConfig, world_size: int, local_world_size: int | None = None
+) -> MemoryPlan:
+    """The memory plan of this launch (``bagel_core.train.memory``): ``local_world_size`` processes per node
+    (``LOCAL_WORLD_SIZE``; all of them on one node when unknown); budgets as ``inputs_from_config`` says."""
+    per_node = local_world_size if local_world_size and world_size % local_world_size == 0 else world_size
+    loads = {RANDOM: "random", RESUME: "dcp", CHECKPOINT: "dcp"}.get(weights.kind, "full")
+    name = f"preset {cfg.model.model_preset}" if weights.kind == RANDOM else str(weights.config_dir or weights.source)
+    inputs = inputs_from_config(cfg, bcfg, world_size // per_node, per_node, loads, model_name=name)
+    return plan_memory(inputs)
+
+
+def plan_for_arguments(argv: list[str], nnodes: int = 1, nproc_per_node: int = 1) -> MemoryPlan:
+    """The memory plan of ``python -m bagel_core.train ARGV`` on ``nnodes`` x ``nproc_per_node`` processes,
+    from the arguments and the model's configuration only (no data, no weights): ``bagel plan-memory`` and the
+    Dagster check call this. A ``--model_path`` that does not exist here is planned as the released
+    BAGEL-7B-MoT (configs of the release, weights read on rank 0), so a cluster's command plans anywhere."""
+    world = nnodes * nproc_per_node
+    cfg = parse_args(argv, world_size=world, local_world_size=nproc_per_node)
+    try:
+        weights = plan_weights(cfg)
+    except ConfigError:
+        if "model_path" not in cfg.given or Path(cfg.model.model_path).exists():
+            raise
+        cfg.model.model_preset = "7b-mot"
+        weights = WeightsPlan(MODEL_DIR, Path(cfg.model.model_path), None, True, True)
+    return plan_launch_memory(cfg, weights, model_config(cfg, weights), world, nproc_per_node)
+
+
+def check_memory(cfg: TrainConfig, plan: MemoryPlan) -> None:
+    """Refuse a launch the plan says will not fit (``--memory_check``), before any weight is loaded, naming the
+    smallest change that fits. ``auto`` refuses on GPUs and whenever a budget was given; on a CPU it warns: host
+    memory is elastic there (swap) and CPU runs are tests and examples planned for the worst pack."""
+    t = cfg.training
+    if plan.fits or t.memory_check == "off":
+        return
+    given = t.device_memory_gb > 0 or t.host_memory_gb > 0
+    if t.memory_check == "error" or (t.memory_check == "auto" and (plan.inputs.device == "cuda" or given)):
+        raise MemoryPlanError(
+            f"{plan.summary()}\n(`bagel plan-memory` with these arguments prints the whole table; "
+            "--memory_check warn launches anyway)"
+        )
+    log.warning("%s", plan.summary())
+
+
 def check_checkpoint_dir(cfg: TrainConfig) -> None:
     """Writable, and not held by another live training (the trainer takes the lock on rank 0)."""
     check_writable(cfg.training.checkpoint_dir)
     check_free(cfg.training.checkpoint_dir)
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
-    """Run every check; returns the launch plan (raises ConfigError on the first contradiction)."""
+def preflight(cfg: TrainConfig, world_size: int, local_world_size: int | None = None) -> LaunchPlan:
+    """Run every check; returns the launch plan (raises ConfigError on the first contradiction). The memory
+    plan is made for ``local_world_size`` processes per node (``LOCAL_WORLD_SIZE``)."""
     registry = load_registry(cfg)
     config = load_dataset_config(cfg.data.dataset_config_file)
     config.check_against(registry)
@@ -190,6 +250,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> LaunchPlan:
     weights = plan_weights(cfg)
     bcfg = model_config(cfg, weights)
     check_weights(weights, bcfg)
+    check_lora_launch(cfg.training, weights, bcfg.llm)
     if bcfg.visual_gen:
         check_latent_table(cfg, config, bcfg.max_latent_size)
-    return LaunchPlan(registry, config, weights, bcfg, world_size, manifest)
+    memory = plan_launch_memory(cfg, weights, bcfg, world_size, local_world_size)
+    check_memory(cfg, memory)
+    return LaunchPlan(registry, config, weights, bcfg, world_size, manifest, memory)

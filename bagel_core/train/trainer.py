@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from bagel_core.config.errors import NonFiniteLossError
 from bagel_core.data.tokenizer import load_tokenizer
+from bagel_core.loader.latent_cache import LatentCache, open_latent_cache, pack_latents, vae_identity, vae_transforms
 from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
 from bagel_core.plan.manifest import write_manifest
 from bagel_core.plan.packing import CfgDropout, PackingParams
@@ -46,6 +47,7 @@ from bagel_core.train.distributed import (
 from bagel_core.train.ema import update_ema
 from bagel_core.train.export import export_checkpoint
 from bagel_core.train.lock import CheckpointDirLock
+from bagel_core.train.lora import describe_plan as describe_lora
 from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss, pack_samples
 from bagel_core.train.metrics import MetricsLogger, MetricsWindow, WandbSettings, peak_memory_mib, resolve_peak_tflops
 from bagel_core.train.observer import GuardedObserver, NullObserver, TrainingObserver, load_observer
@@ -93,6 +95,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.state = TrainingState(self.model, self.ema, self.optimizer, self.scheduler)
         self.write_model_files = model_files_writer(self.model_cfg, self.vae, self.plan, self.tokenizer)
+        self.latents, latent_note = self._latent_cache()
+        self.vae_images = {"cached": 0, "live": 0}  # this session's VAE images by source
         self.dataset = self._build_dataset()
         self.step = 0
         self.nonfinite_skipped = 0  # steps dropped by --nonfinite_loss skip (this session)
@@ -108,7 +112,9 @@ class Trainer:
             progress_total=t.total_steps,
         )
         self.metrics.info(built)
-        for what, where in self.plan.describe(cfg.model.model_preset).items():
+        if latent_note:
+            self.metrics.info(latent_note)
+        for what, where in describe_lora(self.plan.describe(cfg.model.model_preset), t).items():
             if where:
                 self.metrics.info(f"{what}: {where}")
         try:
@@ -160,7 +166,20 @@ class Trainer:
             interpolate_pos=m.interpolate_pos,
             flex_padding=m.attn_backend == "flex",
             max_bad_files=d.max_bad_files,
+            latent_cache=self.latents,
         )
+
+    def _latent_cache(self) -> tuple[LatentCache | None, str]:
+        """``--latent_cache`` when it fits this run's VAE and transforms, with the line the log gets; a cache that
+        does not fit is refused loudly and every VAE image is encoded live."""
+        d, t = self.cfg.data, self.cfg.training
+        if not d.latent_cache:
+            return None, ""
+        if not t.freeze_vae:
+            return None, f"WARNING: --latent_cache {d.latent_cache} ignored: freeze_vae is off; encoding live"
+        groups = vae_transforms(self.launch.dataset_config)
+        cache, note = open_latent_cache(d.latent_cache, vae_identity(self.vae), groups, groups)
+        return cache, note if cache is not None else f"WARNING: {note}; every VAE image is encoded live (slower)"
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         d = self.cfg.data
@@ -208,13 +227,25 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _encode(self, inputs: dict[str, Any], slot: int) -> None:
-        """Replace ``padded_images`` by VAE latents (frozen VAE, no grad, seeded posterior sample)."""
-        if "padded_images" not in inputs:
+        """Replace ``padded_images`` / ``padded_moments`` by VAE latents: each image encoded alone by the frozen VAE
+        (or its cached moments), its posterior sampled from the (step, slot) generator in pack order."""
+        shapes = inputs.get("patchified_vae_latent_shapes")
+        if not shapes:
             return
-        images = inputs.pop("padded_images").to(self.dist.device, self.vae.dtype)
+        from_cache = inputs.pop("vae_from_cache", None)
+        if from_cache is not None:
+            self.vae_images["cached"] += sum(from_cache)
+        self.vae_images["live"] += len(shapes) - (sum(from_cache) if from_cache is not None else 0)
         gen = step_generator(self.cfg.training.global_seed, self.step, slot, 0, self.dist.device)
-        with torch.no_grad():
-            inputs["padded_latent"] = self.vae.encode(images, generator=gen).float()
+        inputs["padded_latent"] = pack_latents(
+            self.vae,
+            shapes,
+            gen,
+            self.model_cfg.latent_patch_size,
+            padded_images=inputs.pop("padded_images", None),
+            padded_moments=inputs.pop("padded_moments", None),
+            from_cache=from_cache,
+        )
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (one tiny all-reduce), so all ranks take the same branch."""
@@ -311,6 +342,11 @@ class Trainer:
         if self.step < t.total_steps:
             self._train_until(t.total_steps)
         self.metrics.info(f"Reached total_steps={t.total_steps}, stopping training.")
+        if self.latents is not None:
+            n = self.vae_images
+            self.metrics.info(
+                f"rank {self.dist.rank}: {n['cached']} VAE image(s) from the latent cache, {n['live']} encoded live"
+            )
         last = step_dir(t.checkpoint_dir, self.step)
         if not (last / MARKER).is_file():
             last = self.save()

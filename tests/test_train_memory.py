@@ -139,6 +139,24 @@ def test_planned_state_bytes_equal_what_one_process_allocates(one_process, name,
     _check_held(name, flags, got, num_shard=1, rank=0)
 
 
+@pytest.mark.parametrize("name", ["tiny", "mid"])
+def test_planned_state_bytes_equal_what_a_lora_run_allocates(one_process, name):
+    """LoRA (rank 4, every expert's attention and MLP): the base frozen in bf16, fp32 adapters with gradients and
+    AdamW state, an EMA of the adapters only; the plan's bytes are the trainer's."""
+    from bagel_core.train.lora import LoRA, parse_target
+
+    lora = LoRA(rank=4, target=parse_target("all"))
+    argv = [*_argv(name, FreezeFlags()), "--lora_rank", "4", "--lora_target", "all"]
+    got = held_bytes(*training_parts(argv, one_process), one_process)
+    plans = tensor_plans(preset(name), FreezeFlags(), lora.memory_spec(preset(name).llm))
+    planned = state_bytes(plans, 1, 0, ema_frozen=False)
+    assert {k: got[k] for k in STATE_KEYS} == dataclasses.asdict(planned)
+    adapters = sum(1 for p in plans if p.trainable)
+    assert len(got["trainable"]) == len(got["with_grad"]) == got["optimizer_params"] == adapters > 0
+    assert all(".lora_A." in n or ".lora_B." in n for n in got["trainable"])
+    assert math.isfinite(got["loss"])
+
+
 def _probe(tmp_path: Path, nproc: int, cases: list[tuple[str, FreezeFlags]]) -> list[list[dict]]:
     os.environ["MEM_PROBE_ARGS"] = json.dumps([_argv(name, flags) for name, flags in cases])
     os.environ["MEM_PROBE_OUT"] = str(tmp_path / "out")
@@ -275,6 +293,20 @@ def test_plan_ce_tokens_from_token_statistics(tmp_path):
         }
     ).write_parquet(stats)
     assert ce_tokens_bound(stats, 1000) == 500  # 10 of 40 - 20 droppable tokens: half of any pack
+    # what `bagel data stats` writes: per variant, the tokens of each item CFG dropout can remove
+    pl.DataFrame(
+        {
+            "ce_tokens": [10, 0],
+            "total_tokens_min": [40, 4624],
+            "variant_cfg_text": [[[5, 5], [20]], [[10], [11]]],
+            "variant_cfg_vit": [[[]], [[514]]],
+            "variant_cfg_vae": [[[]], [[2050]]],
+        },
+        schema_overrides={
+            c: pl.List(pl.List(pl.Int64)) for c in ("variant_cfg_text", "variant_cfg_vit", "variant_cfg_vae")
+        },
+    ).write_parquet(stats)
+    assert ce_tokens_bound(stats, 1000) == 500
     pl.DataFrame({"ce_tokens": [1]}).write_parquet(stats)
     assert ce_tokens_bound(stats, 1000) is None
 

@@ -369,9 +369,6 @@ class _DcpWeights:
         self.expected = expected
 
     def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.api import CheckpointException
 
         sizes = [(k, _numel(shape) * self.stored[k].itemsize) for k, (shape, _) in self.expected.items()]
         total = sum(n for _, n in sizes)
@@ -381,15 +378,7 @@ class _DcpWeights:
         for keys in _chunks(sizes, chunk_bytes):
             chunk = {k: torch.empty(self.expected[k][0], dtype=self.stored[k]) for k in keys}
             state = {self.weights: chunk}
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-                    dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
-            except (CheckpointException, Exception) as exc:  # a BaseException wrapping per-rank errors
-                raise ConfigError(
-                    f"{self.path}: reading the {self.weights!r} tensors failed ({_short(exc)}); the checkpoint "
-                    "is damaged or incomplete (are all __<rank>_<i>.distcp files present?): export another step"
-                ) from exc
+            _read_dcp(self.path, state, f"the {self.weights!r} tensors")
             for k in keys:
                 result[k] = _cast(state[self.weights][k], dtype)
             del state, chunk
@@ -520,23 +509,12 @@ class _LoraDcpWeights:
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``{"top.key": tensor}`` for the given DCP names (one ``dcp.load``)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.api import CheckpointException
 
         state: dict[str, dict[str, torch.Tensor]] = {}
         for name in names:
             top, _, key = name.partition(".")
             state.setdefault(top, {})[key] = torch.empty(self.shapes[name], dtype=self.stored[name])
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-                dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
-        except (CheckpointException, Exception) as exc:  # a BaseException wrapping per-rank errors
-            raise ConfigError(
-                f"{self.path}: reading the LoRA checkpoint's tensors failed ({_short(exc)}); the checkpoint is damaged "
-                "or incomplete (are all __<rank>_<i>.distcp files present?): export another step"
-            ) from exc
+        _read_dcp(self.path, state, "the LoRA checkpoint's tensors")
         return {f"{top}.{key}": v for top, d in state.items() for key, v in d.items()}
 
     def load(self, dtype: torch.dtype, chunk_bytes: int, progress: Progress | None) -> dict[str, torch.Tensor]:
@@ -620,6 +598,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _read_dcp(path: Path, state: dict[str, dict[str, torch.Tensor]], what: str) -> None:
+    """``dcp.load`` of ``state`` (filled in place) from a step folder without a process group; any failure is a
+    ConfigError naming the folder and ``what`` was read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+            dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+    except (CheckpointException, Exception) as exc:  # a BaseException wrapping per-rank errors
+        raise ConfigError(
+            f"{path}: reading {what} failed ({_short(exc)}); the checkpoint is damaged or incomplete "
+            "(are all __<rank>_<i>.distcp files present?): export another step"
+        ) from exc
 
 
 def _short(exc: BaseException) -> str:

@@ -973,8 +973,12 @@ def ce_tokens_bound(stats_file: str | os.PathLike[str], max_num_tokens: int) -> 
         return 0
     fewest = pl.col("total_tokens_min")
     for col in droppable:
-        if isinstance(frame.schema[col], pl.List):
-            fewest = fewest - pl.col(col).list.max().fill_null(0)
+        dtype = frame.schema[col]
+        if isinstance(dtype, pl.List):
+            removable = pl.col(col)
+            if isinstance(dtype.inner, pl.List):  # per variant, the droppable items' tokens: their sum
+                removable = removable.list.eval(pl.element().list.sum())
+            fewest = fewest - removable.list.max().fill_null(0)
     ce = pl.col("ce_tokens")
     share = frame.select((ce / pl.max_horizontal(fewest, ce, pl.lit(1))).max()).item()
     return min(max_num_tokens, math.ceil((share or 0.0) * max_num_tokens))

@@ -176,6 +176,7 @@ def _upstream_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
     return code, groups, root
 
 
+@pytest.mark.slow  # ~64 s: the whole train_job; the default suite runs the example job (Postgres) and training_run
 def test_train_job_on_data_registered_from_an_upstream_dataset_info(tmp_path):
     """data_job registers an upstream dataset_info.py + example.yaml; train_job trains on exactly that."""
     import yaml

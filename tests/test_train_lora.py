@@ -234,6 +234,7 @@ def _check(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
+@pytest.mark.slow  # three 2-rank torchrun launches (~65 s); the non-LoRA kill/resume runs in the default suite
 def test_two_ranks_killed_mid_run_resume_bit_exactly(fx, base, tmp_path):
     # every expert and projection, with dropout: the RNG (dropout masks, recomputed under activation
     # checkpointing) must be restored as exactly as the adapters, their EMA and AdamW state

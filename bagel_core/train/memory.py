@@ -1009,6 +1009,7 @@ def inputs_from_config(
     nproc_per_node: int,
     loads: str = "full",
     model_name: str = "",
+    lora: LoRASpec | None = None,
 ) -> MemoryInputs:
     """:class:`MemoryInputs` of a parsed ``TrainConfig`` (world size already checked) for a layout.
 
@@ -1028,8 +1029,6 @@ def inputs_from_config(
     if t.host_memory_gb > 0:
         host_memory = int(t.host_memory_gb * GIB)
     ce = t.plan_ce_tokens
-    from bagel_core.train.lora import LoRA  # lora.py builds on this module's LoRASpec
-
     return MemoryInputs(
         model=model,
         model_name=model_name,
@@ -1051,5 +1050,5 @@ def inputs_from_config(
         loads=loads,
         device_memory=device_memory,
         host_memory=host_memory,
-        lora=LoRA.from_args(t).memory_spec(model.llm),
+        lora=lora if lora is not None else LoRASpec(),
     )

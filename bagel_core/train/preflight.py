@@ -35,6 +35,7 @@ from bagel_core.train.build import (
     plan_weights,
 )
 from bagel_core.train.lock import check_free, check_writable
+from bagel_core.train.lora import LoRA
 from bagel_core.train.lora import check_launch as check_lora_launch
 from bagel_core.train.lora import describe_plan as describe_lora
 from bagel_core.train.memory import MemoryPlan, MemoryPlanError, inputs_from_config, plan_memory
@@ -188,7 +189,8 @@ def plan_launch_memory(
     per_node = local_world_size if local_world_size and world_size % local_world_size == 0 else world_size
     loads = {RANDOM: "random", RESUME: "dcp", CHECKPOINT: "dcp"}.get(weights.kind, "full")
     name = f"preset {cfg.model.model_preset}" if weights.kind == RANDOM else str(weights.config_dir or weights.source)
-    inputs = inputs_from_config(cfg, bcfg, world_size // per_node, per_node, loads, model_name=name)
+    lora = LoRA.from_args(cfg.training).memory_spec(bcfg.llm)
+    inputs = inputs_from_config(cfg, bcfg, world_size // per_node, per_node, loads, model_name=name, lora=lora)
     return plan_memory(inputs)
 
 

@@ -110,7 +110,8 @@ def encode_moments(vae: AutoEncoder, pixels: torch.Tensor) -> torch.Tensor:
     """One image [3, H, W] in [-1, 1] -> its moments [2 z, H/8, W/8], encoded alone at its own size."""
     with torch.no_grad():
         device = next(vae.parameters()).device
-        return vae.moments(pixels.unsqueeze(0).to(device, memory_format=torch.channels_last))[0]
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as build_vae
+        return vae.moments(pixels.unsqueeze(0).to(device, memory_format=layout))[0]
 
 
 def pack_latents(

@@ -332,9 +332,11 @@ def build_vae(plan: WeightsPlan, bcfg: BagelConfig, device: torch.device, seed: 
             torch.manual_seed(seed)
             vae = AutoEncoder(bcfg.vae).to(device)
     if device.type == "cuda":
-        vae = vae.to(torch.bfloat16)
-    # channels-last convolutions: about 1.7x faster encodes on CPU (oneDNN), the layout GPUs prefer too
-    return vae.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        # bf16, channels-last convolutions (the GPU's fast layout). Not on CPU: there oneDNN's channels-last
+        # kernels (about 1.7x faster) give results that depend on the thread count, which would break "two
+        # processes train what one process trains" (tests/test_train_distributed.py)
+        vae = vae.to(torch.bfloat16, memory_format=torch.channels_last)
+    return vae.eval().requires_grad_(False)
 
 
 def model_files_writer(bcfg: BagelConfig, vae: AutoEncoder, plan: WeightsPlan, tokenizer):

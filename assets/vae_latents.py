@@ -16,9 +16,12 @@ from bagel_core.train.latents import training_vae
 
 class VaeLatentsConfig(dg.Config):
     """The VAE to encode with: the same model_path / model_preset / global_seed as training_run's config (the
-    trainer refuses a cache made with another VAE). ``enabled: false`` skips encoding (training encodes live)."""
+    trainer refuses a cache made with another VAE). Off by default: encoding every image once pays off from
+    the second pass over the data, not in a run shorter than an epoch such as the example's (its 16 steps read
+    33 of 378 images per rank: on 2 CPU cores the cache costs 4 minutes and saves seconds). Switch it on for
+    multi-epoch training or repeated runs on the same data (``enabled: true``)."""
 
-    enabled: bool = True
+    enabled: bool = False
     model_preset: str = "tiny"
     model_path: str = ""
     global_seed: int = 4396

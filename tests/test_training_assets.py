@@ -64,6 +64,8 @@ def _materialize(ws, selection, launch=LAUNCH, train=TRAIN, instance=None):
         "k8s_launcher": K8sTorchrunLauncher(),
     }
     config = {"ops": {"training_run": {"config": train}}} if training_run in selection else None
+    if vae_latents in selection:
+        config = {"ops": {**(config or {}).get("ops", {}), "vae_latents": {"config": {"enabled": True}}}}
     runnable = [a for a in selection if a is not checkpoint]
     return dg.materialize(
         selection, instance=instance, resources=resources, run_config=config, raise_on_error=False, selection=runnable

@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from stats_fixtures import write_fixture, write_index
+from stats_fixtures import _row, write_fixture, write_index
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
@@ -86,22 +86,6 @@ def _size(rng: random.Random) -> list[int]:
     if roll < 0.2:
         return rng.choice([[1024, 1024], [512, 512], [640, 480]])  # common sizes repeat
     return [rng.randint(8, 3000), rng.randint(8, 3000)]
-
-
-def _row(dataset, group, task, path, rg, row, file_row, sizes) -> dict[str, Any]:
-    return {
-        "dataset": dataset,
-        "group": group,
-        "task": task,
-        "source_file": str(path),
-        "row_group": rg,
-        "row_index": row,
-        "file_row": file_row,
-        "image_sizes": sizes,
-        "num_images": len(sizes),
-        "status": "ok",
-        "reason": None,
-    }
 
 
 def _t2i_captions(rng: random.Random) -> str | None:

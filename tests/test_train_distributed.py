@@ -4,23 +4,26 @@ losses and weights; a run killed with SIGKILL resumes to the very losses of an u
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from packed_fixtures import make_manifest, small_fixture
 from safetensors.torch import load_file
 from train_equivalence import run_steps
-from train_fixtures import ROOT, full_state, records, torchrun, torchrun_env, train_args, trainer_session
+from train_fixtures import (
+    full_state,
+    kill_when_saved,
+    records,
+    torchrun,
+    torchrun_env,
+    train_args,
+    trainer_session,
+)
 
-from assets.launcher import descendants
 from bagel_core.train.checkpoint import complete_steps
 
 
@@ -70,21 +73,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(fx, tmp_path):
     assert not differ, differ
 
 
-def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:
-    """Start a torchrun job and SIGKILL it with every rank and DataLoader worker once ``step_<step>``
-    is complete (the ranks are mid-way through the next step then)."""
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if step in complete_steps(ckpt):
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    return proc.wait(timeout=60)
-
-
 @pytest.mark.slow  # CI runs tests/reliability/test_rank_kill.py (one rank killed) and the secrets canary instead
 def test_sigkill_then_auto_resume_reproduces_the_straight_run_and_wandb_offline(fx, tmp_path, monkeypatch):
     fake_key = "local-" + "5e1f0a9b" * 5
@@ -109,7 +97,7 @@ def test_sigkill_then_auto_resume_reproduces_the_straight_run_and_wandb_offline(
     argv = train_args(fx, run, save_every=3, auto_resume=True, **common)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "bagel_core.train", *argv]
-    assert _kill_when_saved(command, torchrun_env(tmp_path), run / "ckpt", 3) != 0
+    assert kill_when_saved(command, torchrun_env(tmp_path), run / "ckpt", 3) != 0
     assert complete_steps(run / "ckpt") == [3]
     _check(torchrun(2, argv, tmp_path))
     resumed = records(run / "results")

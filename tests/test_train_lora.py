@@ -6,21 +6,24 @@ adapters, and a 2-process run killed mid-way that ``--auto_resume`` continues bi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from packed_fixtures import small_fixture
 from safetensors.torch import load_file
-from train_fixtures import ROOT, full_state, records, torchrun, torchrun_env, train_args, trainer_session
+from train_fixtures import (
+    full_state,
+    kill_when_saved,
+    records,
+    torchrun,
+    torchrun_env,
+    train_args,
+    trainer_session,
+)
 
 from bagel_core.config.errors import ConfigError
 from bagel_core.data.tokenizer import load_tokenizer
@@ -215,21 +218,6 @@ def test_lora_dry_run_and_a_full_checkpoint_into_lora_is_refused(fx, base, tmp_p
 
 
 # ---- kill mid-run, auto_resume: bit-exact ----------------------------------------------------------------
-def _kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:
-    from assets.launcher import descendants
-
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if step in complete_steps(ckpt):
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    return proc.wait(timeout=60)
-
-
 def _check(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
@@ -245,7 +233,7 @@ def test_two_ranks_killed_mid_run_resume_bit_exactly(fx, base, tmp_path):
     argv = train_args(fx, run, auto_resume=True, **common)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "bagel_core.train", *argv]
-    assert _kill_when_saved(command, torchrun_env(tmp_path), run / "ckpt", 2) != 0
+    assert kill_when_saved(command, torchrun_env(tmp_path), run / "ckpt", 2) != 0
     assert complete_steps(run / "ckpt") == [2]
     _check(torchrun(2, argv, tmp_path))
     want, got = records(tmp_path / "straight" / "results"), records(run / "results")

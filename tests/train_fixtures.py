@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from packed_fixtures import SMALL_PARAMS
 
 from bagel_core.train.args import parse_args
+from bagel_core.train.checkpoint import complete_steps
 from bagel_core.train.distributed import init_distributed, shutdown
 from bagel_core.train.metrics import read_metrics
 from bagel_core.train.preflight import preflight
@@ -111,3 +114,20 @@ def torchrun(
     return subprocess.run(
         command, env=torchrun_env(tmp), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, **popen
     )
+
+
+def kill_when_saved(command: list[str], env: dict[str, str], ckpt: Path, step: int) -> int:
+    """Start a torchrun job and SIGKILL it with every rank and DataLoader worker once ``step_<step>``
+    is complete (the ranks are mid-way through the next step then)."""
+    from assets.launcher import descendants
+
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if step in complete_steps(ckpt):
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    return proc.wait(timeout=60)

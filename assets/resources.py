@@ -56,6 +56,13 @@ class PipelineWorkspace(dg.ConfigurableResource):
     def runs_dir(self) -> Path:
         return self.path("runs")
 
+    def trainer_data_args(self) -> list[str]:
+        """The trainer arguments (upstream names) that point it at this workspace's registered data and manifest."""
+        return [
+            "--dataset_info", str(self.registry_path), "--dataset_config_file", str(self.dataset_config_path),
+            "--manifest", str(self.manifest_dir),
+        ]  # fmt: skip
+
 
 class TrainingLaunch(dg.ConfigurableResource):
     """The one launch layout the sampling manifest is planned for and the training run uses, so the

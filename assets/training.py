@@ -31,9 +31,10 @@ from assets.sampling_manifest import manifest_mismatches, sampling_manifest
 from assets.vae_latents import vae_latents
 from bagel_core.config.errors import ConfigError
 from bagel_core.loader.latent_cache import MANIFEST as LATENTS_MANIFEST
+from bagel_core.loader.latent_cache import CacheManifest
 from bagel_core.train.checkpoint import TRAIN_STATE, complete_steps, step_dir
 from bagel_core.train.export import verify_checkpoint
-from bagel_core.train.metrics import read_metrics
+from bagel_core.train.metrics import read_metrics, vae_image_sources
 
 CHECKPOINTS = dg.DynamicPartitionsDefinition(name="bagel_checkpoints")
 checkpoint = dg.AssetSpec(
@@ -81,8 +82,7 @@ def checkpoint_root(config: TrainingRunConfig, run_dir: Path) -> Path:
 
 def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: PipelineWorkspace, run_dir: Path):
     args = [
-        "--dataset_info", str(workspace.registry_path), "--dataset_config_file", str(workspace.dataset_config_path),
-        "--manifest", str(workspace.manifest_dir), "--results_dir", str(run_dir / "results"),
+        *workspace.trainer_data_args(), "--results_dir", str(run_dir / "results"),
         "--checkpoint_dir", str(checkpoint_root(config, run_dir)), "--total_steps", str(config.total_steps),
         "--save_every", str(config.save_every), "--log_every", str(config.log_every), "--lr", str(config.lr),
         "--warmup_steps", str(config.warmup_steps), "--ema", str(config.ema), "--global_seed", str(config.global_seed),
@@ -98,6 +98,20 @@ def training_args(config: TrainingRunConfig, launch: TrainingLaunch, workspace: 
     if config.latent_cache and (workspace.latents_dir / LATENTS_MANIFEST).is_file():
         args += ["--latent_cache", str(workspace.latents_dir)]  # the trainer checks it against its own VAE
     return args + list(config.extra_args)
+
+
+def latent_cache_shortfall(config: TrainingRunConfig, workspace: PipelineWorkspace) -> str:
+    """Why the latent cache will not cover this run ('' when it does, or when there is none): a cache planned for
+    fewer steps than ``total_steps`` leaves the later steps' images to live encoding."""
+    manifest = CacheManifest.read(workspace.latents_dir) if config.latent_cache else None
+    coverage = manifest.coverage if manifest is not None else {}
+    if coverage.get("scope") == "planned" and coverage.get("steps", 0) < config.total_steps:
+        return (
+            f"the latent cache holds the samples of the first {coverage['steps']} step(s), this run has "
+            f"{config.total_steps}: later steps encode their images live (set vae_latents' steps to "
+            f"{config.total_steps}, or scope: all)"
+        )
+    return ""
 
 
 def _checkpoint_event(run_key: str, ckpt: Path, step: int, records: dict[int, dict]) -> dg.AssetMaterialization:
@@ -325,6 +339,9 @@ def training_run(
     run_dir = workspace.runs_dir / run_key
     progress = TrainingProgress(run_key, checkpoint_root(config, run_dir), run_dir / "results")
     args = [*training_args(config, launch, workspace, run_dir), "--observer", OBSERVER]
+    shortfall = latent_cache_shortfall(config, workspace)
+    if shortfall:
+        context.log.warning(f"training_run: {shortfall}")
     args += plan_ce_tokens(workspace, launch) if "--plan_ce_tokens" not in args else []
     memory_result = memory_plan_check(args, launch)
     yield memory_result
@@ -364,6 +381,10 @@ def training_run(
         "loss_curve": presentation.figure(_draw_losses(records), "loss curve"),
         "last_steps": presentation.table([records[s] for s in steps[-5:]]),
     }
+    log = run_dir / "torchrun.log"
+    sources = vae_image_sources(log.read_text(errors="replace")) if log.is_file() else None
+    if sources is not None:
+        metadata.update(vae_images_from_cache=sources["cached"], vae_images_encoded_live=sources["live"])
     if progress.wandb_url:
         metadata["wandb"] = dg.MetadataValue.url(progress.wandb_url)
     yield dg.MaterializeResult(asset_key="training_run", metadata=metadata)

@@ -120,17 +120,22 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return rc
 
 
-_STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "(\w+)"(?: in ([\d.]+)(ms|s|m))?')
+_STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "(\w+)"(?: in ((?:[\d.]+(?:ms|h|m|s))+))?')
+_DURATION_PART = re.compile(r"([\d.]+)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a Dagster duration (its ``format_duration``: ``0.83ms``, ``533ms``, ``5.6s``, ``4m52s``, ``1h4m``)."""
+    return sum(float(value) * _UNIT_SECONDS[unit] for value, unit in _DURATION_PART.findall(text))
 
 
 def step_times(log_text: str) -> list[tuple[str, str, float | None]]:
     """(step, SUCCESS|FAILURE, seconds) from Dagster's event stream, in order."""
-    out = []
-    for m in _STEP_DONE.finditer(log_text):
-        value, unit = m.group(3), m.group(4)
-        seconds = None if value is None else float(value) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
-        out.append((m.group(2), m.group(1), seconds))
-    return out
+    return [
+        (m.group(2), m.group(1), None if m.group(3) is None else duration_seconds(m.group(3)))
+        for m in _STEP_DONE.finditer(log_text)
+    ]
 
 
 def example_summary(workspace: Path, log_path: Path, rc: int, seconds: float, dagster_home: str) -> str:
@@ -150,13 +155,19 @@ def example_summary(workspace: Path, log_path: Path, rc: int, seconds: float, da
     if latest.is_file():
         run = Path(json.loads(latest.read_text())["run_dir"])
         produced += [("training run", run), ("inference-ready model", run / "checkpoints" / "step_final")]
-        from bagel_core.train.metrics import read_metrics  # torch: only after the job, never for --help
+        # torch: only after the job, never for --help
+        from bagel_core.train.metrics import read_metrics, steps_seconds, vae_image_sources
 
         records = [rec for _, rec in sorted(read_metrics(run / "results").items())]
         if records:
             first, last = records[0], records[-1]
             ce = f"CE {first['ce']:.2f} -> {last['ce']:.2f}"
-            lines += ["", f"  training: {last['step']} steps, {ce}, MSE {first['mse']:.3f} -> {last['mse']:.3f}"]
+            lines += ["", f"  training: {last['step']} steps in {steps_seconds(records):.0f} s, {ce}, "]
+            lines[-1] += f"MSE {first['mse']:.3f} -> {last['mse']:.3f}"
+        log = run / "torchrun.log"
+        sources = vae_image_sources(log.read_text(errors="replace")) if log.is_file() else None
+        if sources is not None:
+            lines.append(f"  VAE images: {sources['cached']} from the latent cache, {sources['live']} encoded live")
     lines += [""] + [f"  {what:<22} {path}" for what, path in produced if path.exists()]
     if rc != 0:
         errors = [x for x in text.splitlines() if "STEP_FAILURE" in x or "error:" in x][-5:]

@@ -20,7 +20,12 @@ Configurations, each in its own Python process (upstream's modules set Pillow gl
   The tokenizer is ours (the bundled Qwen2.5), called the way upstream calls it (``tokenizer.encode``).
 * ``baseline@REV``: our ``PackedDataset`` from ``git archive REV bagel_core`` (``--baseline-rev``).
 * ``ours/upstream``, ``ours/carry``: the working tree's ``PackedDataset`` with ``--packing upstream`` / the
-  default ``carry``.
+  default ``carry``, as the trainer runs it: images leave the worker as bytes (``pixels_as_bytes``) and the
+  main process normalises them (``normalise_pixels``, inside the timed loop: on CPU that is what a CPU
+  trainer pays; a GPU trainer does it on the device after a 4x smaller copy). Its cost is also reported alone
+  (``main ms/pack``).
+* ``ours/carry+float32``: the same with the images normalised in the worker and handed over as float32 (the
+  loader's output before issue #13's byte handoff).
 
 Each runs a ``DataLoader`` with 1 and 2 workers (``--workers``), skips ``--warmup`` packs per worker (start-up,
 the first row groups), then takes ``--packs`` packs. Reported: packs/s and tokens/s (wall clock, real tokens
@@ -128,7 +133,7 @@ def _upstream_loader(spec: dict[str, Any]) -> tuple[Any, Any]:
     loader = DataLoader(
         _timed_dataset(dataset), batch_size=1, num_workers=spec["workers"], collate_fn=_upstream_collate
     )
-    return loader, lambda pack: int(pack.sequence_length)
+    return loader, lambda pack: int(pack.sequence_length), _no_main_work
 
 
 def _ours_loader(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -148,6 +153,7 @@ def _ours_loader(spec: dict[str, Any]) -> tuple[Any, Any]:
     config, registry = load_dataset_config(spec["groups"]), Registry.load(spec["registry"])
     manifest = Path(spec["work"]) / f"manifest-{spec['label'].replace('/', '-')}-{spec['workers']}"
     write_manifest(build_manifest(config, registry, 1, spec["workers"], seed=SEED), manifest)
+    as_bytes = {"pixels_as_bytes": True} if spec.get("bytes") else {}  # older trees (--baseline-rev) lack it
     dataset = PackedDataset(
         config,
         registry,
@@ -157,9 +163,18 @@ def _ours_loader(spec: dict[str, Any]) -> tuple[Any, Any]:
         dropout=CfgDropout(**DROPOUT),
         seed=SEED,
         flex_padding=True,
+        **as_bytes,
     )
     loader = DataLoader(_timed_dataset(dataset), batch_size=None, num_workers=spec["workers"], collate_fn=_ours_collate)
-    return loader, lambda pack: int(pack["sequence_length"])
+    if as_bytes:
+        from bagel_core.loader.packed_dataset import normalise_pixels
+
+        return loader, lambda pack: int(pack["sequence_length"]), normalise_pixels
+    return loader, lambda pack: int(pack["sequence_length"]), _no_main_work
+
+
+def _no_main_work(pack: Any) -> Any:
+    return pack
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -171,15 +186,18 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     quiet = io.StringIO()  # upstream prints a line per pack and skip; keep the report readable
     with contextlib.redirect_stdout(quiet):
-        loader, tokens_of = (_upstream_loader if spec["impl"] == "upstream" else _ours_loader)(spec)
+        loader, tokens_of, main_work = (_upstream_loader if spec["impl"] == "upstream" else _ours_loader)(spec)
         workers = max(spec["workers"], 1)
         warmup = spec["warmup"] * workers
         per_worker: dict[int, list[tuple[float, int]]] = {}
         tokens = started = 0
-        taken = 0
+        taken, main_s = 0, 0.0
         for index, (pack, worker, cpu) in enumerate(loader):
             if index == warmup:
                 started = time.perf_counter()
+            tick = time.perf_counter()
+            main_work(pack)  # what the consumer must still do before the model can use the pack
+            main_s += time.perf_counter() - tick if index >= warmup else 0.0
             if index >= warmup:
                 n = tokens_of(pack)
                 tokens += n
@@ -200,6 +218,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s_per_worker": tokens / wall / workers,
         "tokens_per_cpu_s": cpu_tokens / cpu_seconds if cpu_seconds > 0 else float("nan"),
         "tokens_per_pack": tokens / max(taken, 1),
+        "main_ms_per_pack": 1e3 * main_s / max(taken, 1),
     }
 
 
@@ -266,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
             label = f"baseline@{args.baseline_rev}/{mode}"
             configs.append({"label": label, "impl": "ours", "mode": mode, "tree": tree})
     for mode in ("upstream", "carry"):
-        configs.append({"label": f"ours/{mode}", "impl": "ours", "mode": mode, "tree": None})
+        configs.append({"label": f"ours/{mode}", "impl": "ours", "mode": mode, "tree": None, "bytes": True})
+    configs.append({"label": "ours/carry+float32", "impl": "ours", "mode": "carry", "tree": None, "bytes": False})
     if args.only:
         wanted = args.only.split(",")
         configs = [c for c in configs if any(c["label"].startswith(w) for w in wanted)]
@@ -297,7 +317,7 @@ def report(configs: list[dict[str, Any]], worker_counts: list[int], results: dic
     print(f"\nmedians; ratios are over {base_label} at the same worker count")
     header = (
         f"{'loader':<28} {'workers':>7} {'packs/s':>8} {'tokens/s':>9} {'tok/s/worker':>12} {'ratio':>6} "
-        f"{'tok/cpu-s':>9} {'ratio':>6} {'tok/pack':>8}"
+        f"{'tok/cpu-s':>9} {'ratio':>6} {'tok/pack':>8} {'main ms/pack':>12}"
     )
     print(header)
     for workers in worker_counts:
@@ -312,7 +332,8 @@ def report(configs: list[dict[str, Any]], worker_counts: list[int], results: dic
             print(
                 f"{config['label']:<28} {workers:>7} {_median(runs, 'packs_per_s'):>8.2f} "
                 f"{_median(runs, 'tokens_per_s'):>9.0f} {per_worker:>12.0f} {per_worker / base_wall:>6.2f} "
-                f"{per_cpu:>9.0f} {per_cpu / base_cpu:>6.2f} {_median(runs, 'tokens_per_pack'):>8.0f}"
+                f"{per_cpu:>9.0f} {per_cpu / base_cpu:>6.2f} {_median(runs, 'tokens_per_pack'):>8.0f} "
+                f"{_median(runs, 'main_ms_per_pack'):>12.1f}"
             )
 
 

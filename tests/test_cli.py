@@ -104,23 +104,35 @@ def test_example_summary_reads_the_event_stream_and_the_workspace(tmp_path):
     log = tmp_path / "job.log"
     log.write_text(
         '... - example_zip - STEP_SUCCESS - Finished execution of step "example_zip" in 662ms.\n'
-        '... - training_run - STEP_SUCCESS - Finished execution of step "training_run" in 1.5m.\n'
+        '... - token_stats - STEP_SUCCESS - Finished execution of step "token_stats" in 3.21s.\n'
+        '... - training_run - STEP_SUCCESS - Finished execution of step "training_run" in 1m40s.\n'
+        '... - vae_latents - STEP_SUCCESS - Finished execution of step "vae_latents" in 1h2m.\n'
         '... - inference_smoke - STEP_FAILURE - Execution of step "inference_smoke" failed.\n'
         "error: something named\n"
     )
     assert step_times(log.read_text()) == [
         ("example_zip", "SUCCESS", 0.662),
-        ("training_run", "SUCCESS", 90.0),
+        ("token_stats", "SUCCESS", 3.21),
+        ("training_run", "SUCCESS", 100.0),  # Dagster writes minutes and seconds ("1m40s"), not a fraction
+        ("vae_latents", "SUCCESS", 3720.0),
         ("inference_smoke", "FAILURE", None),
     ]
     run = tmp_path / "ws" / "runs" / "abc"
     (run / "results").mkdir(parents=True)
     (run / "checkpoints" / "step_final").mkdir(parents=True)
     (run / "results" / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "ce": 12.0, "mse": 1.2}) + "\n" + json.dumps({"step": 16, "ce": 4.5, "mse": 0.9}) + "\n"
+        json.dumps({"step": 1, "ce": 12.0, "mse": 1.2, "steps_per_sec": 0.5})
+        + "\n"
+        + json.dumps({"step": 16, "ce": 4.5, "mse": 0.9, "steps_per_sec": 0.25})  # 15 steps at 4 s
+        + "\n"
     )
+    (run / "torchrun.log").write_text("[x] all ranks: 60 VAE image(s) from the latent cache, 8 encoded live\n")
     (tmp_path / "ws" / "runs" / "latest.json").write_text(json.dumps({"run_dir": str(run)}))
     text = example_summary(tmp_path / "ws", log, 1, 100.0, "/home")
-    assert "FAILED (exit 1)" in text and "training_run" in text and "90.0 s" in text
-    assert "16 steps, CE 12.00 -> 4.50" in text and str(run / "checkpoints" / "step_final") in text
+    assert "FAILED (exit 1)" in text and "training_run" in text and "100.0 s" in text
+    assert (
+        "16 steps in 62 s, CE 12.00 -> 4.50" in text
+        and "60 from the latent cache, 8 encoded live" in text
+        and str(run / "checkpoints" / "step_final") in text
+    )
     assert "error: something named" in text and "DAGSTER_HOME=/home" in text

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from packed_fixtures import NO_DROPOUT, make_dataset, make_manifest, small_fixture
+from safetensors.torch import load_file
 from train_fixtures import records, train_args
 
 from bagel_core.config.dataset_config import load_dataset_config
@@ -21,6 +22,7 @@ from bagel_core.loader.latent_cache import (
     build_latent_cache,
     open_latent_cache,
     pack_latents,
+    plan_shards,
     vae_identity,
     vae_transforms,
 )
@@ -86,8 +88,8 @@ def test_packs_carry_cached_moments_whose_latents_equal_the_live_encode(fx, vae,
 def test_training_on_the_cache_gives_the_live_losses(fx, cache, tmp_path, capsys):
     assert cli(train_args(fx, tmp_path / "live", total_steps=2)) == 0
     assert cli(train_args(fx, tmp_path / "cached", total_steps=2, latent_cache=cache)) == 0
-    used = re.search(r"(\d+) VAE image\(s\) from the latent cache, (\d+) encoded live", capsys.readouterr().out)
-    assert used is not None and int(used[1]) > 0, used
+    lines = re.findall(r"(\d+) VAE image\(s\) from the latent cache, (\d+) encoded live", capsys.readouterr().out)
+    assert len(lines) == 2 and lines[0][0] == "0" and int(lines[1][0]) > 0, lines  # the live run, then the cached
     live, cached = records(tmp_path / "live" / "results"), records(tmp_path / "cached" / "results")
     for step in (1, 2):
         for key in ("loss", "ce", "mse"):
@@ -143,3 +145,79 @@ def test_cli_writes_a_cache_the_trainer_accepts(fx, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["vae"]["sha256"] == vae_identity(training_vae("", "tiny", SEED))["sha256"]
     assert {e["group"] for e in manifest["shards"].values()} == {"t2i_pretrain", "unified_edit"}
+
+
+# ---- a cache scoped to what a training reads -------------------------------------------------------
+def _dataloader_reads(argv: list[str], world_size: int, packs: int) -> set[tuple[str, str, int, int]]:
+    """What the trainer's DataLoaders actually yield: every rank's dataset through a real DataLoader with its
+    workers, ``packs`` packs each (the reference the replay must reproduce)."""
+    import itertools
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from bagel_core.data.tokenizer import load_tokenizer
+    from bagel_core.loader.packed_dataset import collate_packed
+    from bagel_core.train.args import parse_args
+    from bagel_core.train.preflight import preflight
+    from bagel_core.train.trainer import build_packed_dataset
+
+    cfg = parse_args(argv, world_size=world_size, local_world_size=world_size)
+    launch = preflight(cfg, world_size, world_size)
+    tokenizer, _ = load_tokenizer()
+    seen = set()
+    for rank in range(world_size):
+        dataset = build_packed_dataset(cfg, launch, Path(cfg.data.manifest), rank, world_size, tokenizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+            loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=collate_packed)
+            for batch in itertools.islice(iter(loader), packs):
+                for e in batch["batch_data_indexes"]:
+                    seen.add((e["dataset_name"], os.path.realpath(e["source_file"]), e["row_group"], e["row_index"]))
+    return seen
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 2), (2, 1)])
+def test_planned_reads_are_the_samples_the_dataloaders_yield(fx, tmp_path, world_size, workers):
+    """Ranks and DataLoader workers (round-robin), 2 packs per step, CFG dropout on (it changes token counts, so
+    packing): the replay reads exactly what the training's DataLoaders yield."""
+    from bagel_core.train.latents import planned_reads
+
+    manifest = make_manifest(fx, tmp_path / "m", world_size=world_size, num_workers=workers)
+    over = {"num_workers": workers, "total_steps": 3, "gradient_accumulation_steps": 2, "vae_cond_dropout_prob": 0.3}
+    argv = train_args(fx, tmp_path / "run", manifest, text_cond_dropout_prob=0.1, **over)
+    reads = planned_reads(argv, world_size=world_size)
+    assert reads.packs_per_rank == 6 and reads.coverage()["steps"] == 3
+    assert reads.samples == _dataloader_reads(argv, world_size, 6)
+    fewer = planned_reads(argv, world_size=world_size, steps=1)
+    assert fewer.samples and fewer.samples < reads.samples
+
+
+def test_a_cache_planned_for_the_run_leaves_nothing_to_encode_live_and_grows_in_place(fx, vae, tmp_path, capsys):
+    from bagel_core.train.latents import planned_reads
+
+    config = load_dataset_config(fx.groups)
+    argv = train_args(fx, tmp_path / "run", make_manifest(fx, tmp_path / "m"), total_steps=2)
+    out = tmp_path / "latents"
+    two = planned_reads(argv, world_size=1)
+    first = build_latent_cache(vae, config, fx.index_dir, out, only=two.samples, coverage=two.coverage())
+    everything = sum(len(job.rows) for job in plan_shards(fx.index_dir, config))
+    assert 0 < first.samples < everything  # only what the two steps read, of the generation groups
+    assert json.loads((out / MANIFEST).read_text())["coverage"]["steps"] == 2
+    assert cli([*argv, "--latent_cache", str(out)]) == 0
+    used = re.search(r"(\d+) VAE image\(s\) from the latent cache, (\d+) encoded live", capsys.readouterr().out)
+    assert used is not None and int(used[1]) > 0 and int(used[2]) == 0, used
+    # a longer plan adds only the new samples; the moments already there are kept, byte for byte
+    shard = next((out / SHARDS).glob("*.safetensors"))
+    before = load_file(str(shard))
+    four = planned_reads(argv, world_size=1, steps=4)
+    grown = build_latent_cache(vae, config, fx.index_dir, out, only=four.samples)
+    planned_ok = sum(len(job.rows) for job in plan_shards(fx.index_dir, config, four.samples))  # the index's ok rows
+    assert grown.samples == planned_ok - first.samples and grown.shards_written >= 1
+    after = load_file(str(shard))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert build_latent_cache(vae, config, fx.index_dir, out, only=four.samples).shards_written == 0
+    complete = build_latent_cache(vae, config, fx.index_dir, out)  # scope "all" fills every shard up
+    assert complete.samples == everything - first.samples - grown.samples
+    entries = json.loads((out / MANIFEST).read_text())["shards"].values()
+    assert all(e["complete"] for e in entries)

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.transforms import ImageTransform
-from bagel_core.loader.packed_dataset import PackedDataset, collate_packed
+from bagel_core.data.transforms import ImageTransform, byte_lut, gather_bytes, lookup_bytes
+from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, normalise_pixels
 from bagel_core.plan.packing import PackingParams
 from bagel_core.sequence.grid import patchify
 
@@ -159,12 +159,23 @@ IN_PROCESS_DIGESTS = {
 }
 
 
+def _as_model_sees_it(batch: dict[str, Any]) -> dict[str, Any]:
+    """A ``pixels_as_bytes`` pack normalised as the trainer does it; the bytes must have been uint8."""
+    assert all(batch[k].dtype == torch.uint8 for k in ("padded_pixels", "packed_vit_pixels") if k in batch)
+    return normalise_pixels(batch)
+
+
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["float32", "bytes"])
 @pytest.mark.parametrize("name", sorted(IN_PROCESS))
-def test_in_process_packs_are_unchanged(sources, name):
+def test_in_process_packs_are_unchanged(sources, name, as_bytes):
+    """Also when images travel as bytes and are normalised by the consumer (``normalise_pixels``)."""
     data, params, kwargs = IN_PROCESS[name]
     fx, m0, _ = sources[data]
-    batches = list(itertools.islice(iter(_dataset(fx, m0, params, **kwargs)), PACKS))
+    batches = list(itertools.islice(iter(_dataset(fx, m0, params, pixels_as_bytes=as_bytes, **kwargs)), PACKS))
     assert len(batches) == PACKS
+    if as_bytes:
+        assert any("padded_pixels" in b for b in batches) and any("packed_vit_pixels" in b for b in batches)
+        batches = [_as_model_sees_it(b) for b in batches]
     assert packs_digest(batches) == IN_PROCESS_DIGESTS[name]
 
 
@@ -175,17 +186,22 @@ TWO_WORKER_DIGESTS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TWO_WORKER_DIGESTS))
-def test_two_dataloader_worker_packs_are_unchanged(sources, name):
-    """Both forked workers' streams (worker 1's units, seeds and RNG differ from worker 0's)."""
+@pytest.mark.parametrize(
+    "name,as_bytes", [(name, False) for name in sorted(TWO_WORKER_DIGESTS)] + [("example-carry", True)]
+)
+def test_two_dataloader_worker_packs_are_unchanged(sources, name, as_bytes):
+    """Both forked workers' streams (worker 1's units, seeds and RNG differ from worker 0's); the bytes through
+    shared memory too."""
     data, mode = name.split("-")
     fx, _, m2 = sources[data]
-    ds = _dataset(fx, m2, CARRY if mode == "carry" else UPSTREAM, num_workers=2)
+    ds = _dataset(fx, m2, CARRY if mode == "carry" else UPSTREAM, num_workers=2, pixels_as_bytes=as_bytes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=collate_packed)
         batches = list(itertools.islice(iter(loader), PACKS))
     assert [b["data_state"]["worker_id"] for b in batches] == [0, 1] * (PACKS // 2)
+    if as_bytes:
+        batches = [_as_model_sees_it(b) for b in batches]
     assert packs_digest(batches) == TWO_WORKER_DIGESTS[name]
 
 
@@ -234,3 +250,17 @@ def test_patches_into_is_bit_identical_to_patchify_of_the_plain_formula(mean, st
     out = torch.empty((98 // 14) * (70 // 14) + 3, 14 * 14 * 3)
     transform.patches_into(image, 14, out[2:-1])
     assert _same_bits(out[2:-1], patchify(_plain_normalise(image, mean, std), 14))
+
+
+@pytest.mark.parametrize("mean,std", MEAN_STD)
+def test_lookup_bytes_gathers_the_plain_formula_on_any_layout(mean, std):
+    """Both table paths give the plain formula's bits: numpy's take (CPU) and the gather a GPU runs (here on
+    CPU tensors), channels first or last, into strided outputs."""
+    image = _every_byte_image(70, 98)
+    planes = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, H, W] bytes, strided
+    reference = _plain_normalise(image, mean, std)
+    for kernel in (lookup_bytes, gather_bytes):
+        out = torch.empty(3, 98, 70)
+        assert _same_bits(kernel(planes, byte_lut(mean, std), out, 0), reference)
+        last = torch.empty(98, 70, 3)
+        assert _same_bits(kernel(planes.permute(1, 2, 0), byte_lut(mean, std), last, 2), reference.permute(1, 2, 0))

@@ -5,7 +5,6 @@ manifest planned for another world size stops training; stopping the launcher le
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 
@@ -64,8 +63,9 @@ def _materialize(ws, selection, launch=LAUNCH, train=TRAIN, instance=None):
         "k8s_launcher": K8sTorchrunLauncher(),
     }
     config = {"ops": {"training_run": {"config": train}}} if training_run in selection else None
-    if vae_latents in selection:
-        config = {"ops": {**(config or {}).get("ops", {}), "vae_latents": {"config": {"enabled": True}}}}
+    if vae_latents in selection:  # planned for this training: its steps, and its extra_args (they change dropout)
+        planned = {"steps": train["total_steps"], "extra_args": train["extra_args"]}
+        config = {"ops": {**(config or {}).get("ops", {}), "vae_latents": {"config": planned}}}
     runnable = [a for a in selection if a is not checkpoint]
     return dg.materialize(
         selection, instance=instance, resources=resources, run_config=config, raise_on_error=False, selection=runnable
@@ -94,10 +94,11 @@ def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
         run = result.run_id[:8]
         latents = result.asset_materializations_for_node("vae_latents")[0].metadata
         assert latents["images_encoded"].value > 0 and latents["shards_encoded"].value > 0
-        # the training sampled its latents from that cache (same VAE: training_run's preset and global_seed)
-        log = (ws.runs_dir / run / "torchrun.log").read_text()
-        used = re.search(r"(\d+) VAE image\(s\) from the latent cache", log)
-        assert used is not None and int(used[1]) > 0
+        assert latents["scope"].value == "planned" and latents["planned_samples"].value > 0
+        # the training sampled all its latents from that cache (same VAE: training_run's preset and global_seed;
+        # the samples its 2 steps on 2 ranks read, replayed by vae_latents)
+        trained = result.asset_materializations_for_node("training_run")[-1].metadata
+        assert trained["vae_images_from_cache"].value > 0 and trained["vae_images_encoded_live"].value == 0
         assert instance.get_dynamic_partitions(CHECKPOINTS.name) == [f"{run}-step00000001", f"{run}-step00000002"]
         recorded = instance.fetch_materializations(dg.AssetKey("checkpoint"), limit=10).records
         assert sorted(r.asset_materialization.partition for r in recorded) == [

@@ -6,6 +6,8 @@ pixel work with it: RGB conversion, bicubic resize, normalisation.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -40,9 +42,6 @@ class ImageTransform:
             max_image_size, min_image_size, image_stride, max_pixels, tuple(image_mean), tuple(image_std)
         )
         self.stride = image_stride
-        self._mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-        self._per_patch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_args(cls, args: ImageTransformArgs) -> ImageTransform:
@@ -65,52 +64,85 @@ class ImageTransform:
     def __call__(self, image: Image.Image, img_num: int = 1) -> torch.Tensor:
         return self.normalise(self.resize(image, img_num))
 
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)``: what turns this transform's bytes into model inputs (:func:`byte_lut`)."""
+        return self.args.image_mean, self.args.image_std
+
     def normalise(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> contiguous float32 ``[3, H, W]`` holding ``(float32(u8) / 255 - mean) / std``."""
         return self.normalise_into(image, torch.empty(3, image.height, image.width, dtype=torch.float32))
 
     def normalise_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
-        """Write :meth:`normalise` of ``image`` into ``out`` (a float32 ``[3, H, W]`` view, any strides).
+        """Write :meth:`normalise` of ``image`` into ``out`` (a float32 ``[3, H, W]`` view, any strides): each
+        byte looked up in :func:`byte_lut`, so the values are those of the plain formula, bit for bit."""
+        return lookup_bytes(
+            self.bytes_into(image, torch.empty(out.shape, dtype=torch.uint8)), byte_lut(*self.norm), out, 0
+        )
 
-        The same IEEE float32 operations in the same order as the plain version (``np.asarray(image,
-        float32) / 255``, then ``- mean``, then ``/ std``), so every value is bit-identical (a test checks all
-        256 byte values); but the bytes become floats once, straight in the destination (the packed
-        dataset's ``padded_images``), and the three steps run in place there: no float HWC array, copy or
-        intermediate tensors, which made this the loader's costliest step after the resize.
-        """
-        if image.mode != "RGB":
-            raise ValueError(f"expected an RGB image, got mode {image.mode}")
-        rgb, planes = np.asarray(image), out.numpy()  # HWC bytes; out's memory (CHW) as numpy
-        mean, std = self._mean.view(3), self._std.view(3)
-        for c in range(3):  # one channel plane at a time: converted by numpy (faster than torch's permuted
-            np.copyto(planes[c], rgb[:, :, c], casting="unsafe")  # copy), then scaled while still in cache
-            out[c].div_(255.0).sub_(mean[c]).div_(std[c])
+    def bytes_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
+        """Write the RGB image's bytes into ``out``, a uint8 ``[3, H, W]`` view (any strides), channel planes."""
+        rgb, planes = _rgb_array(image), out.numpy()
+        for c in range(3):
+            np.copyto(planes[c], rgb[:, :, c])
+        return out
+
+    def patch_bytes_into(self, image: Image.Image, patch: int, out: torch.Tensor) -> torch.Tensor:
+        """Write the image's bytes as patches into ``out``, a contiguous uint8 ``[(H/p)(W/p), p*p*3]`` tensor:
+        patches row-major, each vector (row, col, channel), channel fastest (``bagel_core.sequence.grid.patchify``
+        order). Moving bytes, not floats, is what makes this cheap."""
+        if not out.is_contiguous():
+            raise ValueError("patch_bytes_into needs a contiguous output tensor")
+        rows, cols = image.height // patch, image.width // patch
+        grid = _rgb_array(image).reshape(rows, patch, cols, patch, 3).transpose(0, 2, 1, 3, 4)
+        np.copyto(out.numpy().reshape(rows, cols, patch, patch, 3), grid)
         return out
 
     def patches_into(self, image: Image.Image, patch: int, out: torch.Tensor) -> torch.Tensor:
-        """Write ``patchify(normalise(image), patch)`` (``bagel_core.sequence.grid``) into ``out``, a contiguous
-        float32 ``[(H/p)(W/p), p*p*3]`` tensor: patches row-major, each vector (row, col, channel), channel
-        fastest. The bytes are put in patch order first (one byte each, cheaper than moving floats), then
-        normalised in place with per-channel mean/std repeated along the vector: the same operation on
-        every value as :meth:`normalise`, so the patches are bit-identical to patchifying its result."""
-        rows, cols = image.height // patch, image.width // patch
-        grid = _rgb_bytes(image).view(rows, patch, cols, patch, 3).permute(0, 2, 1, 3, 4)
-        out.view(rows, cols, patch, patch, 3).copy_(grid)
-        mean, std = self._patch_moments(patch)
-        return out.div_(255.0).sub_(mean).div_(std)
-
-    def _patch_moments(self, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std laid out like one patch vector (channel fastest), made once per patch size."""
-        cached = self._per_patch.get(patch)
-        if cached is None:
-            cached = (self._mean.view(3).repeat(patch * patch), self._std.view(3).repeat(patch * patch))
-            self._per_patch[patch] = cached
-        return cached
+        """Write ``patchify(normalise(image), patch)`` into ``out``, a contiguous float32 ``[(H/p)(W/p), p*p*3]``
+        tensor (bytes in patch order, then looked up: bit-identical to patchifying :meth:`normalise`)."""
+        patches = self.patch_bytes_into(image, patch, torch.empty(out.shape, dtype=torch.uint8))
+        return lookup_bytes(patches.view(-1, 3), byte_lut(*self.norm), out.view(-1, 3), 1)
 
 
-def _rgb_bytes(image: Image.Image) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 tensor of an RGB image's pixels (one copy of its bytes)."""
+@functools.lru_cache(maxsize=64)
+def byte_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """float32 ``[3, 256]``: entry ``[c, b]`` is ``(float32(b) / 255 - mean[c]) / std[c]``, computed with the same
+    float32 operations in the same order as the plain formula, so a lookup is bit-identical to it (a test checks
+    every byte value). Normalising by lookup needs no arithmetic, so it gives the same bits on any device (CUDA
+    divides by a scalar through its reciprocal) and lets packs travel as bytes (:func:`lookup_bytes`).
+    Callers only read it."""
+    table = torch.arange(256, dtype=torch.float32).repeat(3, 1)
+    means, stds = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    for c in range(3):
+        table[c].div_(255.0).sub_(means[c]).div_(stds[c])
+    return table
+
+
+def lookup_bytes(data: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``out[..c..] = lut[c, data[..c..]]`` for uint8 ``data`` whose channel ``c`` (0-2) runs along
+    ``channel_dim``; ``out`` is float32 of the same shape on the same device (any strides). On CPU numpy's
+    ``take`` (no index tensor); elsewhere :func:`gather_bytes`."""
+    if data.device.type != "cpu":
+        return gather_bytes(data, lut, out, channel_dim)
+    table, values, dest = lut.numpy(), data.numpy(), out.numpy()
+    for c in range(3):
+        np.take(table[c], values.take(c, axis=channel_dim), out=dest[(slice(None),) * channel_dim + (c,)], mode="wrap")
+    return out
+
+
+def gather_bytes(data: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """:func:`lookup_bytes` as one gather on ``data``'s device: each byte plus its channel's offset into the
+    flattened table."""
+    shape = [1] * data.dim()
+    shape[channel_dim] = 3
+    offsets = torch.arange(0, 768, 256, device=data.device).view(shape)
+    out.copy_(lut.to(data.device).flatten()[data.long() + offsets])
+    return out
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """``[H, W, 3]`` uint8 array of an RGB image's pixels (read-only)."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode}")
-    # a bytearray, not the bytes object: torch wants a writable buffer (it is only read)
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+    return np.asarray(image)

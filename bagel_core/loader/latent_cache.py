@@ -44,7 +44,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bagel_core.config.dataset_config import DatasetConfig
 from bagel_core.config.errors import ConfigError, DataError
@@ -157,6 +157,7 @@ class CacheManifest:
     transforms: dict[str, dict[str, Any]]
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: int = FORMAT
+    coverage: dict[str, Any] = field(default_factory=dict)  # what the last build was asked for (build_latent_cache)
 
     @classmethod
     def read(cls, folder: str | Path) -> CacheManifest | None:
@@ -165,7 +166,9 @@ class CacheManifest:
             return None
         try:
             raw = json.loads(path.read_text())
-            return cls(raw["vae"], raw["transforms"], raw.get("shards", {}), raw.get("format", 0))
+            return cls(
+                raw["vae"], raw["transforms"], raw.get("shards", {}), raw.get("format", 0), raw.get("coverage", {})
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: not a latent cache manifest ({exc}); delete the folder and rebuild it") from exc
 
@@ -189,14 +192,19 @@ class CacheManifest:
 
 
 # ---- building -------------------------------------------------------------------------------------
+#: A sample as the cache keys it: (group, real path of its source file, row group, row index).
+SampleKey = tuple[str, str, int, int]
+
+
 @dataclass(frozen=True)
 class ShardJob:
     group: str
     dataset: str
     task: str
     source_file: str
-    rows: tuple[tuple[int, int], ...]  # (row_group, row_index) of the index's ok samples
+    rows: tuple[tuple[int, int], ...]  # (row_group, row_index) to encode: the index's ok samples (or those asked for)
     transform: dict[str, Any]
+    merge: bool = False  # add to the shard already there (its rows are kept), instead of replacing it
 
 
 @dataclass
@@ -217,8 +225,9 @@ class BuildResult:
         )
 
 
-def plan_shards(index: str | Path, dataset_config: DatasetConfig) -> list[ShardJob]:
-    """One job per (generation group, source file) over the index's ok rows, in a stable order."""
+def plan_shards(index: str | Path, dataset_config: DatasetConfig, only: set[SampleKey] | None = None) -> list[ShardJob]:
+    """One job per (generation group, source file) over the index's ok rows (those in ``only``, when given), in a
+    stable order."""
     import polars as pl
 
     rows = load_index(index).filter(pl.col("status") == "ok")
@@ -234,7 +243,11 @@ def plan_shards(index: str | Path, dataset_config: DatasetConfig) -> list[ShardJ
             if task not in COLUMNS:
                 raise DataError(f"{source_file}: task {task!r} has no VAE images to cache")
             keys = tuple(zip(part["row_group"].to_list(), part["row_index"].to_list()))
-            jobs.append(ShardJob(g.group, dataset, task, source_file, keys, transforms[g.group]))
+            if only is not None:
+                real = os.path.realpath(source_file)
+                keys = tuple(k for k in keys if (g.group, real, *k) in only)
+            if keys:
+                jobs.append(ShardJob(g.group, dataset, task, source_file, keys, transforms[g.group]))
     return jobs
 
 
@@ -242,8 +255,17 @@ def _row_images(task: str, record: dict[str, Any]) -> list[Any]:
     return [record.get("image")] if task == "t2i" else list(record.get("image_list") or [])
 
 
-def encode_shard(vae: AutoEncoder, job: ShardJob, out: Path) -> tuple[int, int, list[str]]:
-    """Encode one shard into ``out/shards`` (temp name, then rename); returns (samples, images, rejected)."""
+@dataclass
+class ShardResult:
+    samples: int  # encoded by this job
+    images: int
+    rejected: list[str]  # one line per image that could not be encoded
+    rejected_rows: list[tuple[int, int]]  # (row_group, row_index) with a rejected image: not asked for again
+
+
+def encode_shard(vae: AutoEncoder, job: ShardJob, out: Path) -> ShardResult:
+    """Encode one shard's rows into ``out/shards`` (temp name, then rename; ``job.merge``: beside the moments the
+    shard already holds)."""
     from bagel_core.config.image_args import ImageTransformArgs
 
     args = dict(job.transform)
@@ -252,8 +274,10 @@ def encode_shard(vae: AutoEncoder, job: ShardJob, out: Path) -> tuple[int, int, 
     wanted: dict[int, list[int]] = {}
     for rg, row in job.rows:
         wanted.setdefault(rg, []).append(row)
-    tensors: dict[str, torch.Tensor] = {}
+    target = out / SHARDS / f"{shard_name(job.group, job.source_file)}.safetensors"
+    tensors: dict[str, torch.Tensor] = load_file(str(target)) if job.merge else {}
     rejected: list[str] = []
+    rejected_rows: list[tuple[int, int]] = []
     parquet = pq.ParquetFile(job.source_file)
     images = 0
     for rg, row_list in sorted(wanted.items()):
@@ -264,21 +288,28 @@ def encode_shard(vae: AutoEncoder, job: ShardJob, out: Path) -> tuple[int, int, 
                     pixels = transform(decode_image(data, f"image {k}"))
                 except SampleRejected as exc:
                     rejected.append(f"{job.source_file} row group {rg} row {row} image {k}: {exc}")
+                    rejected_rows.append((rg, row))
                     continue
                 tensors[image_key(rg, row, k)] = encode_moments(vae, pixels).cpu().contiguous()
                 images += 1
-    target = out / SHARDS / f"{shard_name(job.group, job.source_file)}.safetensors"
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     meta = {"group": job.group, "dataset": job.dataset, "source_file": job.source_file}
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, target)
-    return len(job.rows), images, rejected
+    return ShardResult(len(job.rows), images, rejected, rejected_rows)
+
+
+def encoded_rows(shard: Path) -> set[tuple[int, int]]:
+    """(row_group, row_index) of every sample a shard holds moments for (read from its header only)."""
+    with safe_open(str(shard), framework="pt") as handle:
+        names = handle.keys()  # a safetensors handle is not iterable
+    return {(int(rg), int(row)) for rg, row, _ in (name.split("/") for name in names)}
 
 
 _WORKER_VAE: AutoEncoder | None = None
 
 
-def _encode_in_worker(job: ShardJob, out: Path, threads: int) -> tuple[int, int, list[str]]:
+def _encode_in_worker(job: ShardJob, out: Path, threads: int) -> ShardResult:
     torch.set_num_threads(threads)
     assert _WORKER_VAE is not None
     return encode_shard(_WORKER_VAE, job, out)
@@ -292,12 +323,17 @@ def build_latent_cache(
     workers: int = 1,
     progress: bool = False,
     on_shard: Callable[[int, int], None] | None = None,
+    only: set[SampleKey] | None = None,
+    coverage: dict[str, Any] | None = None,
 ) -> BuildResult:
-    """Encode every VAE image of the configured generation groups into ``out`` (module docstring).
+    """Encode the VAE images of the configured generation groups into ``out`` (module docstring): every ok
+    sample of the index, or only the samples in ``only`` (e.g. those a planned training reads:
+    :func:`bagel_core.train.latents.planned_reads`); ``coverage`` describes that choice in the manifest.
 
-    Resumable: shards already listed with an unchanged source file are kept. ``workers`` > 1 encodes
-    files in forked processes (CPU only: the VAE is shared copy-on-write). A cache made with another
-    VAE or other transforms is refused: use another folder or delete it.
+    Incremental and resumable: a shard of an unchanged source file is kept when it already holds every sample
+    asked for; one that lacks some gets them added (its moments are kept). ``workers`` > 1 encodes files in
+    forked processes (CPU only: the VAE is shared copy-on-write). A cache made with another VAE or other
+    transforms is refused: use another folder or delete it.
     """
     started = time.monotonic()
     folder = Path(out)
@@ -313,39 +349,45 @@ def build_latent_cache(
         if why:
             raise ConfigError(f"{folder} already holds a latent cache that does not fit: {why}; use another --out")
         manifest.transforms.update(transforms)
+    manifest.coverage = coverage or {"scope": "all" if only is None else "samples", "samples": len(only or ())}
     result = BuildResult(folder)
     todo = []
-    for job in plan_shards(index, dataset_config):
+    for job in plan_shards(index, dataset_config, only):
         name = shard_name(job.group, job.source_file)
-        entry = manifest.shards.get(name)
         current = file_identity(job.source_file)
-        if (
-            entry is not None
-            and (folder / SHARDS / f"{name}.safetensors").is_file()
-            and all(entry.get(k) == v for k, v in current.items())
-        ):
+        missing = _missing_rows(folder, manifest.shards.get(name), job, current)
+        if missing is None:
+            manifest.shards.pop(name, None)  # none usable: (re-)encoded whole
+        elif not missing:
+            if only is None:
+                manifest.shards[name]["complete"] = True  # it turned out to hold every ok sample already
             result.shards_kept += 1
             continue
-        manifest.shards.pop(name, None)
+        else:
+            job = dataclasses.replace(job, rows=missing, merge=True)
         todo.append((name, job, current))
     manifest.write(folder)
     bar = _progress(len(todo), progress)
 
-    def finished(name: str, job: ShardJob, current: dict[str, int], done: tuple[int, int, list[str]]) -> None:
-        samples, images, rejected = done
+    def finished(name: str, job: ShardJob, current: dict[str, int], done: ShardResult) -> None:
+        before = manifest.shards.get(name) if job.merge else None
         manifest.shards[name] = {
             "group": job.group,
             "dataset": job.dataset,
             "source_file": job.source_file,
-            "samples": samples,
-            "images": images,
+            "samples": done.samples + (before["samples"] if before else 0),
+            "images": done.images + (before["images"] if before else 0),
+            "rejected_rows": sorted(
+                {*map(tuple, before.get("rejected_rows", []) if before else []), *done.rejected_rows}
+            ),
+            "complete": only is None or bool(before and before.get("complete")),  # every ok sample of the file
             **current,
         }
         manifest.write(folder)
         result.shards_written += 1
-        result.samples += samples
-        result.images += images
-        result.rejected += rejected
+        result.samples += done.samples
+        result.images += done.images
+        result.rejected += done.rejected
         if bar is not None:
             bar.update(1)
         if on_shard is not None:
@@ -370,6 +412,20 @@ def build_latent_cache(
         bar.close()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _missing_rows(
+    folder: Path, entry: dict[str, Any] | None, job: ShardJob, current: dict[str, int]
+) -> tuple[tuple[int, int], ...] | None:
+    """The job's rows its listed shard lacks (``()``: it has them all), or None when there is no usable shard
+    (not listed, file gone, or its source file changed since)."""
+    shard = folder / SHARDS / f"{shard_name(job.group, job.source_file)}.safetensors"
+    if entry is None or not shard.is_file() or any(entry.get(k) != v for k, v in current.items()):
+        return None
+    if entry.get("complete"):
+        return ()
+    have = encoded_rows(shard) | {tuple(r) for r in entry.get("rejected_rows", [])}
+    return tuple(r for r in job.rows if r not in have)
 
 
 def _progress(total: int, enabled: bool) -> Any:

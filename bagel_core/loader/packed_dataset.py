@@ -103,7 +103,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer, special_token_ids
-from bagel_core.data.transforms import ImageTransform
+from bagel_core.data.transforms import ImageTransform, byte_lut, lookup_bytes
 from bagel_core.loader.latent_cache import VAE_STRIDE, LatentCache
 from bagel_core.loader.readers import (
     LoadedSample,
@@ -184,39 +184,94 @@ def _output_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return like.new(like._typed_storage()._new_shared(numel)).view(shape)
 
 
+def _plain_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in ordinary memory (bytes that are normalised before the pack leaves the worker)."""
+    return torch.empty(shape, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class _Resized:
-    """An image resized by its transform and not normalised yet: it is normalised when the pack is finished,
-    straight into ``padded_images`` / ``packed_vit_tokens``, so its float pixels are written once (no per-image
-    float tensor, patchify copy or padding copy). ``shape`` / ``dtype`` are those of the normalised tensor."""
+    """An image resized by its transform: its bytes are written once, when the pack is finished, straight into
+    ``padded_pixels`` / ``packed_vit_pixels`` (no per-image tensor, patchify copy or padding copy). ``shape`` is
+    that of its ``[3, H, W]`` pixels."""
 
     image: Image.Image
     transform: ImageTransform
-    dtype = torch.float32
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (3, self.image.height, self.image.width)
 
 
-def _pad(tensors: list[torch.Tensor | _Resized]) -> torch.Tensor:
-    """[C, H_i, W_i] tensors (or resized images, normalised here) -> one zero-padded [N, C, max H, max W] batch
-    (their dtype).
+def _pad(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[C, H_i, W_i] tensors -> one zero-padded [N, C, max H, max W] batch (their dtype).
 
-    Only the margins are zeroed (each image is written over its corner), not the whole batch first.
+    Only the margins are zeroed (each tensor is written over its corner), not the whole batch first.
     """
     hmax = max(t.shape[1] for t in tensors)
     wmax = max(t.shape[2] for t in tensors)
     padded = _output_tensor((len(tensors), tensors[0].shape[0], hmax, wmax), tensors[0].dtype)
     for i, t in enumerate(tensors):
         h, w = t.shape[1], t.shape[2]
-        if isinstance(t, _Resized):
-            t.transform.normalise_into(t.image, padded[i, :, :h, :w])
-        else:
-            padded[i, :, :h, :w] = t
-        padded[i, :, :h, w:] = 0
-        padded[i, :, h:, :] = 0
+        padded[i, :, :h, :w] = t
+        _zero_margins(padded[i], h, w)
     return padded
+
+
+def _zero_margins(image: torch.Tensor, h: int, w: int) -> None:
+    """Zero a padded ``[C, H, W]`` slot outside its ``h`` x ``w`` corner."""
+    image[:, :h, w:] = 0
+    image[:, h:, :] = 0
+
+
+def _pad_bytes(images: list[_Resized], alloc: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Resized images -> their bytes as one zero-padded uint8 ``[N, 3, max H, max W]`` batch."""
+    hmax = max(im.shape[1] for im in images)
+    wmax = max(im.shape[2] for im in images)
+    padded = alloc((len(images), 3, hmax, wmax), torch.uint8)
+    for i, im in enumerate(images):
+        h, w = im.shape[1], im.shape[2]
+        im.transform.bytes_into(im.image, padded[i, :, :h, :w])
+        _zero_margins(padded[i], h, w)
+    return padded
+
+
+#: The pack fields that carry images as bytes, and what :func:`normalise_pixels` turns them into.
+PIXEL_KEYS = ("padded_pixels", "padded_pixel_sizes", "padded_pixel_norms", "packed_vit_pixels", "vit_pixel_norms")
+
+
+def normalise_pixels(batch: dict[str, Any], alloc: Callable[..., torch.Tensor] | None = None) -> dict[str, Any]:
+    """Turn a pack's image bytes (``PackedDataset(..., pixels_as_bytes=True)``) into the model's float32 fields, in
+    place: ``padded_pixels`` -> ``padded_images`` (margins 0) and ``packed_vit_pixels`` -> ``packed_vit_tokens``,
+    each image through the byte table of its own transform (``pixel_norms``), on the device the bytes are on
+    (the trainer moves bytes, 4x smaller, and normalises there). Bit-identical to the packs the dataset
+    normalises itself (``tests/test_loader_pack_digests.py``). Returns ``batch``; a pack without bytes is
+    returned unchanged. ``alloc(shape, dtype)`` makes the float outputs on CPU (default: ordinary memory)."""
+    norms = batch.pop("pixel_norms", None)
+    if norms is None:
+        return batch
+    tables = [byte_lut(tuple(mean), tuple(std)) for mean, std in norms]
+
+    def empty(like: torch.Tensor) -> torch.Tensor:
+        if like.device.type == "cpu":
+            return (alloc or _plain_tensor)(tuple(like.shape), torch.float32)
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+    if "padded_pixels" in batch:
+        pixels, sizes = batch.pop("padded_pixels"), batch.pop("padded_pixel_sizes")
+        images = empty(pixels)
+        for i, ((h, w), which) in enumerate(zip(sizes, batch.pop("padded_pixel_norms"))):
+            lookup_bytes(pixels[i, :, :h, :w], tables[which], images[i, :, :h, :w], 0)
+            _zero_margins(images[i], h, w)
+        batch["padded_images"] = images
+    if "packed_vit_pixels" in batch:
+        pixels = batch.pop("packed_vit_pixels")
+        tokens, start = empty(pixels), 0
+        for n, which in zip(batch["vit_token_seqlens"].tolist(), batch.pop("vit_pixel_norms")):
+            lookup_bytes(pixels[start : start + n].view(-1, 3), tables[which], tokens[start : start + n].view(-1, 3), 1)
+            start += n
+        batch["packed_vit_tokens"] = tokens
+    return batch
 
 
 def _longs(values: list[int]) -> torch.Tensor:
@@ -253,6 +308,7 @@ class PackBuilder:
         transforms: dict[tuple[str, str], ImageTransform],
         multi_image_groups: set[str],
         latents: LatentCache | None = None,
+        pixels_as_bytes: bool = False,
     ) -> None:
         self.bos, self.eos = token_ids["bos_token_id"], token_ids["eos_token_id"]
         self.soi, self.eoi = token_ids["start_of_image"], token_ids["end_of_image"]
@@ -260,6 +316,7 @@ class PackBuilder:
         self.transforms = transforms
         self.multi_image_groups = multi_image_groups  # VLM: the pixel budget is split over the images
         self.latents = latents  # VAE moments encoded once (latent_cache.py); None: every image goes to the VAE live
+        self.pixels_as_bytes = pixels_as_bytes  # hand images over as bytes (normalise_pixels), not float32
         self.reset()
 
     def reset(self) -> None:
@@ -292,7 +349,7 @@ class PackBuilder:
         return not self.sample_lens
 
     def _pixels(self, sample: LoadedSample, item, cache: dict) -> _Resized:
-        """The item's image resized by its transform (once per sample), normalised later by :meth:`finish`."""
+        """The item's image resized by its transform (once per sample); :meth:`finish` writes its bytes."""
         key = (item.kind, item.image_index)
         if key not in cache:
             transform = self.transforms[(sample.group, item.kind)]
@@ -361,7 +418,7 @@ class PackBuilder:
             self.pos_ids += [rope] * (n + 2)
             inner = range(cur + 1, cur + 1 + n)
             if item.kind == VIT_IMAGE:
-                self.vit_tokens.append(pixels)  # patchified and normalised by finish, into packed_vit_tokens
+                self.vit_tokens.append(pixels)  # patchified by finish, into packed_vit_pixels
                 self.vit_pos.append(_grid_ids(rows, cols, self.vit_side, self.interpolate))
                 self.vit_idx += inner
                 self.vit_lens.append(n)
@@ -407,15 +464,44 @@ class PackBuilder:
         )
         return length
 
-    def _vit_tokens(self) -> torch.Tensor:
-        """All ViT patches of the pack, float32 ``[sum n, p*p*3]``: each image patchified and normalised straight
-        into its rows of one output tensor (see ``_output_tensor``)."""
-        out = _output_tensor((sum(self.vit_lens), VIT_PATCH_SIZE * VIT_PATCH_SIZE * 3), torch.float32)
+    def _vit_bytes(self, alloc: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """All ViT patches of the pack as bytes, uint8 ``[sum n, p*p*3]``: each image patchified straight into its
+        rows of one tensor."""
+        out = alloc((sum(self.vit_lens), VIT_PATCH_SIZE * VIT_PATCH_SIZE * 3), torch.uint8)
         start = 0
         for image, n in zip(self.vit_tokens, self.vit_lens):
-            image.transform.patches_into(image.image, VIT_PATCH_SIZE, out[start : start + n])
+            image.transform.patch_bytes_into(image.image, VIT_PATCH_SIZE, out[start : start + n])
             start += n
         return out
+
+    def _pixels_fields(self) -> dict[str, Any]:
+        """The pack's images as bytes plus, per image, the index of its transform's (mean, std) in ``pixel_norms``.
+
+        Handed over as they are (``pixels_as_bytes``: shared memory holds a quarter of the float bytes and the
+        worker does no normalising), or normalised here into float32 tensors in shared memory."""
+        if not self.vae_images and not self.vit_tokens:
+            return {}
+        alloc = _output_tensor if self.pixels_as_bytes else _plain_tensor
+        norms: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
+
+        def norm_index(image: _Resized) -> int:
+            if image.transform.norm not in norms:
+                norms.append(image.transform.norm)
+            return norms.index(image.transform.norm)
+
+        fields: dict[str, Any] = {}
+        if self.vae_images:
+            fields.update(
+                padded_pixels=_pad_bytes(self.vae_images, alloc),
+                padded_pixel_sizes=[(im.shape[1], im.shape[2]) for im in self.vae_images],
+                padded_pixel_norms=[norm_index(im) for im in self.vae_images],
+            )
+        if self.vit_tokens:
+            fields.update(
+                packed_vit_pixels=self._vit_bytes(alloc), vit_pixel_norms=[norm_index(im) for im in self.vit_tokens]
+            )
+        fields["pixel_norms"] = [(list(mean), list(std)) for mean, std in norms]
+        return fields
 
     def finish(self, nested_masks: bool, pad_to: int | None) -> dict[str, Any]:
         long = torch.long
@@ -440,9 +526,8 @@ class PackBuilder:
             batch["sample_lens"].append(pad_to - self.cur)
             batch["split_lens"].append(pad_to - self.cur)
             batch["attn_modes"].append("causal")
+        batch.update(self._pixels_fields())
         if self.vae_shapes:
-            if self.vae_images:
-                batch["padded_images"] = _pad(self.vae_images)
             if self.vae_moments:  # only with a latent cache: which VAE images (in order) are moments
                 batch.update(padded_moments=_pad(self.vae_moments), vae_from_cache=list(self.vae_from_cache))
             batch.update(
@@ -454,7 +539,6 @@ class PackBuilder:
             )
         if self.vit_tokens:
             batch.update(
-                packed_vit_tokens=self._vit_tokens(),
                 packed_vit_position_ids=torch.cat(self.vit_pos).to(long),
                 packed_vit_token_indexes=_longs(self.vit_idx),
                 vit_token_seqlens=_longs(self.vit_lens),
@@ -467,7 +551,7 @@ class PackBuilder:
             )
         batch["batch_data_indexes"] = list(self.data_indexes)
         self.reset()
-        return batch
+        return batch if self.pixels_as_bytes else normalise_pixels(batch, _output_tensor)
 
 
 # ---- state helpers ------------------------------------------------------------------------------------
@@ -560,6 +644,7 @@ class _Worker:
             ds.transforms,
             ds.multi_image_groups,
             ds.latent_cache,
+            ds.pixels_as_bytes,
         )
         if state is not None:
             self._load(state)
@@ -802,6 +887,8 @@ class PackedDataset(IterableDataset):
     (planned with ``--index``), else none. ``params.mode``: the packing mode (``carry`` by default).
     ``latent_cache``: VAE images found there travel as moments (``padded_moments``, ``vae_from_cache``)
     instead of pixels; the trainer samples their latents (:func:`~bagel_core.loader.latent_cache.pack_latents`).
+    ``pixels_as_bytes``: images travel as uint8 (``padded_pixels``, ``packed_vit_pixels``, ...) for the consumer
+    to normalise with :func:`normalise_pixels` (the trainer, on its device), instead of as float32 tensors.
     """
 
     def __init__(
@@ -824,6 +911,7 @@ class PackedDataset(IterableDataset):
         quarantine: str | Path | None = None,
         max_bad_files: int = DEFAULT_MAX_BAD_FILES,
         latent_cache: LatentCache | None = None,
+        pixels_as_bytes: bool = False,
     ) -> None:
         super().__init__()
         dataset_config.check_against(registry)
@@ -847,6 +935,7 @@ class PackedDataset(IterableDataset):
         self.quarantine = self._quarantine(quarantine)
         self.max_bad_files = max_bad_files
         self.latent_cache = latent_cache
+        self.pixels_as_bytes = pixels_as_bytes
         self.dropout = dropout if dropout is not None else CfgDropout()
         self.seed = seed
         self.max_latent_size, self.vit_max_patches_per_side = max_latent_size, vit_max_patches_per_side
@@ -908,6 +997,14 @@ class PackedDataset(IterableDataset):
             else:
                 self._worker_local = (logical, batch["data_state"])
             yield batch
+
+    def worker_packs(self, worker: int) -> Iterator[dict[str, Any]]:
+        """Logical worker ``worker``'s packs in order, iterated here (no DataLoader, nothing recorded), from its
+        loaded state or the start: the packs a training's DataLoader takes from that worker, round-robin
+        (pack ``k`` of a rank comes from worker ``k % num_workers``). For replaying which samples a run reads."""
+        if not 0 <= worker < max(self.num_workers, 1):
+            raise ConfigError(f"worker {worker} is not one of this dataset's {max(self.num_workers, 1)} worker(s)")
+        return iter(_Worker(self, worker, copy.deepcopy(self._states.get(worker))))
 
     # ---- resume -----------------------------------------------------------------------------------
     def _remember(self, state: dict[str, Any]) -> None:

@@ -52,6 +52,30 @@ def read_metrics(results_dir: str | Path) -> dict[int, dict[str, Any]]:
     return {int(rec["step"]): rec for rec in records}
 
 
+def vae_sources_line(cached: int, live: int) -> str:
+    """The trainer's closing line on where its VAE latents came from (all ranks); :func:`vae_image_sources` reads it."""
+    return f"all ranks: {cached} VAE image(s) from the latent cache, {live} encoded live"
+
+
+_VAE_SOURCES = re.compile(r"all ranks: (\d+) VAE image\(s\) from the latent cache, (\d+) encoded live")
+
+
+def vae_image_sources(log_text: str) -> dict[str, int] | None:
+    """``{"cached", "live"}`` from a training log (its last session's line), or None when it has none."""
+    found = _VAE_SOURCES.findall(log_text)
+    return {"cached": int(found[-1][0]), "live": int(found[-1][1])} if found else None
+
+
+def steps_seconds(records: Sequence[Mapping[str, Any]]) -> float:
+    """Seconds the logged steps took, from each record's ``steps_per_sec`` over the steps since the one before."""
+    total, previous = 0.0, 0
+    for rec in records:
+        if rec.get("steps_per_sec"):
+            total += (rec["step"] - previous) / rec["steps_per_sec"]
+        previous = rec["step"]
+    return total
+
+
 # ------------------------------------------------------------------------------------------- peak TFLOPs
 
 # Upstream's ``detect_peak_tflops`` table, in its order: the first tag found in the upper-cased device name wins

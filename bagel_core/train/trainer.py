@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from bagel_core.config.errors import NonFiniteLossError
 from bagel_core.data.tokenizer import load_tokenizer
 from bagel_core.loader.latent_cache import LatentCache, open_latent_cache, pack_latents, vae_identity, vae_transforms
-from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs
+from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, model_inputs, normalise_pixels
 from bagel_core.plan.manifest import write_manifest
 from bagel_core.plan.packing import CfgDropout, PackingParams
 from bagel_core.train.args import TrainConfig
@@ -49,7 +49,14 @@ from bagel_core.train.export import export_checkpoint
 from bagel_core.train.lock import CheckpointDirLock
 from bagel_core.train.lora import describe_plan as describe_lora
 from bagel_core.train.loss import StepTokens, local_token_counts, micro_loss, pack_samples
-from bagel_core.train.metrics import MetricsLogger, MetricsWindow, WandbSettings, peak_memory_mib, resolve_peak_tflops
+from bagel_core.train.metrics import (
+    MetricsLogger,
+    MetricsWindow,
+    WandbSettings,
+    peak_memory_mib,
+    resolve_peak_tflops,
+    vae_sources_line,
+)
 from bagel_core.train.observer import GuardedObserver, NullObserver, TrainingObserver, load_observer
 from bagel_core.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bagel_core.train.preflight import LaunchPlan
@@ -66,6 +73,51 @@ def seed_process(global_seed: int, dist_info: Distributed) -> None:
     seed = global_seed * dist_info.world_size + dist_info.rank
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+def build_packed_dataset(
+    cfg: TrainConfig,
+    launch: LaunchPlan,
+    manifest_dir: Path,
+    rank: int,
+    world_size: int,
+    tokenizer: Any,
+    latents: LatentCache | None = None,
+) -> PackedDataset:
+    """One rank's packed dataset as the training reads it (budgets, packing mode, CFG dropout, seed, positions);
+    also what :func:`bagel_core.train.latents.planned_reads` replays to know which samples a run reads."""
+    d, m, t = cfg.data, cfg.model, cfg.training
+    params = PackingParams(
+        expected_num_tokens=t.expected_num_tokens,
+        max_num_tokens=d.max_num_tokens,
+        max_num_tokens_per_sample=d.max_num_tokens_per_sample,
+        prefer_buffer_before=d.prefer_buffer_before,
+        max_buffer_size=d.max_buffer_size,
+        mode=d.packing,
+    )
+    dropout = (
+        CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
+        if t.visual_gen
+        else CfgDropout(0.0, 0.0, 0.0)
+    )
+    return PackedDataset(
+        launch.dataset_config,
+        launch.registry,
+        manifest_dir,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        params=params,
+        dropout=dropout,
+        seed=d.data_seed,
+        tokenizer=tokenizer,
+        max_latent_size=launch.model.max_latent_size,
+        interpolate_pos=m.interpolate_pos,
+        flex_padding=m.attn_backend == "flex",
+        max_bad_files=d.max_bad_files,
+        latent_cache=latents,
+        pixels_as_bytes=True,  # a quarter of the bytes through shared memory and to the device; see _inputs
+    )
 
 
 class Trainer:
@@ -137,36 +189,14 @@ class Trainer:
         return out
 
     def _build_dataset(self) -> PackedDataset:
-        d, m, t = self.cfg.data, self.cfg.model, self.cfg.training
-        params = PackingParams(
-            expected_num_tokens=t.expected_num_tokens,
-            max_num_tokens=d.max_num_tokens,
-            max_num_tokens_per_sample=d.max_num_tokens_per_sample,
-            prefer_buffer_before=d.prefer_buffer_before,
-            max_buffer_size=d.max_buffer_size,
-            mode=d.packing,
-        )
-        dropout = (
-            CfgDropout(m.text_cond_dropout_prob, m.vit_cond_dropout_prob, m.vae_cond_dropout_prob)
-            if t.visual_gen
-            else CfgDropout(0.0, 0.0, 0.0)
-        )
-        return PackedDataset(
-            self.launch.dataset_config,
-            self.launch.registry,
+        return build_packed_dataset(
+            self.cfg,
+            self.launch,
             self._manifest_dir(),
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            num_workers=d.num_workers,
-            params=params,
-            dropout=dropout,
-            seed=d.data_seed,
-            tokenizer=self.tokenizer,
-            max_latent_size=self.model_cfg.max_latent_size,
-            interpolate_pos=m.interpolate_pos,
-            flex_padding=m.attn_backend == "flex",
-            max_bad_files=d.max_bad_files,
-            latent_cache=self.latents,
+            self.dist.rank,
+            self.dist.world_size,
+            self.tokenizer,
+            latents=self.latents,
         )
 
     def _latent_cache(self) -> tuple[LatentCache | None, str]:
@@ -191,6 +221,7 @@ class Trainer:
             num_workers=d.num_workers,
             collate_fn=collate_packed,
             prefetch_factor=d.prefetch_factor,
+            pin_memory=self.dist.device.type == "cuda",
         )
         return iter(loader)
 
@@ -226,6 +257,11 @@ class Trainer:
         return path
 
     # ---- one optimizer step ------------------------------------------------------------------------
+    def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The pack's model inputs on this rank's device, images normalised there from the bytes the loader sent
+        (a table lookup: the same bits on any device as the loader's own float32 packs)."""
+        return normalise_pixels({k: _to(v, self.dist.device) for k, v in model_inputs(batch).items()})
+
     def _encode(self, inputs: dict[str, Any], slot: int) -> None:
         """Replace ``padded_images`` / ``padded_moments`` by VAE latents: each image encoded alone by the frozen VAE
         (or its cached moments), its posterior sampled from the (step, slot) generator in pack order."""
@@ -281,7 +317,7 @@ class Trainer:
         ce_sum = mse_sum = 0.0
         for micro, batch in enumerate(batches):
             slot = self.dist.rank * len(batches) + micro
-            inputs = {k: _to(v, self.dist.device) for k, v in model_inputs(batch).items()}
+            inputs = self._inputs(batch)
             self._encode(inputs, slot)
             noise = step_generator(t.global_seed, self.step, slot, 1, self.dist.device)
             terms = self.model(**inputs, noise_generator=noise, touch_unused=True)
@@ -342,11 +378,8 @@ class Trainer:
         if self.step < t.total_steps:
             self._train_until(t.total_steps)
         self.metrics.info(f"Reached total_steps={t.total_steps}, stopping training.")
-        if self.latents is not None:
-            n = self.vae_images
-            self.metrics.info(
-                f"rank {self.dist.rank}: {n['cached']} VAE image(s) from the latent cache, {n['live']} encoded live"
-            )
+        cached, live = all_reduce_sum([self.vae_images["cached"], self.vae_images["live"]], self.dist)
+        self.metrics.info(vae_sources_line(int(cached), int(live)))
         last = step_dir(t.checkpoint_dir, self.step)
         if not (last / MARKER).is_file():
             last = self.save()

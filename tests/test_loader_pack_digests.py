@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from bagel_core.config.dataset_config import load_dataset_config
 from bagel_core.config.registry import Registry
-from bagel_core.data.transforms import ImageTransform, byte_lut, gather_bytes, lookup_bytes
+from bagel_core.data.transforms import ImageTransform, byte_lut, gather_bytes, normalise_bytes
 from bagel_core.loader.packed_dataset import PackedDataset, collate_packed, normalise_pixels
 from bagel_core.plan.packing import PackingParams
 from bagel_core.sequence.grid import patchify
@@ -253,14 +253,17 @@ def test_patches_into_is_bit_identical_to_patchify_of_the_plain_formula(mean, st
 
 
 @pytest.mark.parametrize("mean,std", MEAN_STD)
-def test_lookup_bytes_gathers_the_plain_formula_on_any_layout(mean, std):
-    """Both table paths give the plain formula's bits: numpy's take (CPU) and the gather a GPU runs (here on
+def test_byte_normalisation_gives_the_plain_formula_on_any_layout(mean, std):
+    """Both kernels give the plain formula's bits: the CPU arithmetic and the table gather a GPU runs (here on
     CPU tensors), channels first or last, into strided outputs."""
     image = _every_byte_image(70, 98)
     planes = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, H, W] bytes, strided
     reference = _plain_normalise(image, mean, std)
-    for kernel in (lookup_bytes, gather_bytes):
-        out = torch.empty(3, 98, 70)
-        assert _same_bits(kernel(planes, byte_lut(mean, std), out, 0), reference)
-        last = torch.empty(98, 70, 3)
-        assert _same_bits(kernel(planes.permute(1, 2, 0), byte_lut(mean, std), last, 2), reference.permute(1, 2, 0))
+    kernels = {
+        "cpu": lambda data, out, dim: normalise_bytes(data, mean, std, out, dim),
+        "gather": lambda data, out, dim: gather_bytes(data, byte_lut(mean, std), out, dim),
+    }
+    for name, kernel in kernels.items():
+        assert _same_bits(kernel(planes, torch.empty(3, 98, 70), 0), reference), name
+        last = kernel(planes.permute(1, 2, 0), torch.empty(98, 70, 3), 2)
+        assert _same_bits(last, reference.permute(1, 2, 0)), name

@@ -75,10 +75,9 @@ class ImageTransform:
 
     def normalise_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
         """Write :meth:`normalise` of ``image`` into ``out`` (a float32 ``[3, H, W]`` view, any strides): each
-        byte looked up in :func:`byte_lut`, so the values are those of the plain formula, bit for bit."""
-        return lookup_bytes(
-            self.bytes_into(image, torch.empty(out.shape, dtype=torch.uint8)), byte_lut(*self.norm), out, 0
-        )
+        byte mapped as :func:`byte_lut` maps it, so the values are those of the plain formula, bit for bit."""
+        pixels = self.bytes_into(image, torch.empty(out.shape, dtype=torch.uint8))
+        return normalise_bytes(pixels, *self.norm, out, 0)
 
     def bytes_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
         """Write the RGB image's bytes into ``out``, a uint8 ``[3, H, W]`` view (any strides), channel planes."""
@@ -102,16 +101,16 @@ class ImageTransform:
         """Write ``patchify(normalise(image), patch)`` into ``out``, a contiguous float32 ``[(H/p)(W/p), p*p*3]``
         tensor (bytes in patch order, then looked up: bit-identical to patchifying :meth:`normalise`)."""
         patches = self.patch_bytes_into(image, patch, torch.empty(out.shape, dtype=torch.uint8))
-        return lookup_bytes(patches.view(-1, 3), byte_lut(*self.norm), out.view(-1, 3), 1)
+        normalise_bytes(patches.view(-1, 3), *self.norm, out.view(-1, 3), 1)
+        return out
 
 
 @functools.lru_cache(maxsize=64)
 def byte_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """float32 ``[3, 256]``: entry ``[c, b]`` is ``(float32(b) / 255 - mean[c]) / std[c]``, computed with the same
     float32 operations in the same order as the plain formula, so a lookup is bit-identical to it (a test checks
-    every byte value). Normalising by lookup needs no arithmetic, so it gives the same bits on any device (CUDA
-    divides by a scalar through its reciprocal) and lets packs travel as bytes (:func:`lookup_bytes`).
-    Callers only read it."""
+    every byte value). A lookup needs no arithmetic, so it gives the same bits on any device (CUDA divides by a
+    scalar through its reciprocal): :func:`normalise_bytes` uses it off the CPU. Callers only read it."""
     table = torch.arange(256, dtype=torch.float32).repeat(3, 1)
     means, stds = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     for c in range(3):
@@ -119,21 +118,25 @@ def byte_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     return table
 
 
-def lookup_bytes(data: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``out[..c..] = lut[c, data[..c..]]`` for uint8 ``data`` whose channel ``c`` (0-2) runs along
-    ``channel_dim``; ``out`` is float32 of the same shape on the same device (any strides). On CPU numpy's
-    ``take`` (no index tensor); elsewhere :func:`gather_bytes`."""
+def normalise_bytes(
+    data: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], out: torch.Tensor, channel_dim: int
+) -> torch.Tensor:
+    """``out = (float32(data) / 255 - mean[c]) / std[c]`` for uint8 ``data`` whose channel ``c`` (0-2) runs along
+    ``channel_dim``; ``out`` is float32 of the same shape on the same device (any strides). The values are
+    :func:`byte_lut`'s, bit for bit: on CPU computed in place with the same float32 operations (the fastest
+    there), elsewhere looked up (:func:`gather_bytes`: no division on a device that might round it otherwise)."""
     if data.device.type != "cpu":
-        return gather_bytes(data, lut, out, channel_dim)
-    table, values, dest = lut.numpy(), data.numpy(), out.numpy()
-    for c in range(3):
-        np.take(table[c], values.take(c, axis=channel_dim), out=dest[(slice(None),) * channel_dim + (c,)], mode="wrap")
-    return out
+        return gather_bytes(data, byte_lut(tuple(mean), tuple(std)), out, channel_dim)
+    shape = [1] * data.dim()
+    shape[channel_dim] = 3
+    means = torch.tensor(mean, dtype=torch.float32).view(shape)
+    stds = torch.tensor(std, dtype=torch.float32).view(shape)
+    return out.copy_(data).div_(255.0).sub_(means).div_(stds)
 
 
 def gather_bytes(data: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """:func:`lookup_bytes` as one gather on ``data``'s device: each byte plus its channel's offset into the
-    flattened table."""
+    """``out[..c..] = lut[c, data[..c..]]`` as one gather on ``data``'s device: each byte plus its channel's offset
+    into the flattened ``[3, 256]`` table."""
     shape = [1] * data.dim()
     shape[channel_dim] = 3
     offsets = torch.arange(0, 768, 256, device=data.device).view(shape)

@@ -28,9 +28,14 @@ does not fit into the next pack, ``upstream`` discards it as upstream does (8.2 
 Speed (issue #13.4, ``bench/loader.py``; every output value unchanged, pinned by
 ``tests/test_loader_pack_digests.py``): a worker's time goes to the bicubic resize, handing the pack's
 large tensors to the main process through shared memory, and PNG/JPEG decoding. Images are therefore
-resized when added but normalised only by :meth:`PackBuilder.finish`, straight into ``padded_images`` /
-``packed_vit_tokens`` (no per-image float tensor, patchify or padding copy), and those two tensors are
-allocated in shared memory inside a DataLoader worker, so the pickler does not copy them again.
+resized when added and their bytes written once by :meth:`PackBuilder.finish`, straight into the pack's
+padded / patchified tensors (no per-image tensor, patchify or padding copy), allocated in shared memory
+inside a DataLoader worker so the pickler does not copy them again. With ``pixels_as_bytes`` (the
+trainer's setting) they stay bytes: ``padded_pixels`` [N, 3, H, W] and ``packed_vit_pixels`` [n, p*p*3]
+uint8, with ``padded_pixel_sizes``, and per image an index into ``pixel_norms`` (its transform's mean and
+std); :func:`normalise_pixels` turns them into ``padded_images`` / ``packed_vit_tokens`` on the consumer's
+device by table lookup (:func:`~bagel_core.data.transforms.byte_lut`), bit-identical to normalising in the
+worker, which is what the default (float32 packs) does.
 
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
 rejections (:class:`~bagel_core.sequence.tokens.SampleRejected`) are skipped, logged and counted per group
@@ -117,7 +122,7 @@ from bagel_core.config.dataset_config import DatasetConfig, GroupConfig
 from bagel_core.config.errors import ConfigError, DataError
 from bagel_core.config.registry import Registry
 from bagel_core.data.tokenizer import load_tokenizer, special_token_ids
-from bagel_core.data.transforms import ImageTransform, byte_lut, lookup_bytes
+from bagel_core.data.transforms import ImageTransform, normalise_bytes
 from bagel_core.loader.latent_cache import VAE_STRIDE, LatentCache
 from bagel_core.loader.readers import (
     LoadedSample,
@@ -243,14 +248,13 @@ PIXEL_KEYS = ("padded_pixels", "padded_pixel_sizes", "padded_pixel_norms", "pack
 def normalise_pixels(batch: dict[str, Any], alloc: Callable[..., torch.Tensor] | None = None) -> dict[str, Any]:
     """Turn a pack's image bytes (``PackedDataset(..., pixels_as_bytes=True)``) into the model's float32 fields, in
     place: ``padded_pixels`` -> ``padded_images`` (margins 0) and ``packed_vit_pixels`` -> ``packed_vit_tokens``,
-    each image through the byte table of its own transform (``pixel_norms``), on the device the bytes are on
+    each image with its own transform's mean and std (``pixel_norms``), on the device the bytes are on
     (the trainer moves bytes, 4x smaller, and normalises there). Bit-identical to the packs the dataset
     normalises itself (``tests/test_loader_pack_digests.py``). Returns ``batch``; a pack without bytes is
     returned unchanged. ``alloc(shape, dtype)`` makes the float outputs on CPU (default: ordinary memory)."""
     norms = batch.pop("pixel_norms", None)
     if norms is None:
         return batch
-    tables = [byte_lut(tuple(mean), tuple(std)) for mean, std in norms]
 
     def empty(like: torch.Tensor) -> torch.Tensor:
         if like.device.type == "cpu":
@@ -261,14 +265,15 @@ def normalise_pixels(batch: dict[str, Any], alloc: Callable[..., torch.Tensor] |
         pixels, sizes = batch.pop("padded_pixels"), batch.pop("padded_pixel_sizes")
         images = empty(pixels)
         for i, ((h, w), which) in enumerate(zip(sizes, batch.pop("padded_pixel_norms"))):
-            lookup_bytes(pixels[i, :, :h, :w], tables[which], images[i, :, :h, :w], 0)
+            normalise_bytes(pixels[i, :, :h, :w], *norms[which], images[i, :, :h, :w], 0)
             _zero_margins(images[i], h, w)
         batch["padded_images"] = images
     if "packed_vit_pixels" in batch:
         pixels = batch.pop("packed_vit_pixels")
         tokens, start = empty(pixels), 0
         for n, which in zip(batch["vit_token_seqlens"].tolist(), batch.pop("vit_pixel_norms")):
-            lookup_bytes(pixels[start : start + n].view(-1, 3), tables[which], tokens[start : start + n].view(-1, 3), 1)
+            rows = slice(start, start + n)
+            normalise_bytes(pixels[rows].view(-1, 3), *norms[which], tokens[rows].view(-1, 3), 1)
             start += n
         batch["packed_vit_tokens"] = tokens
     return batch

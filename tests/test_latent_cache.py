@@ -145,6 +145,15 @@ def test_cli_writes_a_cache_the_trainer_accepts(fx, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["vae"]["sha256"] == vae_identity(training_vae("", "tiny", SEED))["sha256"]
     assert {e["group"] for e in manifest["shards"].values()} == {"t2i_pretrain", "unified_edit"}
+    # --for-training: only what that training reads (a new folder: the samples of its first step)
+    planned = tmp_path / "planned"
+    training = " ".join(train_args(fx, tmp_path / "run", make_manifest(fx, tmp_path / "m"), total_steps=3))
+    argv[argv.index(str(out))] = str(planned)
+    assert main([*argv, "--for-training", training, "--steps", "1"]) == 0
+    coverage = json.loads((planned / MANIFEST).read_text())["coverage"]
+    assert coverage["scope"] == "planned" and coverage["steps"] == 1 and coverage["world_size"] == 1
+    encoded = sum(e["samples"] for e in json.loads((planned / MANIFEST).read_text())["shards"].values())
+    assert 0 < encoded <= coverage["samples"] < sum(e["samples"] for e in manifest["shards"].values())
 
 
 # ---- a cache scoped to what a training reads -------------------------------------------------------

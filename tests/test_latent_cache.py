@@ -85,6 +85,31 @@ def test_packs_carry_cached_moments_whose_latents_equal_the_live_encode(fx, vae,
     assert seen > 0
 
 
+def test_cached_text_to_image_samples_are_never_decoded(fx, vae, cache, tmp_path, monkeypatch):
+    """A T2I sample whose image is cached is opened for its size only; the packs are those of the live path."""
+    from bagel_core.loader import readers
+
+    decoded: list[str] = []
+    real = readers.decode_image
+
+    def spy(data, what):
+        decoded.append(what)
+        return real(data, what)
+
+    monkeypatch.setattr(readers, "decode_image", spy)
+    manifest = make_manifest(fx, tmp_path / "manifest")
+    latents, _ = _open(cache, vae, fx.groups)
+    kwargs = {"dropout": NO_DROPOUT, "seed": 3, "quarantine": fx.index_dir}
+    live = [b for b, _ in zip(make_dataset(fx, manifest, **kwargs), range(6))]
+    live_t2i = decoded.count("image")
+    decoded.clear()
+    cached = [b for b, _ in zip(make_dataset(fx, manifest, latent_cache=latents, **kwargs), range(6))]
+    assert live_t2i > 0 and decoded.count("image") == 0, (live_t2i, decoded)
+    for a, b in zip(live, cached):
+        assert torch.equal(a["packed_text_ids"], b["packed_text_ids"]) and a["sample_lens"] == b["sample_lens"]
+        assert a.get("patchified_vae_latent_shapes") == b.get("patchified_vae_latent_shapes")
+
+
 def test_training_on_the_cache_gives_the_live_losses(fx, cache, tmp_path, capsys):
     assert cli(train_args(fx, tmp_path / "live", total_steps=2)) == 0
     assert cli(train_args(fx, tmp_path / "cached", total_steps=2, latent_cache=cache)) == 0

@@ -122,9 +122,9 @@ def test_quarantined_rows_are_never_read_nor_decoded_and_are_counted(fx, tmp_pat
     decoded, read = [], []
     real_decode, real_read = packed_dataset.decode_sample, UnitStream.read_at
 
-    def spy_decode(stream, g, group, pos, record, visit, ids_of, rng):
+    def spy_decode(stream, g, group, pos, record, visit, ids_of, rng, cached=None):
         decoded.append(stream.source(pos))
-        return real_decode(stream, g, group, pos, record, visit, ids_of, rng)
+        return real_decode(stream, g, group, pos, record, visit, ids_of, rng, cached)
 
     def spy_read(stream, pos):
         read.append(stream.source(pos))

@@ -452,9 +452,8 @@ class LatentCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["folder"], state["shards"])
 
-    def lookup(
-        self, group: str, source_file: str, row_group: int, row_index: int, image_index: int
-    ) -> torch.Tensor | None:
+    def _shard(self, group: str, source_file: str) -> tuple[Any, set[str]] | None:
+        """The open shard of (group, file) and its keys (opened once per process), or None when not cached."""
         name = self.shards.get((group, os.path.realpath(source_file)))
         if name is None:
             return None
@@ -464,9 +463,21 @@ class LatentCache:
         if opened is None:
             handle = safe_open(str(self.folder / SHARDS / f"{name}.safetensors"), framework="pt")
             opened = self._open[name] = (handle, set(handle.keys()))
-        handle, keys = opened
+        return opened
+
+    def holds(self, group: str, source_file: str, row_group: int, row_index: int, image_index: int) -> bool:
+        """Whether the cache has that image's moments (nothing is read but the shard's header)."""
+        opened = self._shard(group, source_file)
+        return opened is not None and image_key(row_group, row_index, image_index) in opened[1]
+
+    def lookup(
+        self, group: str, source_file: str, row_group: int, row_index: int, image_index: int
+    ) -> torch.Tensor | None:
+        opened = self._shard(group, source_file)
         key = image_key(row_group, row_index, image_index)
-        return handle.get_tensor(key) if key in keys else None
+        if opened is None or key not in opened[1]:
+            return None
+        return opened[0].get_tensor(key)
 
 
 def open_latent_cache(

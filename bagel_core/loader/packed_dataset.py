@@ -750,7 +750,14 @@ class _Worker:
     def _decode(self, g: int, pos, record, visit: int) -> LoadedSample:
         ds = self.ds
         rng = plan_rng(ds.seed, ds.rank, self.worker_id, self.names[g], visit, "plan")
-        return decode_sample(self.streams[g], g, self.groups[g], pos, record, visit, ds.ids_of, rng)
+        group = self.names[g]
+        cached = None
+        if ds.latent_cache is not None:
+
+            def cached(source_file: str, row_group: int, row_index: int, image: int) -> bool:
+                return ds.latent_cache.holds(group, source_file, row_group, row_index, image)
+
+        return decode_sample(self.streams[g], g, self.groups[g], pos, record, visit, ds.ids_of, rng, cached)
 
     def _skip(self, group: str, reason: str, where: Any) -> None:
         reasons = self.counters["skipped"].setdefault(group, {})

@@ -334,6 +334,17 @@ def decode_image(data: Any, what: str) -> Image.Image:
         raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
 
 
+def image_header(data: Any, what: str) -> Image.Image:
+    """Encoded bytes -> the image, opened but not decoded: its size and mode come from the header alone (it
+    decodes on first use of its pixels)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise SampleRejected(f"{what}: not binary image bytes ({type(data).__name__})")
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SampleRejected(f"image decode error ({type(exc).__name__})") from exc
+
+
 def open_image_file(path: Path) -> Image.Image:
     """An image file -> fully decoded RGB image (read whole, then decoded as :func:`decode_image` does)."""
     try:
@@ -359,11 +370,20 @@ def decode_sample(
     visit: int,
     ids_of: TextIds,
     rng: random.Random,
+    cached: Callable[[str, int, int, int], bool] | None = None,
 ) -> LoadedSample:
-    """Raw record -> :class:`LoadedSample` (decoded images + plan); raises :class:`SampleRejected`."""
+    """Raw record -> :class:`LoadedSample` (decoded images + plan); raises :class:`SampleRejected`.
+
+    ``cached(source_file, row_group, row_index, image)``: whether the latent cache holds that image's moments.
+    A text-to-image sample's only image is then opened for its size alone and never decoded: the trainer
+    takes its latent from the cache, and the cache was built by decoding this very (unchanged) file."""
     task = stream.task
+    dataset, source_file, row_group, row_index = stream.source(pos)
     if task == "t2i":
-        image = decode_image(record.get("image"), "image")
+        if cached is not None and cached(source_file, row_group, row_index, 0):
+            image = image_header(record.get("image"), "image")
+        else:
+            image = decode_image(record.get("image"), "image")
         plan = sample_t2i_plan(record.get("captions"), image.size, group.image_transform_args, ids_of, rng)
         images = [image]
     elif task == "edit":
@@ -390,7 +410,6 @@ def decode_sample(
         root = Path(record["root"])
         images = [open_image_file(root / name) for name in names]  # an absolute name overrides the root
         plan = build_vlm_plan(rec, [im.size for im in images], group.image_transform_args, ids_of)
-    dataset, source_file, row_group, row_index = stream.source(pos)
     return LoadedSample(
         group_index=group_index,
         group=stream.group,

@@ -225,6 +225,9 @@ def test_planned_reads_are_the_samples_the_dataloaders_yield(fx, tmp_path, world
     assert reads.samples == _dataloader_reads(argv, world_size, 6)
     fewer = planned_reads(argv, world_size=world_size, steps=1)
     assert fewer.samples and fewer.samples < reads.samples
+    if world_size == 1:  # no --manifest: the replay plans it as the trainer's preflight does (same data seed)
+        unplanned = train_args(fx, tmp_path / "run2", data_seed=42, text_cond_dropout_prob=0.1, **over)
+        assert planned_reads(unplanned, world_size=1).samples == reads.samples
 
 
 def test_a_cache_planned_for_the_run_leaves_nothing_to_encode_live_and_grows_in_place(fx, vae, tmp_path, capsys):

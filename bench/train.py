@@ -2,6 +2,7 @@
 
     python bench/train.py                                   # CPU: tiny and small, 1 and 2 processes
     python bench/train.py --presets tiny --nprocs 1 --latent-cache both   # the step with and without the cache
+                                                            # (of the images the run reads; --cache-scope all)
     python bench/train.py --device cuda --presets 7b-layers --nprocs 1 \\
         --budgets 10240,11520,10240                          # a GPU: the seed guides' fine-tune budgets
 
@@ -43,27 +44,31 @@ def prepare_example(root: Path, t2i_files: int, edit_files: int = 10) -> tuple[P
     return registry_path, groups_path
 
 
-def latent_cache(preset: str, registry: Path, groups: Path, root: Path, workers: int) -> tuple[Path, float]:
-    """Index the example and encode its VAE images once with ``preset``'s VAE (the trainer's default seed);
-    returns the cache folder and the seconds the encode took (0 when it was already there)."""
+def latent_cache(
+    preset: str, registry: Path, groups: Path, root: Path, workers: int, training: tuple[list[str], int] | None
+) -> tuple[Path, float]:
+    """Index the example and encode VAE images once with ``preset``'s VAE (the trainer's default seed): those the
+    training ``(argv, world size)`` reads (``planned_reads``), or every one when ``training`` is None. One folder
+    per preset, grown as runs need more. Returns it and the seconds the encode took (0 when nothing was new)."""
     from bagel_core.config.dataset_config import load_dataset_config
     from bagel_core.config.registry import Registry
     from bagel_core.index.indexer import index_registry
     from bagel_core.loader.latent_cache import build_latent_cache
-    from bagel_core.train.latents import training_vae
+    from bagel_core.train.latents import planned_reads, training_vae
 
     index = root / "index"
     if not (index / "index.parquet").is_file():
         index_registry(Registry.load(registry), index)
+    only = planned_reads(*training).samples if training is not None else None
     vae = training_vae("", preset, 4396)
-    result = build_latent_cache(vae, load_dataset_config(groups), index, root / f"latents-{preset}", workers=workers)
+    folder = root / f"latents-{preset}"
+    result = build_latent_cache(vae, load_dataset_config(groups), index, folder, workers=workers, only=only)
     print(f"  {result.summary()}", flush=True)
-    return root / f"latents-{preset}", result.seconds if result.shards_written else 0.0
+    return folder, result.seconds if result.shards_written else 0.0
 
 
-def run_one(
-    preset: str, nproc: int, args: argparse.Namespace, registry: Path, groups: Path, out: Path, cache: Path | None
-) -> dict:
+def train_argv(preset: str, args: argparse.Namespace, registry: Path, groups: Path, out: Path) -> list[str]:
+    """The trainer arguments of one benchmark run."""
     expected, maximum, per_sample = args.budgets
     argv = [
         "--dataset_info", registry, "--dataset_config_file", groups, "--model_preset", preset,
@@ -74,8 +79,15 @@ def run_one(
     ]  # fmt: skip
     if args.device == "cuda":
         argv += ["--attn_backend", args.attn_backend]
+    return [str(a) for a in argv]
+
+
+def run_one(
+    preset: str, nproc: int, args: argparse.Namespace, registry: Path, groups: Path, out: Path, cache: Path | None
+) -> dict:
+    argv = train_argv(preset, args, registry, groups, out)
     if cache is not None:
-        argv += ["--latent_cache", cache]
+        argv += ["--latent_cache", str(cache)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command += ["-m", "bagel_core.train", *map(str, argv)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), WANDB_MODE="disabled")
@@ -122,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         help="VAE images encoded in every step (off), read from a cache built first with `bagel data latents`'s "
         "code (on), or both side by side",
     )
+    p.add_argument(
+        "--cache-scope",
+        default="planned",
+        choices=["planned", "all"],
+        help="cache the VAE images each run reads (planned, as the vae_latents asset does) or every one (all)",
+    )
     p.add_argument("--cache-workers", type=int, default=2, help="processes encoding the cache")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args(argv)
@@ -136,12 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header)
     for preset in args.presets.split(","):
-        cache = None
-        if True in modes:
-            cache, seconds = latent_cache(preset, registry, groups, work / "example", args.cache_workers)
-            if seconds:
-                print(f"  (latent cache of {preset!r} encoded once in {seconds:.1f}s)")
         for nproc in (int(n) for n in args.nprocs.split(",")):
+            cache = None
+            if True in modes:
+                planned = args.cache_scope == "planned"
+                training = (train_argv(preset, args, registry, groups, work / "plan"), nproc) if planned else None
+                cache, seconds = latent_cache(preset, registry, groups, work / "example", args.cache_workers, training)
+                if seconds:
+                    print(f"  (latent cache of {preset!r} encoded once in {seconds:.1f}s)")
             for cached in modes:
                 label = "cache" if cached else "live"
                 out = work / f"{preset}-{nproc}-{label}"

@@ -23,9 +23,10 @@ class VaeLatentsConfig(dg.Config):
     """The VAE to encode with: the same model_path / model_preset / global_seed as training_run's config (the
     trainer refuses a cache made with another VAE). ``scope``: "planned" encodes what the training's first
     ``steps`` steps read (keep ``steps`` equal to training_run's ``total_steps``, and ``extra_args`` to its
-    extra_args when they change the data it reads: dropout, budgets); "all" encodes every VAE image, which
-    pays off for multi-epoch training and repeated runs on the same data. A sample the cache lacks is
-    encoded live by the trainer (counted in its log)."""
+    extra_args when they change the data it reads: dropout, budgets; for a training that continues one
+    checkpoint folder, ``["--checkpoint_dir", DIR, "--auto_resume", "True"]`` too, so the replay starts
+    where it resumes); "all" encodes every VAE image, which pays off for multi-epoch training and repeated
+    runs on the same data. A sample the cache lacks is encoded live by the trainer (counted in its log)."""
 
     enabled: bool = True
     scope: str = "planned"

@@ -182,9 +182,11 @@ def test_cli_writes_a_cache_the_trainer_accepts(fx, tmp_path):
 
 
 # ---- a cache scoped to what a training reads -------------------------------------------------------
-def _dataloader_reads(argv: list[str], world_size: int, packs: int) -> set[tuple[str, str, int, int]]:
-    """What the trainer's DataLoaders actually yield: every rank's dataset through a real DataLoader with its
-    workers, ``packs`` packs each (the reference the replay must reproduce)."""
+def _dataloader_reads(
+    argv: list[str], world_size: int, packs: int, states: list | None = None
+) -> set[tuple[str, str, int, int]]:
+    """What the trainer's DataLoaders actually yield: every rank's dataset (resumed from ``states``) through a
+    real DataLoader with its workers, ``packs`` packs each (the reference the replay must reproduce)."""
     import itertools
     import warnings
 
@@ -202,6 +204,8 @@ def _dataloader_reads(argv: list[str], world_size: int, packs: int) -> set[tuple
     seen = set()
     for rank in range(world_size):
         dataset = build_packed_dataset(cfg, launch, Path(cfg.data.manifest), rank, world_size, tokenizer)
+        if states is not None:
+            dataset.load_state_dict(states[rank])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
             loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=collate_packed)
@@ -228,6 +232,25 @@ def test_planned_reads_are_the_samples_the_dataloaders_yield(fx, tmp_path, world
     if world_size == 1:  # no --manifest: the replay plans it as the trainer's preflight does (same data seed)
         unplanned = train_args(fx, tmp_path / "run2", data_seed=42, text_cond_dropout_prob=0.1, **over)
         assert planned_reads(unplanned, world_size=1).samples == reads.samples
+
+
+def test_planned_reads_of_a_resuming_training_start_where_its_checkpoint_stands(fx, tmp_path):
+    """--auto_resume: the replay starts from the data position the checkpoint restores (3 packs in over 2
+    workers, so the resumed DataLoader starts at logical worker 1) and covers the steps still to run."""
+    from bagel_core.train.checkpoint import saved_data_positions, step_dir
+    from bagel_core.train.latents import planned_reads
+
+    manifest = make_manifest(fx, tmp_path / "m", num_workers=2)
+    first = train_args(fx, tmp_path / "run", manifest, num_workers=2, total_steps=3, save_every=3)
+    assert cli(first) == 0
+    step, states = saved_data_positions(step_dir(tmp_path / "run" / "ckpt", 3), 1)
+    assert step == 3 and states[0]["next_worker"] == 1
+    again = train_args(fx, tmp_path / "run", manifest, num_workers=2, total_steps=5, auto_resume=True)
+    reads = planned_reads(again, world_size=1)
+    assert reads.from_step == 3 and reads.packs_per_rank == 2 and reads.coverage()["from_step"] == 3
+    assert reads.samples == _dataloader_reads(again, 1, 2, states)
+    fresh = train_args(fx, tmp_path / "fresh", manifest, num_workers=2, total_steps=2)
+    assert reads.samples != planned_reads(fresh, world_size=1).samples  # not the first two steps' samples
 
 
 def test_a_cache_planned_for_the_run_leaves_nothing_to_encode_live_and_grows_in_place(fx, vae, tmp_path, capsys):

@@ -372,6 +372,19 @@ def load_checkpoint(
     return Restored(step, data_state, f"resumed {path} at step {step} (exact: same world size)")
 
 
+def saved_data_positions(path: str | Path, world_size: int) -> tuple[int, list[dict[str, Any]]] | None:
+    """``(step, every rank's data state)`` that a full resume from the step directory ``path`` restores at
+    ``world_size`` (what :func:`load_checkpoint` gives each rank); None when such a resume starts the data
+    afresh (an upstream folder, another world size)."""
+    path = Path(path)
+    if is_upstream_checkpoint(path) or not (path / MARKER).is_file():
+        return None
+    saved = read_train_state(path)
+    if int(saved.get("world_size", 1)) != world_size:
+        return None
+    return int(saved["step"]), [load_pt(path / _rank_file("data", rank)) for rank in range(world_size)]
+
+
 @torch.no_grad()
 def load_full_weights(model: nn.Module, full: dict[str, torch.Tensor] | None, dist_info: Distributed) -> None:
     """Load a full (unsharded) state dict held by rank 0 into a possibly sharded model.

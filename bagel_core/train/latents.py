@@ -83,14 +83,16 @@ class PlannedReads:
     """What a training reads: its samples (cache keys) and how far the replay went."""
 
     samples: set[tuple[str, str, int, int]]
-    steps: int
+    steps: int  # up to this step
     packs_per_rank: int
     world_size: int
+    from_step: int = 0  # the step the training resumes from (0: the start of its data)
 
     def coverage(self) -> dict[str, Any]:
         """The cache manifest's record of this scope."""
         return {
             "scope": "planned",
+            "from_step": self.from_step,
             "steps": self.steps,
             "packs_per_rank": self.packs_per_rank,
             "world_size": self.world_size,
@@ -99,21 +101,30 @@ class PlannedReads:
 
 
 def planned_reads(argv: list[str], world_size: int, steps: int | None = None) -> PlannedReads:
-    """The samples the training that ``argv`` (trainer arguments, upstream names) reads in its first ``steps``
-    steps (default ``--total_steps``) on ``world_size`` ranks, from the start of its data.
+    """The samples the training that ``argv`` (trainer arguments, upstream names) reads up to step ``steps``
+    (default ``--total_steps``) on ``world_size`` ranks: from the start of its data, or, when it resumes fully
+    (``--auto_resume`` finding a step, ``--resume_from`` a step directory saved at this world size), from the
+    data position that checkpoint restores.
 
     Each rank's dataset is built by the trainer's own :func:`~bagel_core.train.trainer.build_packed_dataset`
     after the trainer's preflight, and each logical worker is replayed for the packs the DataLoader takes from
-    it (pack ``k`` from worker ``k % num_workers``; ``gradient_accumulation_steps`` packs per step). The
-    attention backend is set to SDPA for the replay (flex padding never changes what is read; FlexAttention
-    would need a GPU here), and the checkpoint folder to a temporary one (a running training may hold its own).
+    it (pack ``k`` from worker ``(k + next_worker) % num_workers``; ``gradient_accumulation_steps`` packs per
+    step). The attention backend is set to SDPA for the replay (flex padding never changes what is read;
+    FlexAttention would need a GPU here), and the checkpoint folder to a temporary one (a running training may
+    hold its own).
     """
     from bagel_core.data.tokenizer import load_tokenizer
     from bagel_core.plan.manifest import write_manifest
     from bagel_core.train.args import parse_args
+    from bagel_core.train.build import CHECKPOINT, RESUME, plan_weights
+    from bagel_core.train.checkpoint import saved_data_positions
     from bagel_core.train.preflight import preflight
     from bagel_core.train.trainer import build_packed_dataset
 
+    start = plan_weights(parse_args(argv, world_size, world_size))
+    resumed = None
+    if start.kind in (RESUME, CHECKPOINT) and not start.model_only and start.source is not None:
+        resumed = saved_data_positions(start.source, world_size)
     with tempfile.TemporaryDirectory(prefix="bagel-planned-reads-") as tmp:
         cfg = parse_args([*argv, "--memory_check", "off", "--checkpoint_dir", tmp], world_size, world_size)
         cfg.model.attn_backend = "sdpa"
@@ -124,17 +135,23 @@ def planned_reads(argv: list[str], world_size: int, steps: int | None = None) ->
         tokenizer_dir = launch.weights.tokenizer_dir
         tokenizer, _ = load_tokenizer(str(tokenizer_dir) if tokenizer_dir else None)
         steps = cfg.training.total_steps if steps is None else steps
-        packs = steps * cfg.training.gradient_accumulation_steps
+        first = resumed[0] if resumed is not None else 0
+        packs = max(steps - first, 0) * cfg.training.gradient_accumulation_steps
         workers = max(cfg.data.num_workers, 1)
         samples: set[tuple[str, str, int, int]] = set()
         for rank in range(world_size):
             dataset = build_packed_dataset(cfg, launch, manifest, rank, world_size, tokenizer)
+            rotation = 0
+            if resumed is not None:
+                dataset.load_state_dict(resumed[1][rank])
+                rotation = dataset.state_dict()["next_worker"]
             for worker in range(workers):
-                for batch in itertools.islice(dataset.worker_packs(worker), len(range(worker, packs, workers))):
+                count = len(range((worker - rotation) % workers, packs, workers))
+                for batch in itertools.islice(dataset.worker_packs(worker), count):
                     for entry in batch["batch_data_indexes"]:
                         real = os.path.realpath(entry["source_file"])
                         samples.add((entry["dataset_name"], real, entry["row_group"], entry["row_index"]))
-    return PlannedReads(samples, steps, packs, world_size)
+    return PlannedReads(samples, steps, packs, world_size, first)
 
 
 def run_latents(args: argparse.Namespace) -> int:

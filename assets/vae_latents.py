@@ -8,6 +8,7 @@ first ``steps`` steps read (the trainer's own packed dataset replayed under the 
 """
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from assets.resources import PipelineWorkspace, TrainingLaunch
@@ -36,7 +37,16 @@ class VaeLatentsConfig(dg.Config):
     global_seed: int = 4396
     extra_args: list[str] = Field(default_factory=list)
     workers: int = 2  # files encoded in parallel (forked processes, CPU)
-    device: str = "cpu"
+    # "auto": the GPU when this machine has one (a local GPU training runs its VAE in bf16 there, and refuses a
+    # cache encoded in fp32 on CPU), else the CPU; or "cpu" / "cuda"
+    device: str = "auto"
+
+
+def encode_device(config: VaeLatentsConfig) -> str:
+    """The device the cache is encoded on (see ``VaeLatentsConfig.device``)."""
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def planned_training_args(config: VaeLatentsConfig, launch: TrainingLaunch, workspace: PipelineWorkspace) -> list[str]:
@@ -74,7 +84,7 @@ def vae_latents(
             f"vae_latents: the training's first {reads.steps} step(s) on {reads.world_size} rank(s) read "
             f"{len(only)} sample(s); encoding their VAE images"
         )
-    vae = training_vae(config.model_path, config.model_preset, config.global_seed, config.device)
+    vae = training_vae(config.model_path, config.model_preset, config.global_seed, encode_device(config))
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 10 == 0:

@@ -34,8 +34,8 @@ inside a DataLoader worker so the pickler does not copy them again. With ``pixel
 trainer's setting) they stay bytes: ``padded_pixels`` [N, 3, H, W] and ``packed_vit_pixels`` [n, p*p*3]
 uint8, with ``padded_pixel_sizes``, and per image an index into ``pixel_norms`` (its transform's mean and
 std); :func:`normalise_pixels` turns them into ``padded_images`` / ``packed_vit_tokens`` on the consumer's
-device by table lookup (:func:`~bagel_core.data.transforms.byte_lut`), bit-identical to normalising in the
-worker, which is what the default (float32 packs) does.
+device (:func:`~bagel_core.data.transforms.normalise_bytes`), bit-identical to normalising in the worker,
+which is what the default (float32 packs) does.
 
 Bad samples are never silent: read failures (unreadable file / row group), decode failures and plan
 rejections (:class:`~bagel_core.sequence.tokens.SampleRejected`) are skipped, logged and counted per group
@@ -239,10 +239,6 @@ def _pad_bytes(images: list[_Resized], alloc: Callable[..., torch.Tensor]) -> to
         im.transform.bytes_into(im.image, padded[i, :, :h, :w])
         _zero_margins(padded[i], h, w)
     return padded
-
-
-#: The pack fields that carry images as bytes, and what :func:`normalise_pixels` turns them into.
-PIXEL_KEYS = ("padded_pixels", "padded_pixel_sizes", "padded_pixel_norms", "packed_vit_pixels", "vit_pixel_norms")
 
 
 def normalise_pixels(batch: dict[str, Any], alloc: Callable[..., torch.Tensor] | None = None) -> dict[str, Any]:

@@ -179,6 +179,8 @@ def test_cli_writes_a_cache_the_trainer_accepts(fx, tmp_path):
     assert coverage["scope"] == "planned" and coverage["steps"] == 1 and coverage["world_size"] == 1
     encoded = sum(e["samples"] for e in json.loads((planned / MANIFEST).read_text())["shards"].values())
     assert 0 < encoded <= coverage["samples"] < sum(e["samples"] for e in manifest["shards"].values())
+    assert main([*argv, "--for-training", training, "--steps", "0"]) == 2  # a clear error, not an empty cache
+    assert main([*argv, "--for-training", "--no_such_argument 1"]) == 2
 
 
 # ---- a cache scoped to what a training reads -------------------------------------------------------

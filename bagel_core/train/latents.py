@@ -113,6 +113,7 @@ def planned_reads(argv: list[str], world_size: int, steps: int | None = None) ->
     FlexAttention would need a GPU here), and the checkpoint folder to a temporary one (a running training may
     hold its own).
     """
+    from bagel_core.config.errors import ConfigError
     from bagel_core.data.tokenizer import load_tokenizer
     from bagel_core.plan.manifest import write_manifest
     from bagel_core.train.args import parse_args
@@ -121,6 +122,10 @@ def planned_reads(argv: list[str], world_size: int, steps: int | None = None) ->
     from bagel_core.train.preflight import preflight
     from bagel_core.train.trainer import build_packed_dataset
 
+    if world_size < 1 or (steps is not None and steps < 1):
+        raise ConfigError(
+            f"planned reads need a world size >= 1 and steps >= 1 (got world size {world_size}, steps {steps})"
+        )
     start = plan_weights(parse_args(argv, world_size, world_size))
     resumed = None
     if start.kind in (RESUME, CHECKPOINT) and not start.model_only and start.source is not None:

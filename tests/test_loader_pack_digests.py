@@ -234,22 +234,24 @@ def test_normalise_is_bit_identical_to_the_plain_formula(mean, std):
     transform = ImageTransform(1024, 16, 14, image_mean=mean, image_std=std)
     for width, height in ((64, 48), (53, 37), (70, 98)):
         image = _every_byte_image(width, height)
-        reference = _plain_normalise(image, mean, std)
-        assert _same_bits(transform.normalise(image), reference)
+        assert _same_bits(transform.normalise(image), _plain_normalise(image, mean, std))
         assert _same_bits(transform(image), _plain_normalise(transform.resize(image), mean, std))
-        batch = torch.full((2, 3, height + 5, width + 3), 7.0)  # into a strided corner of a padded batch
-        transform.normalise_into(image, batch[1, :, :height, :width])
-        assert _same_bits(batch[1, :, :height, :width], reference)
+        batch = torch.full((2, 3, height + 5, width + 3), 7, dtype=torch.uint8)  # into a corner of a padded batch
+        transform.bytes_into(image, batch[1, :, :height, :width])
+        assert torch.equal(batch[1, :, :height, :width], torch.from_numpy(np.array(image)).permute(2, 0, 1))
         assert bool((batch[1, :, height:] == 7).all() and (batch[0] == 7).all())
 
 
 @pytest.mark.parametrize("mean,std", MEAN_STD)
-def test_patches_into_is_bit_identical_to_patchify_of_the_plain_formula(mean, std):
+def test_patch_bytes_normalised_are_patchify_of_the_plain_formula(mean, std):
     transform = ImageTransform(1024, 16, 14, image_mean=mean, image_std=std)
     image = _every_byte_image(70, 98)
-    out = torch.empty((98 // 14) * (70 // 14) + 3, 14 * 14 * 3)
-    transform.patches_into(image, 14, out[2:-1])
-    assert _same_bits(out[2:-1], patchify(_plain_normalise(image, mean, std), 14))
+    rows = (98 // 14) * (70 // 14)
+    out = torch.zeros(rows + 3, 14 * 14 * 3, dtype=torch.uint8)
+    transform.patch_bytes_into(image, 14, out[2:-1])
+    assert not out[:2].any() and not out[-1].any()
+    tokens = normalise_bytes(out[2:-1].view(-1, 3), mean, std, torch.empty(rows * 14 * 14, 3), 1)
+    assert _same_bits(tokens.view(rows, -1), patchify(_plain_normalise(image, mean, std), 14))
 
 
 @pytest.mark.parametrize("mean,std", MEAN_STD)

@@ -70,14 +70,10 @@ class ImageTransform:
         return self.args.image_mean, self.args.image_std
 
     def normalise(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> contiguous float32 ``[3, H, W]`` holding ``(float32(u8) / 255 - mean) / std``."""
-        return self.normalise_into(image, torch.empty(3, image.height, image.width, dtype=torch.float32))
-
-    def normalise_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
-        """Write :meth:`normalise` of ``image`` into ``out`` (a float32 ``[3, H, W]`` view, any strides): each
-        byte mapped as :func:`byte_lut` maps it, so the values are those of the plain formula, bit for bit."""
-        pixels = self.bytes_into(image, torch.empty(out.shape, dtype=torch.uint8))
-        return normalise_bytes(pixels, *self.norm, out, 0)
+        """RGB image -> contiguous float32 ``[3, H, W]`` holding ``(float32(u8) / 255 - mean) / std`` (each byte
+        mapped as :func:`byte_lut` maps it, bit for bit)."""
+        pixels = self.bytes_into(image, torch.empty(3, image.height, image.width, dtype=torch.uint8))
+        return normalise_bytes(pixels, *self.norm, torch.empty(pixels.shape, dtype=torch.float32), 0)
 
     def bytes_into(self, image: Image.Image, out: torch.Tensor) -> torch.Tensor:
         """Write the RGB image's bytes into ``out``, a uint8 ``[3, H, W]`` view (any strides), channel planes."""
@@ -95,13 +91,6 @@ class ImageTransform:
         rows, cols = image.height // patch, image.width // patch
         grid = _rgb_array(image).reshape(rows, patch, cols, patch, 3).transpose(0, 2, 1, 3, 4)
         np.copyto(out.numpy().reshape(rows, cols, patch, patch, 3), grid)
-        return out
-
-    def patches_into(self, image: Image.Image, patch: int, out: torch.Tensor) -> torch.Tensor:
-        """Write ``patchify(normalise(image), patch)`` into ``out``, a contiguous float32 ``[(H/p)(W/p), p*p*3]``
-        tensor (bytes in patch order, then looked up: bit-identical to patchifying :meth:`normalise`)."""
-        patches = self.patch_bytes_into(image, patch, torch.empty(out.shape, dtype=torch.uint8))
-        normalise_bytes(patches.view(-1, 3), *self.norm, out.view(-1, 3), 1)
         return out
 
 

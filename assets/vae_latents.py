@@ -7,6 +7,8 @@ first ``steps`` steps read (the trainer's own packed dataset replayed under the 
 ``scope: all`` every VAE image of the data. Incremental: what a shard already holds is kept.
 """
 
+import time
+
 import dagster as dg
 import torch
 from pydantic import Field
@@ -76,13 +78,14 @@ def vae_latents(
         raise dg.Failure(f"vae_latents: scope {config.scope!r} must be one of {', '.join(SCOPES)}")
     dataset_config = load_dataset_config(workspace.dataset_config_path)
     dataset_config.check_against(Registry.load(workspace.registry_path))
-    only, coverage = None, None
+    only, coverage, replay_s = None, None, None
     if config.scope == "planned":
+        started = time.monotonic()
         reads = planned_reads(planned_training_args(config, launch, workspace), launch.world_size)
-        only, coverage = reads.samples, reads.coverage()
+        only, coverage, replay_s = reads.samples, reads.coverage(), round(time.monotonic() - started, 1)
         context.log.info(
-            f"vae_latents: the training's first {reads.steps} step(s) on {reads.world_size} rank(s) read "
-            f"{len(only)} sample(s); encoding their VAE images"
+            f"vae_latents: the training's steps {reads.from_step + 1}-{reads.steps} on {reads.world_size} rank(s) "
+            f"read {len(only)} sample(s) (replayed in {replay_s} s); encoding their VAE images"
         )
     vae = training_vae(config.model_path, config.model_preset, config.global_seed, encode_device(config))
 
@@ -108,6 +111,7 @@ def vae_latents(
             "scope": config.scope,
             "planned_steps": config.steps if config.scope == "planned" else None,
             "planned_samples": len(only) if only is not None else None,
+            "replay_seconds": replay_s,
             "path": dg.MetadataValue.path(str(workspace.latents_dir)),
             "vae_sha256": vae_identity(vae)["sha256"],
             "shards_encoded": result.shards_written,

@@ -95,6 +95,7 @@ def test_training_records_checkpoints_then_export_and_smoke(fx, tmp_path):
         latents = result.asset_materializations_for_node("vae_latents")[0].metadata
         assert latents["images_encoded"].value > 0 and latents["shards_encoded"].value > 0
         assert latents["scope"].value == "planned" and latents["planned_samples"].value > 0
+        assert latents["replay_seconds"].value > 0
         # the training sampled all its latents from that cache (same VAE: training_run's preset and global_seed;
         # the samples its 2 steps on 2 ranks read, replayed by vae_latents)
         trained = result.asset_materializations_for_node("training_run")[-1].metadata
